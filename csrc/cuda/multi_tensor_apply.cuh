@@ -1,0 +1,101 @@
+// The one multi-tensor launcher. A list of tensors (Depth parallel lists: e.g. grad, param,
+// exp_avg, ...) is cut into fixed-size chunks; a persistent grid of blocks strides over the
+// chunks of up to kMaxTensors tensors per launch. Tensor addresses and sizes travel as kernel
+// parameters (no host-to-device copy, so launches are CUDA-graph safe); all sizes are int64.
+#pragma once
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstdint>
+#include <vector>
+
+namespace mixprec::cuda {
+
+constexpr int kBlockThreads = 256;
+constexpr int64_t kChunkBytes = 64 * 1024;  // load-balancing unit: a block's share of work
+
+template <int Depth>
+struct TensorListMeta {
+  // Kernel parameters stay under the classic 4 KiB limit (portable to every toolkit).
+  static constexpr int kMaxTensors = 3800 / (8 * Depth + 16);
+  void* ptrs[Depth][kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int64_t chunk_begin[kMaxTensors + 1];  // prefix sum of chunks per tensor
+  int64_t chunk_size;                    // elements
+  int num_tensors;
+};
+
+// Each block walks chunks blockIdx.x, blockIdx.x + gridDim.x, ...; chunk indices only grow, so
+// the owning tensor is found by walking forward. Functor: init(), chunk(meta, t, start, n),
+// finish(); it is copied per thread so it may carry per-thread state (e.g. "saw an inf").
+template <int Depth, typename Functor>
+__global__ void __launch_bounds__(kBlockThreads)
+    multi_tensor_apply_kernel(const __grid_constant__ TensorListMeta<Depth> meta,
+                              const Functor functor) {
+  Functor f = functor;
+  f.init();
+  const int64_t total = meta.chunk_begin[meta.num_tensors];
+  int t = 0;
+  for (int64_t c = blockIdx.x; c < total; c += gridDim.x) {
+    while (c >= meta.chunk_begin[t + 1]) ++t;
+    const int64_t start = (c - meta.chunk_begin[t]) * meta.chunk_size;
+    const int64_t remaining = meta.numel[t] - start;
+    f.chunk(meta, t, start, remaining < meta.chunk_size ? remaining : meta.chunk_size);
+  }
+  f.finish();
+}
+
+inline int multiprocessor_count(int device) {
+  static int counts[64] = {0};
+  if (counts[device] == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+  }
+  return counts[device];
+}
+
+// Launches `functor` over tensors[i] = {ptrs[i][0..Depth)} of numels[i] elements each.
+// elem_bytes sets the chunk size so every chunk is kChunkBytes of the first list.
+template <int Depth, typename Functor>
+void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
+                        const std::vector<int64_t>& numels, int64_t elem_bytes,
+                        const Functor& functor, int device, cudaStream_t stream) {
+  using Meta = TensorListMeta<Depth>;
+  static int blocks_per_sm = 0;
+  if (blocks_per_sm == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks_per_sm, multi_tensor_apply_kernel<Depth, Functor>, kBlockThreads, 0));
+    if (blocks_per_sm < 1) blocks_per_sm = 1;
+  }
+  const int64_t max_blocks = static_cast<int64_t>(blocks_per_sm) * multiprocessor_count(device);
+  Meta meta;
+  meta.chunk_size = kChunkBytes / elem_bytes;
+  size_t i = 0;
+  while (i < ptrs.size()) {
+    int n = 0;
+    meta.chunk_begin[0] = 0;
+    for (; i < ptrs.size() && n < Meta::kMaxTensors; ++i) {
+      if (numels[i] == 0) continue;
+      for (int d = 0; d < Depth; ++d) meta.ptrs[d][n] = ptrs[i][d];
+      meta.numel[n] = numels[i];
+      meta.chunk_begin[n + 1] =
+          meta.chunk_begin[n] + (numels[i] + meta.chunk_size - 1) / meta.chunk_size;
+      ++n;
+    }
+    if (n == 0) break;
+    meta.num_tensors = n;
+    const int64_t chunks = meta.chunk_begin[n];
+    const int grid = static_cast<int>(chunks < max_blocks ? chunks : max_blocks);
+    multi_tensor_apply_kernel<Depth, Functor><<<grid, kBlockThreads, 0, stream>>>(meta, functor);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// A 16-byte aligned group of N elements: loads and stores compile to single 128-bit accesses.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+}  // namespace mixprec::cuda

@@ -1,0 +1,346 @@
+"""mixprec.GradScaler: a drop-in for torch.amp.GradScaler on mixprec's kernels.
+
+Same constructor (plus keyword-only extras), methods, per-optimizer state machine
+(READY -> UNSCALED -> STEPPED, reset by update()), exceptions and state_dict keys as
+torch.amp.GradScaler, so replacing one by the other changes nothing observable. The scale state
+lives in a DynamicLossScaler (device tensors). Like torch, step() must read found_inf on the host
+to decide whether to call a plain optimizer's step(); optimizers that declare
+`_step_supports_amp_scaling` (torch's fused Adam/AdamW/SGD, mixprec.optim) receive grad_scale and
+found_inf as device tensors instead, and then nothing synchronises.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections import abc, defaultdict
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mixprec import ops
+from mixprec.loss_scaler import DynamicLossScaler
+
+
+class OptState(Enum):
+    READY = 0
+    UNSCALED = 1
+    STEPPED = 2
+
+
+def _refresh_per_optimizer_state() -> dict[str, Any]:
+    # Module-level (not a lambda) so a GradScaler stays picklable.
+    return {"stage": OptState.READY, "found_inf_per_device": {}}
+
+
+class _PerDeviceCopies:
+    """Copies of one tensor, made lazily per device (non-blocking) and cached."""
+
+    def __init__(self, master: Tensor) -> None:
+        self.master = master
+        self.per_device: dict[torch.device, Tensor] = {}
+
+    def get(self, device: torch.device) -> Tensor:
+        if device not in self.per_device:
+            self.per_device[device] = self.master.to(device=device, non_blocking=True, copy=True)
+        return self.per_device[device]
+
+
+class GradScaler:
+    """Drop-in replacement for ``torch.amp.GradScaler``.
+
+    Extra keyword-only options (torch's behaviour with their defaults): ``hysteresis`` (back off
+    only after that many consecutive overflows), ``min_scale`` (an overflow at this scale raises
+    MinScaleOverflowError, a step or two later on CUDA, without synchronising) and ``max_scale``.
+    """
+
+    def __init__(
+        self,
+        device: str = "cuda",
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        enabled: bool = True,
+        *,
+        hysteresis: int = 1,
+        min_scale: float | None = None,
+        max_scale: float | None = None,
+    ) -> None:
+        self._device = device
+        self._enabled = enabled
+        if self._device == "cuda" and enabled and not torch.cuda.is_available():
+            warnings.warn(
+                "torch.cuda.amp.GradScaler is enabled, but CUDA is not available.  Disabling.",
+                stacklevel=2,
+            )
+            self._enabled = False
+        if self._enabled:
+            # torch raises AssertionError for these; a drop-in raises the same.
+            if growth_factor <= 1.0:
+                raise AssertionError("The growth factor must be > 1.0.")
+            if backoff_factor >= 1.0:
+                raise AssertionError("The backoff factor must be < 1.0.")
+            self._scaler = DynamicLossScaler(
+                None, init_scale, growth_factor, backoff_factor, growth_interval,
+                hysteresis=hysteresis, min_scale=min_scale, max_scale=max_scale,
+            )
+            self._per_optimizer_states: dict[int, dict[str, Any]] = defaultdict(
+                _refresh_per_optimizer_state
+            )
+
+    # torch's private attribute names, for code that peeks at them (e.g. `scaler._scale`).
+    @property
+    def _scale(self) -> Tensor | None:
+        return self._scaler.scale
+
+    @property
+    def _growth_tracker(self) -> Tensor | None:
+        return self._scaler.growth_tracker
+
+    @property
+    def loss_scaler(self) -> DynamicLossScaler:
+        """The device-resident state machine behind this facade."""
+        return self._scaler
+
+    def _check_scale_growth_tracker(self, funcname: str) -> tuple[Tensor, Tensor]:
+        fix = "This may indicate your script did not use scaler.scale(loss or outputs) earlier in the iteration."
+        if self._scale is None:
+            raise AssertionError(f"Attempted {funcname} but _scale is None.  " + fix)
+        return self._scale, self._growth_tracker
+
+    def scale(self, outputs):
+        """Multiply a tensor, or (nested) lists/tuples/iterables of tensors, by the scale."""
+        if not self._enabled:
+            return outputs
+        if isinstance(outputs, Tensor):
+            return self._scaler.scale_loss(outputs)
+        copies: list[_PerDeviceCopies] = []
+
+        def apply_scale(val):
+            if isinstance(val, Tensor):
+                if not copies:
+                    self._scaler.materialize(val.device)
+                    copies.append(_PerDeviceCopies(self._scale))
+                return val * copies[0].get(val.device)
+            if isinstance(val, abc.Iterable):
+                scaled = map(apply_scale, val)
+                return type(val)(scaled) if isinstance(val, (list, tuple)) else scaled
+            raise ValueError("outputs must be a Tensor or an iterable of Tensors")
+
+        return apply_scale(outputs)
+
+    def _unscale_grads_(self, optimizer, inv_scale: Tensor, allow_fp16: bool) -> dict[torch.device, Tensor]:
+        """Unscale every grad of `optimizer` in place; one found_inf tensor per device."""
+        grads: list[Tensor] = []
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if not isinstance(param, Tensor):
+                        raise AssertionError(f"expected param to be torch.Tensor, got {type(param).__name__}")
+                    if param.grad is None:
+                        continue
+                    if not allow_fp16 and param.grad.dtype == torch.float16:
+                        raise ValueError("Attempting to unscale FP16 gradients.")
+                    if param.grad.is_sparse:
+                        # Duplicate indices of a sparse grad are summed on coalesce(); in fp16
+                        # that sum may overflow, so check the coalesced values (as torch does).
+                        if param.grad.dtype is torch.float16:
+                            param.grad = param.grad.coalesce()
+                        grads.append(param.grad._values())
+                    else:
+                        grads.append(param.grad)
+            return self._scaler.unscale_(grads, inv_scale)
+
+    def unscale_(self, optimizer) -> None:
+        """Divide `optimizer`'s grads by the scale (in place), once per iteration, e.g. before
+        clipping. Records whether they held inf/NaN for step()."""
+        if not self._enabled:
+            return
+        self._check_scale_growth_tracker("unscale_")
+        optimizer_state = self._per_optimizer_states[id(optimizer)]
+        if optimizer_state["stage"] is OptState.UNSCALED:
+            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+        elif optimizer_state["stage"] is OptState.STEPPED:
+            raise RuntimeError("unscale_() is being called after step().")
+        inv_scale = self._scaler.inv_scale()
+        optimizer_state["found_inf_per_device"] = self._unscale_grads_(optimizer, inv_scale, False)
+        optimizer_state["stage"] = OptState.UNSCALED
+
+    def _maybe_opt_step(self, optimizer, optimizer_state, *args, **kwargs):
+        # The one host read of the loop, as in torch: a plain optimizer's step() can only be
+        # skipped from the host. Optimizers with _step_supports_amp_scaling never get here.
+        if not sum(v.item() for v in optimizer_state["found_inf_per_device"].values()):
+            return optimizer.step(*args, **kwargs)
+        return None
+
+    def step(self, optimizer, *args, **kwargs):
+        """Unscale (unless unscale_ was called) and call optimizer.step() unless grads held
+        inf/NaN. Returns optimizer.step()'s return value (None when skipped)."""
+        if not self._enabled:
+            return optimizer.step(*args, **kwargs)
+        if "closure" in kwargs:
+            raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
+        self._check_scale_growth_tracker("step")
+        optimizer_state = self._per_optimizer_states[id(optimizer)]
+        if optimizer_state["stage"] is OptState.STEPPED:
+            raise RuntimeError("step() has already been called since the last update().")
+
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            # The optimizer unscales and skips on device: hand it grad_scale and found_inf.
+            kwargs_ = kwargs
+            has_grad_scaler_kwarg = "grad_scaler" in inspect.signature(optimizer.step).parameters
+            if has_grad_scaler_kwarg:
+                warnings.warn(
+                    "GradScaler is going to stop passing itself as a keyword argument to the passed "
+                    "optimizer. In the near future GradScaler registers `grad_scale: Tensor` and "
+                    "`found_inf: Tensor` to the passed optimizer and let the optimizer use them directly.",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+                kwargs_.update({"grad_scaler": self})
+            else:
+                if optimizer_state["stage"] is OptState.READY:
+                    self._check_inf_per_device(optimizer)
+                scale = self._scale
+                found_inf = sum(
+                    t.to(scale.device, non_blocking=True)
+                    for t in optimizer_state["found_inf_per_device"].values()
+                )
+                optimizer.grad_scale = (
+                    getattr(optimizer, "grad_scale", None)
+                    if optimizer_state["stage"] == OptState.UNSCALED
+                    else scale * getattr(optimizer, "grad_scale", 1)
+                )
+                optimizer.found_inf = found_inf
+            retval = optimizer.step(*args, **kwargs_)
+            optimizer_state["stage"] = OptState.STEPPED
+            if not has_grad_scaler_kwarg:
+                del optimizer.grad_scale
+                del optimizer.found_inf
+            return retval
+
+        if optimizer_state["stage"] is OptState.READY:
+            self.unscale_(optimizer)
+        if len(optimizer_state["found_inf_per_device"]) == 0:
+            raise AssertionError("No inf checks were recorded for this optimizer.")
+        retval = self._maybe_opt_step(optimizer, optimizer_state, *args, **kwargs)
+        optimizer_state["stage"] = OptState.STEPPED
+        return retval
+
+    def update(self, new_scale: float | Tensor | None = None) -> None:
+        """Back off the scale if any step this iteration overflowed, grow it after
+        growth_interval clean steps; or set it to `new_scale`. Ends the iteration."""
+        if not self._enabled:
+            return
+        scale, _ = self._check_scale_growth_tracker("update")
+        if new_scale is not None:
+            if isinstance(new_scale, float):
+                scale.fill_(new_scale)
+            else:
+                reason = (
+                    "new_scale should be a float or a 1-element torch.cuda.FloatTensor or "
+                    "torch.FloatTensor with requires_grad=False."
+                )
+                if new_scale.device.type != self._device:
+                    raise AssertionError(reason)
+                if new_scale.numel() != 1:
+                    raise AssertionError(reason)
+                if new_scale.requires_grad is True:
+                    raise AssertionError(reason)
+                scale.copy_(new_scale)
+        else:
+            found_infs = [
+                found_inf.to(device=scale.device, non_blocking=True)
+                for state in self._per_optimizer_states.values()
+                for found_inf in state["found_inf_per_device"].values()
+            ]
+            if len(found_infs) == 0:
+                raise AssertionError("No inf checks were recorded prior to update.")
+            found_inf_combined = found_infs[0]
+            for other in found_infs[1:]:
+                found_inf_combined += other
+            self._scaler.update(found_inf_combined)
+        self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+
+    def _get_scale_async(self) -> Tensor | None:
+        return self._scale
+
+    def get_scale(self) -> float:
+        """The current scale as a Python float (synchronises)."""
+        return self._scaler.get_scale() if self._enabled else 1.0
+
+    def get_growth_factor(self) -> float:
+        return self._scaler.growth_factor
+
+    def set_growth_factor(self, new_factor: float) -> None:
+        self._scaler.growth_factor = new_factor
+
+    def get_backoff_factor(self) -> float:
+        return self._scaler.backoff_factor
+
+    def set_backoff_factor(self, new_factor: float) -> None:
+        self._scaler.backoff_factor = new_factor
+
+    def get_growth_interval(self) -> int:
+        return self._scaler.growth_interval
+
+    def set_growth_interval(self, new_interval: int) -> None:
+        self._scaler.growth_interval = new_interval
+
+    def _get_growth_tracker(self) -> int:
+        return self._scaler.get_growth_tracker() if self._enabled else 0
+
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def stats(self) -> dict[str, Any]:
+        """Scale, trackers, skipped-step count (synchronises: for logging, not every step)."""
+        return self._scaler.stats() if self._enabled else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.amp.GradScaler's keys and values; our extra options only when they are set, so
+        a default mixprec checkpoint equals torch's and either class loads the other's."""
+        if not self._enabled:
+            return {}
+        full = self._scaler.state_dict()
+        state = {k: full[k] for k in ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")}
+        s = self._scaler
+        if s.hysteresis != 1 or s.min_scale is not None or s.max_scale is not None:
+            state.update({k: full[k] for k in ("hysteresis", "_hysteresis_tracker", "min_scale", "max_scale")})
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self._enabled:
+            return
+        if len(state_dict) == 0:
+            raise RuntimeError(
+                "The source state dict is empty, possibly because it was saved from a disabled "
+                "instance of GradScaler."
+            )
+        self._scaler.load_state_dict(state_dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._enabled and len(self._per_optimizer_states) != 0:
+            raise AssertionError(
+                "A GradScaler instance may only be pickled at the beginning "
+                "of an iteration, or at the end after scaler.update()."
+            )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def _check_inf_per_device(self, optimizer) -> dict[torch.device, Tensor]:
+        """Check (not unscale) grads for inf/NaN: for optimizers that unscale themselves."""
+        scale, _ = self._check_scale_growth_tracker("_check_inf_per_device")
+        dummy_inv_scale = torch.full((), 1.0, dtype=torch.float32, device=scale.device)
+        found = self._unscale_grads_(optimizer, dummy_inv_scale, True)
+        self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = found
+        return found
+
+    def _found_inf_per_device(self, optimizer) -> dict[torch.device, Tensor]:
+        return self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]

@@ -1,0 +1,248 @@
+"""DynamicLossScaler: the loss-scale state machine, held in device tensors.
+
+State: scale (fp32), growth tracker and hysteresis tracker (int32), and counters (int64: overflows,
+overflows at min_scale). Every step-time method only enqueues kernels; nothing reads a value back
+to the host, so a training loop built on it never waits for the GPU. Reading the state
+(`stats()`, `state_dict()`, `get_scale()`) does synchronise and is meant for logging/checkpoints.
+
+With hysteresis=1, min_scale=None and max_scale=None the rule is exactly torch.amp's.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mixprec import ops
+
+
+class MinScaleOverflowError(RuntimeError):
+    """Gradients overflowed although the loss scale was already at min_scale."""
+
+
+class DynamicLossScaler:
+    """Device-resident dynamic loss scale with torch.amp's update rule, plus hysteresis
+    (back off only after `hysteresis` consecutive overflows, as in DeepSpeed/Megatron) and
+    optional bounds. Tensors are created on `device`, or on first use if device is None."""
+
+    def __init__(
+        self,
+        device: str | torch.device | None = None,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        hysteresis: int = 1,
+        min_scale: float | None = None,
+        max_scale: float | None = None,
+    ) -> None:
+        if not (init_scale > 0 and math.isfinite(init_scale)):
+            raise ValueError(f"init_scale must be a positive finite number, got {init_scale}")
+        if not growth_factor > 1.0:
+            raise ValueError(f"growth_factor must be > 1.0, got {growth_factor}")
+        if not 0.0 < backoff_factor < 1.0:
+            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor}")
+        if int(growth_interval) != growth_interval or growth_interval < 1:
+            raise ValueError(f"growth_interval must be an integer >= 1, got {growth_interval}")
+        if int(hysteresis) != hysteresis or hysteresis < 1:
+            raise ValueError(f"hysteresis must be an integer >= 1, got {hysteresis}")
+        if min_scale is not None and not min_scale >= 0:
+            raise ValueError(f"min_scale must be >= 0, got {min_scale}")
+        if max_scale is not None and not max_scale >= (min_scale or 0.0):
+            raise ValueError(f"max_scale must be >= min_scale, got max_scale={max_scale}, min_scale={min_scale}")
+        self.init_scale = float(init_scale)
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = int(growth_interval)
+        self.hysteresis = int(hysteresis)
+        self.min_scale = min_scale
+        self.max_scale = max_scale
+        self.init_growth_tracker = 0
+        self.init_hysteresis_tracker = self.hysteresis
+        self.init_counters = (0, 0)
+        self.scale: Tensor | None = None
+        self.growth_tracker: Tensor | None = None
+        self.hysteresis_tracker: Tensor | None = None
+        self.counters: Tensor | None = None
+        self._min_scale_watch: _AsyncFlagWatch | None = None
+        if device is not None:
+            self.materialize(torch.device(device))
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device | None:
+        return None if self.scale is None else self.scale.device
+
+    def materialize(self, device: torch.device) -> None:
+        """Create the state tensors on `device` (once)."""
+        if self.scale is not None:
+            return
+        self.scale = torch.full((), self.init_scale, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.full((), self.init_growth_tracker, dtype=torch.int32, device=device)
+        self.hysteresis_tracker = torch.full((), self.init_hysteresis_tracker, dtype=torch.int32, device=device)
+        self.counters = torch.tensor(self.init_counters, dtype=torch.int64, device=device)
+        self._min_scale_watch = None
+
+    def _require_state(self, funcname: str) -> Tensor:
+        if self.scale is None:
+            raise RuntimeError(
+                f"DynamicLossScaler.{funcname}() called before the scale exists; scale a loss "
+                "first (scale_loss / GradScaler.scale) or pass device= to the constructor"
+            )
+        return self.scale
+
+    # -- step-time API (no host synchronisation) -------------------------------------------------
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """loss * scale (creates the state on loss's device on first use)."""
+        self.materialize(loss.device)
+        return loss * self.scale.to(device=loss.device, non_blocking=True)
+
+    def inv_scale(self) -> Tensor:
+        """1/scale computed in fp64 and rounded to fp32, as torch.amp does."""
+        return self._require_state("inv_scale").double().reciprocal().float()
+
+    def unscale_(self, grads: Iterable[Tensor], inv_scale: Tensor | None = None) -> dict[torch.device, Tensor]:
+        """Multiply grads (any devices and float dtypes) by inv_scale in place and return a fresh
+        found_inf tensor per device (1.0 where an inf/NaN was seen)."""
+        scale = self._require_state("unscale_")
+        inv_scale = self.inv_scale() if inv_scale is None else inv_scale
+        per_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        for g in grads:
+            per_device[g.device].append(g)
+        found = {}
+        with torch.no_grad():
+            for device, group in per_device.items():
+                found[device] = torch.zeros((), dtype=torch.float32, device=device)
+                ops.non_finite_check_and_unscale_(
+                    group, found[device], inv_scale.to(device, non_blocking=True, copy=device != scale.device)
+                )
+        return found
+
+    def update(self, found_inf: Tensor) -> None:
+        """Advance the state machine by one step given this step's found_inf (nonzero = overflow)."""
+        scale = self._require_state("update")
+        self._raise_if_overflowed_at_min_scale()
+        ops.update_scale_(
+            scale, self.growth_tracker, self.hysteresis_tracker, self.counters,
+            found_inf.to(scale.device, non_blocking=True),
+            self.growth_factor, self.backoff_factor, self.growth_interval, self.hysteresis,
+            0.0 if self.min_scale is None else self.min_scale,
+            math.inf if self.max_scale is None else self.max_scale,
+        )
+        if self.min_scale is not None:
+            if self._min_scale_watch is None:
+                self._min_scale_watch = _AsyncFlagWatch(self.counters[1])
+            self._min_scale_watch.refresh()
+            if scale.device.type == "cpu":  # free to check at once
+                self._raise_if_overflowed_at_min_scale()
+
+    def _raise_if_overflowed_at_min_scale(self) -> None:
+        if self._min_scale_watch is not None and self._min_scale_watch.seen_nonzero():
+            self._min_scale_watch = None
+            raise MinScaleOverflowError(
+                f"gradients overflowed (inf/NaN) while the loss scale was already at min_scale="
+                f"{self.min_scale}: lowering the scale cannot fix this, so the model or the data "
+                "produce non-finite values. Check the loss and inputs for NaN/inf, lower the "
+                "learning rate, or train in bf16. (The step was skipped; parameters are untouched.)"
+            )
+
+    # -- reading and checkpoints (these synchronise) ----------------------------------------------
+    def get_scale(self) -> float:
+        return self.init_scale if self.scale is None else float(self.scale.item())
+
+    def get_growth_tracker(self) -> int:
+        return self.init_growth_tracker if self.growth_tracker is None else int(self.growth_tracker.item())
+
+    def stats(self) -> dict[str, Any]:
+        """Scale, trackers and counters as Python numbers (synchronises: for logging)."""
+        counters = self.init_counters if self.counters is None else tuple(self.counters.tolist())
+        return {
+            "scale": self.get_scale(),
+            "growth_tracker": self.get_growth_tracker(),
+            "hysteresis_tracker": self.init_hysteresis_tracker
+            if self.hysteresis_tracker is None else int(self.hysteresis_tracker.item()),
+            "skipped_steps": int(counters[0]),
+            "overflows_at_min_scale": int(counters[1]),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        stats = self.stats()
+        return {
+            "scale": stats["scale"],
+            "growth_factor": self.growth_factor,
+            "backoff_factor": self.backoff_factor,
+            "growth_interval": self.growth_interval,
+            "_growth_tracker": stats["growth_tracker"],
+            "hysteresis": self.hysteresis,
+            "_hysteresis_tracker": stats["hysteresis_tracker"],
+            "min_scale": self.min_scale,
+            "max_scale": self.max_scale,
+            "skipped_steps": stats["skipped_steps"],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads ours or torch.amp.GradScaler's (whose keys are a subset: ours are optional)."""
+        required = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+        missing = [k for k in required if k not in state_dict]
+        if missing:
+            raise KeyError(f"loss-scaler state_dict is missing {missing}; got keys {sorted(state_dict)}")
+        self.init_scale = float(state_dict["scale"])
+        self.growth_factor = float(state_dict["growth_factor"])
+        self.backoff_factor = float(state_dict["backoff_factor"])
+        self.growth_interval = int(state_dict["growth_interval"])
+        self.init_growth_tracker = int(state_dict["_growth_tracker"])
+        self.hysteresis = int(state_dict.get("hysteresis", self.hysteresis))
+        self.init_hysteresis_tracker = int(state_dict.get("_hysteresis_tracker", self.hysteresis))
+        self.min_scale = state_dict.get("min_scale", self.min_scale)
+        self.max_scale = state_dict.get("max_scale", self.max_scale)
+        self.init_counters = (int(state_dict.get("skipped_steps", 0)), 0)
+        if self.scale is not None:
+            self.scale.fill_(self.init_scale)
+            self.growth_tracker.fill_(self.init_growth_tracker)
+            self.hysteresis_tracker.fill_(self.init_hysteresis_tracker)
+            self.counters.copy_(torch.tensor(self.init_counters))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickle plain numbers, not device tensors, like torch.amp.GradScaler.
+        state = self.__dict__.copy()
+        if self.scale is not None:
+            stats = self.stats()
+            state["init_scale"] = stats["scale"]
+            state["init_growth_tracker"] = stats["growth_tracker"]
+            state["init_hysteresis_tracker"] = stats["hysteresis_tracker"]
+            state["init_counters"] = (stats["skipped_steps"], stats["overflows_at_min_scale"])
+        for key in ("scale", "growth_tracker", "hysteresis_tracker", "counters", "_min_scale_watch"):
+            state[key] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+class _AsyncFlagWatch:
+    """Watches a 0-dim device counter without synchronising: each refresh() starts a
+    non-blocking copy into pinned host memory; seen_nonzero() looks only at copies that have
+    already landed. So an error is raised one or two steps late, but the loop never waits."""
+
+    def __init__(self, counter: Tensor) -> None:
+        self.counter = counter
+        self.start = int(counter.item())  # once, at first use: overflows before the watch began
+        self.on_cuda = counter.device.type == "cuda"
+        self.host = torch.zeros((), dtype=counter.dtype, pin_memory=self.on_cuda)
+        self.event = torch.cuda.Event() if self.on_cuda else None
+
+    def refresh(self) -> None:
+        if self.on_cuda and not self.event.query():
+            return  # the previous copy is still in flight; keep it
+        self.host.copy_(self.counter, non_blocking=True)
+        if self.on_cuda:
+            self.event.record()
+
+    def seen_nonzero(self) -> bool:
+        if self.on_cuda and not self.event.query():
+            return False
+        return int(self.host) > self.start
