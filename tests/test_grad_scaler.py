@@ -1,0 +1,329 @@
+"""mixprec.GradScaler against torch.amp.GradScaler: same parameters bit for bit, same scales,
+same state_dict, same exceptions. torch is the oracle."""
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import mixprec
+from helpers import assert_bitwise_equal
+
+TorchGradScaler = torch.amp.GradScaler
+SCALERS = {"torch": TorchGradScaler, "mixprec": mixprec.GradScaler}
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adamw_foreach": lambda p: torch.optim.AdamW(p, lr=1e-2, foreach=True, weight_decay=0.1),
+    # fused optimizers declare _step_supports_amp_scaling: they get grad_scale/found_inf
+    "adam_fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+    "adamw_fused_amsgrad": lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True, amsgrad=True),
+}
+
+
+def make_model(device, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).to(device)
+
+
+def autocast(device):
+    return torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16)
+
+
+class Run:
+    """One model + optimizer + scaler, stepping through a schedule."""
+
+    def __init__(self, scaler, device, opt_name, seed=0):
+        self.model = make_model(device, seed)
+        self.opt = OPTIMIZERS[opt_name](self.model.parameters())
+        self.scaler = scaler
+
+    def step(self, batches, inject_inf, clip):
+        for x, y in batches:  # gradient accumulation over micro-batches
+            with autocast(x.device.type):
+                loss = torch.nn.functional.mse_loss(self.model(x).float(), y)
+            self.scaler.scale(loss).backward()
+        if inject_inf is not None:
+            param_index, value = inject_inf
+            list(self.model.parameters())[param_index].grad.view(-1)[0] = value
+        if clip:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.5)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+
+
+@given(opt_name=st.sampled_from(sorted(OPTIMIZERS)),
+       steps=st.lists(st.tuples(
+           st.integers(1, 3),                                                  # micro-batches
+           st.one_of(st.none(), st.tuples(st.integers(0, 3),
+                                          st.sampled_from([float("inf"), float("-inf"), float("nan")]))),
+           st.booleans()),                                                     # clip
+           min_size=1, max_size=12),
+       init_scale=st.sampled_from([2.0**16, 2.0**3, 1.0, 2.0**-3, 3.0e4]),
+       growth_interval=st.integers(1, 4),
+       handover=st.one_of(st.none(), st.integers(0, 11)),
+       seed=st.integers(0, 1000))
+def test_training_schedule_matches_torch(device, opt_name, steps, init_scale, growth_interval,
+                                          handover, seed):
+    kwargs = dict(init_scale=init_scale, growth_interval=growth_interval)
+    ours = Run(mixprec.GradScaler(device, **kwargs), device, opt_name)
+    ref = Run(TorchGradScaler(device, **kwargs), device, opt_name)
+    gen = torch.Generator().manual_seed(seed)
+    for i, (micro, inject, clip) in enumerate(steps):
+        if i == handover:  # checkpoint hand-over between the two classes, both ways
+            ours_state, ref_state = ref.scaler.state_dict(), ours.scaler.state_dict()
+            ours.scaler, ref.scaler = mixprec.GradScaler(device), TorchGradScaler(device)
+            ours.scaler.load_state_dict(ours_state)
+            ref.scaler.load_state_dict(ref_state)
+        batches = [(torch.randn(4, 8, generator=gen).to(device), torch.randn(4, 4, generator=gen).to(device))
+                   for _ in range(micro)]
+        ours.step(batches, inject, clip)
+        ref.step(batches, inject, clip)
+        assert ours.scaler.get_scale() == ref.scaler.get_scale(), f"step {i}"
+        assert ours.scaler.state_dict() == ref.scaler.state_dict(), f"step {i}"
+        for j, (p, q) in enumerate(zip(ours.model.parameters(), ref.model.parameters())):
+            assert_bitwise_equal(p, q, f"step {i} param {j}")
+        for (p, q) in zip(ours.opt.state.values(), ref.opt.state.values()):
+            for key in p:
+                assert_bitwise_equal(torch.as_tensor(p[key]), torch.as_tensor(q[key]), f"step {i} state {key}")
+
+
+def test_multiple_optimizers_and_losses(device):
+    results = {}
+    for name, cls in SCALERS.items():
+        torch.manual_seed(0)
+        a, b = make_model(device, 1), make_model(device, 2)
+        opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.Adam(b.parameters(), lr=0.01)
+        scaler = cls(device, init_scale=2.0**10, growth_interval=2)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(6):
+            x = torch.randn(4, 8, generator=gen).to(device)
+            with autocast(device):
+                out_a, out_b = a(x), b(x)
+                loss0 = (out_a.float() * out_b.float()).mean()
+                loss1 = out_b.float().pow(2).mean()
+            scaler.scale(loss0).backward(retain_graph=True)
+            scaler.scale(loss1).backward()
+            if step == 3:
+                next(b.parameters()).grad[0, 0] = float("inf")  # only opt_b overflows
+            scaler.unscale_(opt_a)
+            scaler.step(opt_a)
+            scaler.step(opt_b)
+            scaler.update()
+            opt_a.zero_grad()
+            opt_b.zero_grad()
+        results[name] = ([p.detach().clone() for p in [*a.parameters(), *b.parameters()]], scaler.get_scale())
+    assert results["torch"][1] == results["mixprec"][1]
+    for p, q in zip(results["torch"][0], results["mixprec"][0]):
+        assert_bitwise_equal(q, p)
+
+
+def test_scale_accepts_nested_lists_tuples_and_iterables(device):
+    outputs = [torch.ones(2, device=device), (torch.full((3,), 2.0, device=device), [torch.ones(1, device=device)])]
+    for cls in SCALERS.values():
+        scaled = cls(device, init_scale=4.0).scale(outputs)
+        assert isinstance(scaled, list) and isinstance(scaled[1], tuple) and isinstance(scaled[1][1], list)
+        assert scaled[1][0].tolist() == [8.0] * 3 and scaled[1][1][0].item() == 4.0
+        gen = cls(device, init_scale=4.0).scale(t for t in [torch.ones(1, device=device)])
+        assert [t.item() for t in gen] == [4.0]
+    with pytest.raises(ValueError, match="outputs must be a Tensor or an iterable of Tensors"):
+        mixprec.GradScaler(device).scale([1.0])
+
+
+def test_disabled_is_a_pass_through(device):
+    model = make_model(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = mixprec.GradScaler(device, enabled=False)
+    loss = model(torch.ones(2, 8, device=device)).sum()
+    assert scaler.scale(loss) is loss
+    loss.backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.unscale_(opt)
+    assert scaler.step(opt) is None
+    scaler.update()
+    assert not scaler.is_enabled() and scaler.get_scale() == 1.0 and scaler.state_dict() == {}
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_cuda_scaler_without_cuda_warns_and_disables():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # the behaviour under test needs its absence
+    with pytest.warns(UserWarning, match="CUDA is not available.  Disabling."):
+        assert not mixprec.GradScaler("cuda").is_enabled()
+
+
+def _misuse_cases(device):
+    def setup(cls, **kw):
+        model = make_model(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = cls(device, **kw)
+        scaler.scale(model(torch.ones(2, 8, device=device)).sum()).backward()
+        return model, opt, scaler
+
+    def unscale_twice(cls):
+        _, opt, s = setup(cls)
+        s.unscale_(opt)
+        s.unscale_(opt)
+
+    def unscale_after_step(cls):
+        _, opt, s = setup(cls)
+        s.step(opt)
+        s.unscale_(opt)
+
+    def step_twice(cls):
+        _, opt, s = setup(cls)
+        s.step(opt)
+        s.step(opt)
+
+    def closure(cls):
+        _, opt, s = setup(cls)
+        s.step(opt, closure=lambda: None)
+
+    def fp16_grads(cls):
+        model, opt, s = setup(cls)
+        for p in model.parameters():
+            p.grad = p.grad.half()
+        s.unscale_(opt)
+
+    def step_without_scale(cls):
+        model = make_model(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cls(device).step(opt)
+
+    def update_without_step(cls):
+        _, _, s = setup(cls)
+        s.update()
+
+    def step_without_grads(cls):
+        model = make_model(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        s = cls(device)
+        s.scale(torch.ones((), device=device))
+        s.step(opt)
+
+    def empty_state_dict(cls):
+        cls(device).load_state_dict({})
+
+    def growth_factor_le_1(cls):
+        cls(device, growth_factor=1.0)
+
+    def backoff_factor_ge_1(cls):
+        cls(device, backoff_factor=1.0)
+
+    def pickle_mid_iteration(cls):
+        _, opt, s = setup(cls)
+        s.unscale_(opt)
+        pickle.dumps(s)
+
+    def update_with_bad_tensor(cls):
+        _, opt, s = setup(cls)
+        s.step(opt)
+        s.update(torch.ones(2, device=device))
+
+    return {f.__name__: f for f in [unscale_twice, unscale_after_step, step_twice, closure,
+                                    fp16_grads, step_without_scale, update_without_step,
+                                    step_without_grads, empty_state_dict, growth_factor_le_1,
+                                    backoff_factor_ge_1, pickle_mid_iteration, update_with_bad_tensor]}
+
+
+@pytest.mark.parametrize("case", sorted(_misuse_cases("cpu")))
+def test_misuse_raises_what_torch_raises(device, case):
+    fn = _misuse_cases(device)[case]
+    errors = {}
+    for name, cls in SCALERS.items():
+        with pytest.raises(Exception) as info:
+            fn(cls)
+        errors[name] = (type(info.value), str(info.value))
+    assert errors["mixprec"] == errors["torch"]
+
+
+def test_state_dict_loads_both_ways_and_pickles(device):
+    s = mixprec.GradScaler(device, init_scale=2.0**5, growth_interval=3)
+    model = make_model(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        s.scale(model(torch.ones(2, 8, device=device)).sum()).backward()
+        s.step(opt)
+        s.update()
+    t = TorchGradScaler(device)
+    t.load_state_dict(s.state_dict())
+    assert t.state_dict() == s.state_dict() == {
+        "scale": 32.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 3, "_growth_tracker": 2}
+    back = mixprec.GradScaler(device)
+    back.load_state_dict(t.state_dict())
+    assert back.state_dict() == t.state_dict()
+    restored = pickle.loads(pickle.dumps(s))
+    assert restored.state_dict() == s.state_dict()
+    assert copy.deepcopy(s).state_dict() == s.state_dict()
+
+
+def test_extra_options_round_trip_and_are_ignored_by_torch(device):
+    s = mixprec.GradScaler(device, hysteresis=2, min_scale=1.0, max_scale=2.0**20)
+    s.scale(torch.ones((), device=device))
+    state = s.state_dict()
+    assert state["hysteresis"] == 2 and state["_hysteresis_tracker"] == 2 and state["min_scale"] == 1.0
+    t = TorchGradScaler(device)
+    t.load_state_dict(state)  # torch ignores keys it does not know
+    assert t.state_dict() == {k: state[k] for k in t.state_dict()}
+    other = mixprec.GradScaler(device)
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+
+
+def test_getters_and_setters(device):
+    for cls in SCALERS.values():
+        s = cls(device)
+        s.set_growth_factor(3.0)
+        s.set_backoff_factor(0.25)
+        s.set_growth_interval(7)
+        assert (s.get_growth_factor(), s.get_backoff_factor(), s.get_growth_interval()) == (3.0, 0.25, 7)
+        assert s.get_scale() == 2.0**16 and s._get_growth_tracker() == 0 and s.is_enabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a GPU notion")
+def test_fused_optimizer_loop_never_synchronises():
+    model = make_model("cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = mixprec.GradScaler("cuda", growth_interval=2)
+    x = torch.randn(4, 8, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(5):
+            with autocast("cuda"):
+                loss = model(x).float().sum()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert scaler.get_scale() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to place params on two devices")
+def test_params_on_cpu_and_cuda_are_grouped_per_device():
+    results = {}
+    for name, cls in SCALERS.items():
+        torch.manual_seed(0)
+        a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4).cuda()
+        opt = torch.optim.SGD([*a.parameters(), *b.parameters()], lr=0.1)
+        scaler = cls("cuda", init_scale=8.0)
+        for step in range(3):
+            loss = a(torch.ones(2, 4)).sum().cuda() + b(torch.ones(2, 4, device="cuda")).sum()
+            scaler.scale(loss).backward()
+            if step == 1:
+                a.weight.grad[0, 0] = float("inf")  # the overflow is on the CPU
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        results[name] = ([p.detach().cpu() for p in opt.param_groups[0]["params"]], scaler.get_scale())
+    assert results["mixprec"][1] == results["torch"][1] == 8.0
+    for p, q in zip(results["mixprec"][0], results["torch"][0]):
+        assert_bitwise_equal(p, q)

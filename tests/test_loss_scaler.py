@@ -1,0 +1,109 @@
+"""DynamicLossScaler: the state machine on its own, and the options torch does not have."""
+import pickle
+
+import pytest
+import torch
+
+import mixprec
+from mixprec import DynamicLossScaler, MinScaleOverflowError
+
+
+def overflow(device):
+    return torch.ones((), device=device)
+
+
+def clean(device):
+    return torch.zeros((), device=device)
+
+
+def test_defaults_follow_torch_rule(device):
+    s = DynamicLossScaler(device, init_scale=8.0, growth_interval=2)
+    for f in [clean, clean, overflow, clean]:
+        s.update(f(device))
+    assert s.stats() == {"scale": 8.0, "growth_tracker": 1, "hysteresis_tracker": 1,
+                         "skipped_steps": 1, "overflows_at_min_scale": 0}
+
+
+def test_unscale_groups_mixed_dtypes_and_returns_found_inf_per_device(device):
+    s = DynamicLossScaler(device, init_scale=4.0)
+    grads = [torch.full((3,), 8.0, device=device), torch.full((2,), 8.0, device=device).bfloat16(),
+             torch.full((2,), 8.0, device=device).half()]
+    found = s.unscale_(grads)
+    assert list(found) == [torch.device(device) if device == "cpu" else grads[0].device]
+    assert all(g.float().tolist() == [2.0] * g.numel() for g in grads)
+    assert found[grads[0].device].item() == 0.0
+    grads[1][0] = float("nan")
+    assert s.unscale_(grads)[grads[0].device].item() == 1.0
+
+
+def test_max_scale_caps_growth(device):
+    s = DynamicLossScaler(device, init_scale=2.0**10, growth_interval=1, max_scale=3000.0)
+    for _ in range(3):
+        s.update(clean(device))
+    assert s.get_scale() == 3000.0
+
+
+def test_min_scale_raises_clear_error_after_overflow_at_min(device):
+    s = DynamicLossScaler(device, init_scale=4.0, min_scale=1.0)
+    with pytest.raises(MinScaleOverflowError, match="already at min_scale=1.0"):
+        for _ in range(20):  # on CUDA the error surfaces a step or two late, without a sync
+            s.update(overflow(device))
+            if device == "cuda":
+                torch.cuda.synchronize()
+    assert s.get_scale() == 1.0  # never below min_scale
+
+
+def test_min_scale_does_not_raise_while_backing_off(device):
+    s = DynamicLossScaler(device, init_scale=8.0, min_scale=1.0)
+    for _ in range(3):  # 8 -> 4 -> 2 -> 1: reaching min_scale is fine, overflowing there is not
+        s.update(overflow(device))
+    s.update(clean(device))
+    assert s.get_scale() == 1.0 and s.stats()["skipped_steps"] == 3
+
+
+def test_pickle_and_state_dict_round_trip(device):
+    s = DynamicLossScaler(device, init_scale=16.0, hysteresis=3, growth_interval=5)
+    s.update(overflow(device))
+    s.update(clean(device))
+    restored = pickle.loads(pickle.dumps(s))
+    restored.materialize(torch.device(device))
+    assert restored.stats() == s.stats()
+    other = DynamicLossScaler(device)
+    other.load_state_dict(s.state_dict())
+    assert other.state_dict() == s.state_dict()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(growth_factor=1.0), "growth_factor must be > 1.0"),
+    (dict(backoff_factor=1.5), "backoff_factor must be in"),
+    (dict(growth_interval=0), "growth_interval must be an integer >= 1"),
+    (dict(hysteresis=0), "hysteresis must be an integer >= 1"),
+    (dict(min_scale=-1.0), "min_scale must be >= 0"),
+    (dict(min_scale=4.0, max_scale=2.0), "max_scale must be >= min_scale"),
+    (dict(init_scale=float("inf")), "init_scale must be a positive finite"),
+])
+def test_bad_options_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DynamicLossScaler("cpu", **kwargs)
+
+
+def test_missing_state_dict_keys_name_them():
+    with pytest.raises(KeyError, match="missing \\['growth_interval'"):
+        DynamicLossScaler("cpu").load_state_dict({"scale": 1.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                                  "_growth_tracker": 0})
+
+
+def test_grad_scaler_hysteresis_skips_but_keeps_scale(device):
+    scaler = mixprec.GradScaler(device, init_scale=64.0, hysteresis=2)
+    p = torch.nn.Parameter(torch.ones(3, device=device))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scales = []
+    for step in range(3):
+        scaler.scale(p.sum()).backward()
+        p.grad[0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        scales.append(scaler.get_scale())
+    assert scales == [64.0, 32.0, 16.0]  # the first overflow is tolerated, then it backs off
+    assert torch.equal(p.detach().cpu(), torch.ones(3)) and scaler.stats()["skipped_steps"] == 3
