@@ -8,13 +8,25 @@
 #include <cuda_runtime.h>
 
 #include <array>
+#include <cstdlib>
 #include <cstdint>
 #include <vector>
 
 namespace mixprec::cuda {
 
 constexpr int kBlockThreads = 256;
-constexpr int64_t kChunkBytes = 64 * 1024;  // load-balancing unit: a block's share of work
+
+// Tuning knobs, read once from the environment (for benchmarks; the defaults are what we ship):
+// MIXPREC_CHUNK_BYTES, the load-balancing unit a block takes at a time, and
+// MIXPREC_BLOCKS_PER_SM, resident blocks per multiprocessor (default: the occupancy limit).
+inline int64_t env_or(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v ? std::atoll(v) : fallback;
+}
+inline int64_t chunk_bytes() {
+  static const int64_t bytes = env_or("MIXPREC_CHUNK_BYTES", 64 * 1024);
+  return bytes;
+}
 
 template <int Depth>
 struct TensorListMeta {
@@ -56,7 +68,7 @@ inline int multiprocessor_count(int device) {
 }
 
 // Launches `functor` over tensors[i] = {ptrs[i][0..Depth)} of numels[i] elements each.
-// elem_bytes sets the chunk size so every chunk is kChunkBytes of the first list.
+// elem_bytes sets the chunk size so every chunk is chunk_bytes() of the first list.
 template <int Depth, typename Functor>
 void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
                         const std::vector<int64_t>& numels, int64_t elem_bytes,
@@ -67,10 +79,12 @@ void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
         &blocks_per_sm, multi_tensor_apply_kernel<Depth, Functor>, kBlockThreads, 0));
     if (blocks_per_sm < 1) blocks_per_sm = 1;
+    const int64_t wanted = env_or("MIXPREC_BLOCKS_PER_SM", 0);
+    if (wanted > 0 && wanted < blocks_per_sm) blocks_per_sm = static_cast<int>(wanted);
   }
   const int64_t max_blocks = static_cast<int64_t>(blocks_per_sm) * multiprocessor_count(device);
   Meta meta;
-  meta.chunk_size = kChunkBytes / elem_bytes;
+  meta.chunk_size = chunk_bytes() / elem_bytes;
   size_t i = 0;
   while (i < ptrs.size()) {
     int n = 0;
