@@ -22,7 +22,9 @@ def gpt2_shapes(layers: int, d: int, vocab: int = 50257, ctx: int = 1024) -> lis
 def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, device: str,
                      warmup: int = 3) -> dict[str, list[float]]:
     """Call each fn `warmup` times, then run `repeats` rounds of A B C ..., timing every call in ms.
-    CUDA: a pair of CUDA events around each call, synchronize after each round. CPU: perf_counter."""
+    CUDA: a pair of CUDA events around each call, synchronize after each round; a sleep kernel
+    holds the stream while the host enqueues, so the figure is GPU time, free of host overhead
+    (in training the host runs ahead of the GPU). CPU: perf_counter."""
     cuda = torch.device(device).type == "cuda"
     for _ in range(warmup):
         for fn in fns.values():
@@ -35,6 +37,7 @@ def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, device: s
             events = {}
             for name, fn in fns.items():
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(400_000)  # ~0.2 ms: longer than any host-side preparation
                 start.record()
                 fn()
                 end.record()

@@ -84,7 +84,11 @@ class DynamicLossScaler:
         self.scale = torch.full((), self.init_scale, dtype=torch.float32, device=device)
         self.growth_tracker = torch.full((), self.init_growth_tracker, dtype=torch.int32, device=device)
         self.hysteresis_tracker = torch.full((), self.init_hysteresis_tracker, dtype=torch.int32, device=device)
-        self.counters = torch.tensor(self.init_counters, dtype=torch.int64, device=device)
+        # zeros + fill_, not torch.tensor(list, device=...): that is a synchronising host copy.
+        self.counters = torch.zeros(2, dtype=torch.int64, device=device)
+        for i, value in enumerate(self.init_counters):
+            if value:
+                self.counters[i].fill_(value)
         self._min_scale_watch = None
 
     def _require_state(self, funcname: str) -> Tensor:
@@ -117,9 +121,10 @@ class DynamicLossScaler:
         with torch.no_grad():
             for device, group in per_device.items():
                 found[device] = torch.zeros((), dtype=torch.float32, device=device)
-                ops.non_finite_check_and_unscale_(
-                    group, found[device], inv_scale.to(device, non_blocking=True, copy=device != scale.device)
-                )
+                # A CPU kernel reads inv_scale at once, so a copy to the CPU must have landed:
+                # non_blocking there would race (torch.amp has this race, see the tests).
+                local_inv = inv_scale.to(device, non_blocking=device.type != "cpu")
+                ops.non_finite_check_and_unscale_(group, found[device], local_inv)
         return found
 
     def update(self, found_inf: Tensor) -> None:
@@ -204,7 +209,8 @@ class DynamicLossScaler:
             self.scale.fill_(self.init_scale)
             self.growth_tracker.fill_(self.init_growth_tracker)
             self.hysteresis_tracker.fill_(self.init_hysteresis_tracker)
-            self.counters.copy_(torch.tensor(self.init_counters))
+            self.counters.zero_()
+            self.counters[0].fill_(self.init_counters[0])
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickle plain numbers, not device tensors, like torch.amp.GradScaler.

@@ -24,7 +24,8 @@ inline int64_t env_or(const char* name, int64_t fallback) {
   return v ? std::atoll(v) : fallback;
 }
 inline int64_t chunk_bytes() {
-  static const int64_t bytes = env_or("MIXPREC_CHUNK_BYTES", 64 * 1024);
+  // 16 KiB measured best of 16/32/64/128 KiB on an H100 (GPT-2 124M grad lists).
+  static const int64_t bytes = env_or("MIXPREC_CHUNK_BYTES", 16 * 1024);
   return bytes;
 }
 

@@ -19,8 +19,10 @@ inline void check_scalar_tensor(const at::Tensor& t, const char* op, const char*
                                 at::ScalarType dtype) {
   TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense tensor, got layout ",
               t.layout());
-  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must be a 1-element tensor, got ", t.numel(),
-              " elements");
+  // Integers go into messages as std::string: streaming an int64_t through c10::str crashed
+  // (SIGSEGV) with torch 2.11's prebuilt c10 on the GPU machine.
+  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must be a 1-element tensor, got ",
+              std::to_string(t.numel()), " elements");
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be a ", c10::toString(dtype),
               " tensor, got ", t.scalar_type());
 }
@@ -67,16 +69,17 @@ inline void check_update_scale_args(const at::Tensor& scale, const at::Tensor& g
   TORCH_CHECK(counters.layout() == at::kStrided && counters.numel() == 2 &&
                   counters.scalar_type() == at::kLong && counters.is_contiguous(),
               op, ": counters must be a contiguous int64 tensor of 2 elements, got ",
-              counters.scalar_type(), " with ", counters.numel(), " elements");
+              counters.scalar_type(), " with ", std::to_string(counters.numel()), " elements");
   check_same_device(growth_tracker, scale, op, "growth_tracker", "scale");
   check_same_device(hysteresis_tracker, scale, op, "hysteresis_tracker", "scale");
   check_same_device(counters, scale, op, "counters", "scale");
   check_same_device(found_inf, scale, op, "found_inf", "scale");
-  TORCH_CHECK(growth_interval >= 1, op, ": growth_interval must be >= 1, got ", growth_interval);
-  TORCH_CHECK(hysteresis >= 1, op, ": hysteresis must be >= 1, got ", hysteresis);
+  TORCH_CHECK(growth_interval >= 1, op, ": growth_interval must be >= 1, got ",
+              std::to_string(growth_interval));
+  TORCH_CHECK(hysteresis >= 1, op, ": hysteresis must be >= 1, got ", std::to_string(hysteresis));
   TORCH_CHECK(min_scale >= 0 && min_scale <= max_scale, op,
-              ": need 0 <= min_scale <= max_scale, got min_scale=", min_scale,
-              " max_scale=", max_scale);
+              ": need 0 <= min_scale <= max_scale, got min_scale=", std::to_string(min_scale),
+              " max_scale=", std::to_string(max_scale));
   (void)growth_factor;  // torch accepts any factors at this level; GradScaler validates them.
   (void)backoff_factor;
 }
