@@ -11,7 +11,6 @@ found_inf as device tensors instead, and then nothing synchronises.
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections import abc, defaultdict
 from enum import Enum
@@ -20,7 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mixprec import ops
 from mixprec.loss_scaler import DynamicLossScaler
 
 

@@ -63,8 +63,7 @@ def grad_tensor(draw, dtypes=tuple(FLOAT_DTYPES), device="cpu"):
             value = draw(st.sampled_from(specials))
             if flat is not None:
                 flat[pos] = value
-            else:
-                t.reshape(-1)  # (a copy for non-contiguous views) -- index through unravel
+            else:  # a non-contiguous view: index it by coordinates
                 idx = torch.unravel_index(torch.tensor(pos), t.shape)
                 t[tuple(int(i) for i in idx)] = value
     return t.to(device)

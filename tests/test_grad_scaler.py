@@ -2,7 +2,6 @@
 same state_dict, same exceptions. torch is the oracle."""
 import copy
 import pickle
-import warnings
 
 import pytest
 import torch
