@@ -16,6 +16,30 @@ TORCH_LIBRARY(mixprec, m) {
       "update_scale_(Tensor(a!) scale, Tensor(b!) growth_tracker, Tensor(c!) hysteresis_tracker, "
       "Tensor(d!) counters, Tensor found_inf, float growth_factor, float backoff_factor, "
       "int growth_interval, int hysteresis, float min_scale, float max_scale) -> ()");
+  // The p-norm (p > 0 or inf) of all grads * inv_scale, accumulated in fp32, as a 0-dim fp32
+  // tensor; found_inf = 1 if any element is inf/NaN (one read does both). Deterministic.
+  m.def(
+      "grad_norm(Tensor[] grads, Tensor(a!) found_inf, Tensor inv_scale, float norm_type) -> "
+      "Tensor");
+  // Fused optimizer steps over one dtype of params on one device (torch.optim's foreach maths,
+  // in fp32). The grad used is grad * inv_scale * clip_coef (each optional); a nonzero
+  // found_inf skips everything (params, state, steps). fp16/bf16 params are updated through
+  // their fp32 master_params (written back rounded); fp32 params take an empty master list.
+  // steps (fp32, one per param) are incremented first, as in torch. lr_tensor, when given,
+  // replaces lr (schedulers may keep lr on the device).
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, "
+      "Tensor(f!)[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
+      "float weight_decay, bool decoupled_weight_decay, bool maximize, Tensor? inv_scale, "
+      "Tensor? clip_coef, Tensor? found_inf) -> ()");
+  // SGD: momentum_buffers empty when momentum == 0; otherwise steps say which buffers are new
+  // (step 1: the buffer starts as the grad, torch's "momentum_buffer is None").
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] master_params, Tensor(d!)[] steps, float lr, Tensor? lr_tensor, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "Tensor? inv_scale, Tensor? clip_coef, Tensor? found_inf) -> ()");
 }
 
 // `import mixprec._C` loads this library, which runs the registrations above.

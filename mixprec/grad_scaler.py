@@ -30,7 +30,9 @@ class OptState(Enum):
 
 def _refresh_per_optimizer_state() -> dict[str, Any]:
     # Module-level (not a lambda) so a GradScaler stays picklable.
-    return {"stage": OptState.READY, "found_inf_per_device": {}}
+    # "deferred_unscale": clip_grad_norm_ on a mixprec optimizer measured the scaled grads and
+    # left them scaled; the optimizer's step unscales them in its kernel.
+    return {"stage": OptState.READY, "found_inf_per_device": {}, "deferred_unscale": False}
 
 
 class _PerDeviceCopies:
@@ -44,6 +46,10 @@ class _PerDeviceCopies:
         if device not in self.per_device:
             self.per_device[device] = self.master.to(device=device, non_blocking=True, copy=True)
         return self.per_device[device]
+
+
+def _params_with_grad(optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
 class GradScaler:
@@ -167,6 +173,35 @@ class GradScaler:
         optimizer_state["found_inf_per_device"] = self._unscale_grads_(optimizer, inv_scale, False)
         optimizer_state["stage"] = OptState.UNSCALED
 
+    def clip_grad_norm_(self, optimizer, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Clip `optimizer`'s gradients to total norm `max_norm` and return the total norm of the
+        unscaled grads (a device tensor), as unscale_(optimizer) followed by
+        torch.nn.utils.clip_grad_norm_ would. For mixprec.optim optimizers one read of the grads
+        gives the norm and the inf check; unscaling and clipping then happen inside step(), so
+        the grads are never rewritten. Other optimizers get exactly unscale_ + clip_grad_norm_."""
+        fused = hasattr(optimizer, "_clip")
+        if not self._enabled:
+            if fused:
+                return optimizer.clip_grad_norm_(max_norm, norm_type)
+            return torch.nn.utils.clip_grad_norm_(_params_with_grad(optimizer), max_norm, norm_type)
+        self._check_scale_growth_tracker("clip_grad_norm_")
+        optimizer_state = self._per_optimizer_states[id(optimizer)]
+        if optimizer_state["stage"] is OptState.STEPPED:
+            raise RuntimeError("clip_grad_norm_() is being called after step().")
+        if optimizer_state["deferred_unscale"]:
+            raise RuntimeError("clip_grad_norm_() has already been called on this optimizer since the last update().")
+        if not fused:
+            if optimizer_state["stage"] is OptState.READY:
+                self.unscale_(optimizer)
+            return torch.nn.utils.clip_grad_norm_(_params_with_grad(optimizer), max_norm, norm_type)
+        if optimizer_state["stage"] is OptState.UNSCALED:  # unscale_ already ran and checked
+            return optimizer.clip_grad_norm_(max_norm, norm_type)
+        norm, found = optimizer._clip(max_norm, norm_type, inv_scale=self._scaler.inv_scale())
+        optimizer_state["found_inf_per_device"] = found
+        optimizer_state["stage"] = OptState.UNSCALED
+        optimizer_state["deferred_unscale"] = True
+        return norm
+
     def _maybe_opt_step(self, optimizer, optimizer_state, *args, **kwargs):
         # The one host read of the loop, as in torch: a plain optimizer's step() can only be
         # skipped from the host. Optimizers with _step_supports_amp_scaling never get here.
@@ -207,9 +242,11 @@ class GradScaler:
                     t.to(scale.device, non_blocking=True)
                     for t in optimizer_state["found_inf_per_device"].values()
                 )
+                grads_unscaled = (optimizer_state["stage"] == OptState.UNSCALED
+                                  and not optimizer_state["deferred_unscale"])
                 optimizer.grad_scale = (
                     getattr(optimizer, "grad_scale", None)
-                    if optimizer_state["stage"] == OptState.UNSCALED
+                    if grads_unscaled
                     else scale * getattr(optimizer, "grad_scale", 1)
                 )
                 optimizer.found_inf = found_inf

@@ -50,3 +50,55 @@ def _update_scale_fake(scale, growth_tracker, hysteresis_tracker, counters, foun
                        growth_factor, backoff_factor, growth_interval, hysteresis,
                        min_scale, max_scale) -> None:
     return None
+
+
+def grad_norm(grads: list[Tensor], found_inf: Tensor, inv_scale: Tensor, norm_type: float = 2.0) -> Tensor:
+    """The norm_type-norm of all grads * inv_scale (fp32 accumulation, deterministic) as a 0-dim
+    fp32 tensor; sets found_inf to 1 if any element is inf/NaN. One read of the grads."""
+    return torch.ops.mixprec.grad_norm(grads, found_inf, inv_scale, float(norm_type))
+
+
+def adam_step_(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor], master_params: list[Tensor], steps: list[Tensor], *,
+    lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
+    decoupled_weight_decay: bool, maximize: bool, inv_scale: Tensor | None = None,
+    clip_coef: Tensor | None = None, found_inf: Tensor | None = None,
+) -> None:
+    """One fused Adam/AdamW step over params of one dtype on one device (see csrc/ops.cpp)."""
+    lr_float, lr_tensor = (0.0, lr) if isinstance(lr, Tensor) else (float(lr), None)
+    torch.ops.mixprec.adam_step_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
+        lr_float, lr_tensor, float(beta1), float(beta2), float(eps), float(weight_decay),
+        bool(decoupled_weight_decay), bool(maximize), inv_scale, clip_coef, found_inf,
+    )
+
+
+def sgd_step_(
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+    master_params: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, momentum: float,
+    dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+    inv_scale: Tensor | None = None, clip_coef: Tensor | None = None, found_inf: Tensor | None = None,
+) -> None:
+    """One fused SGD step over params of one dtype on one device (see csrc/ops.cpp)."""
+    lr_float, lr_tensor = (0.0, lr) if isinstance(lr, Tensor) else (float(lr), None)
+    torch.ops.mixprec.sgd_step_(
+        params, grads, momentum_buffers, master_params, steps, lr_float, lr_tensor,
+        float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
+        inv_scale, clip_coef, found_inf,
+    )
+
+
+@torch.library.register_fake("mixprec::grad_norm")
+def _grad_norm_fake(grads, found_inf, inv_scale, norm_type) -> Tensor:
+    return found_inf.new_empty(())
+
+
+@torch.library.register_fake("mixprec::adam_step_")
+def _adam_step_fake(*args) -> None:
+    return None
+
+
+@torch.library.register_fake("mixprec::sgd_step_")
+def _sgd_step_fake(*args) -> None:
+    return None

@@ -68,13 +68,9 @@ inline int multiprocessor_count(int device) {
   return counts[device];
 }
 
-// Launches `functor` over tensors[i] = {ptrs[i][0..Depth)} of numels[i] elements each.
-// elem_bytes sets the chunk size so every chunk is chunk_bytes() of the first list.
+// Resident blocks of this kernel the device holds at once (the persistent grid's size).
 template <int Depth, typename Functor>
-void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
-                        const std::vector<int64_t>& numels, int64_t elem_bytes,
-                        const Functor& functor, int device, cudaStream_t stream) {
-  using Meta = TensorListMeta<Depth>;
+int64_t max_grid(int device) {
   static int blocks_per_sm = 0;
   if (blocks_per_sm == 0) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
@@ -83,10 +79,38 @@ void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
     const int64_t wanted = env_or("MIXPREC_BLOCKS_PER_SM", 0);
     if (wanted > 0 && wanted < blocks_per_sm) blocks_per_sm = static_cast<int>(wanted);
   }
-  const int64_t max_blocks = static_cast<int64_t>(blocks_per_sm) * multiprocessor_count(device);
+  return static_cast<int64_t>(blocks_per_sm) * multiprocessor_count(device);
+}
+
+// How many launches multi_tensor_apply makes for these sizes (reductions size buffers by it).
+template <int Depth>
+int64_t launch_count(const std::vector<int64_t>& numels) {
+  int64_t nonempty = 0;
+  for (int64_t n : numels) nonempty += n > 0;
+  const int64_t per = TensorListMeta<Depth>::kMaxTensors;
+  return (nonempty + per - 1) / per;
+}
+
+struct NoPerLaunch {
+  template <typename F>
+  void operator()(F&, int) const {}
+};
+
+// Launches `functor` over tensors[i] = {ptrs[i][0..Depth)} of numels[i] elements each.
+// elem_chunk_bytes sets the chunk size: every chunk is chunk_bytes() / elem_chunk_bytes elements.
+// per_launch(functor_copy, launch_index) may adjust the functor for each launch (e.g. where a
+// reduction writes its partial results).
+template <int Depth, typename Functor, typename PerLaunch = NoPerLaunch>
+void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
+                        const std::vector<int64_t>& numels, int64_t elem_chunk_bytes,
+                        const Functor& functor, int device, cudaStream_t stream,
+                        PerLaunch per_launch = {}) {
+  using Meta = TensorListMeta<Depth>;
+  const int64_t max_blocks = max_grid<Depth, Functor>(device);
   Meta meta;
-  meta.chunk_size = chunk_bytes() / elem_bytes;
+  meta.chunk_size = chunk_bytes() / elem_chunk_bytes;
   size_t i = 0;
+  int launch = 0;
   while (i < ptrs.size()) {
     int n = 0;
     meta.chunk_begin[0] = 0;
@@ -102,7 +126,9 @@ void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
     meta.num_tensors = n;
     const int64_t chunks = meta.chunk_begin[n];
     const int grid = static_cast<int>(chunks < max_blocks ? chunks : max_blocks);
-    multi_tensor_apply_kernel<Depth, Functor><<<grid, kBlockThreads, 0, stream>>>(meta, functor);
+    Functor f = functor;
+    per_launch(f, launch++);
+    multi_tensor_apply_kernel<Depth, Functor><<<grid, kBlockThreads, 0, stream>>>(meta, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

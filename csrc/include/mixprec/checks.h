@@ -87,10 +87,12 @@ inline void check_update_scale_args(const at::Tensor& scale, const at::Tensor& g
 // The state-machine rule itself, shared verbatim by the CPU kernel and the CUDA kernel so
 // the two cannot drift apart. Arithmetic matches torch._amp_update_scale_: float * double,
 // rounded to float.
+#ifndef MIXPREC_HOST_DEVICE
 #if defined(__CUDACC__)
 #define MIXPREC_HOST_DEVICE __host__ __device__
 #else
 #define MIXPREC_HOST_DEVICE
+#endif
 #endif
 
 MIXPREC_HOST_DEVICE inline void update_scale_rule(float* scale, int* growth_tracker,

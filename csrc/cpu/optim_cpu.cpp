@@ -1,0 +1,143 @@
+// CPU kernels of mixprec::adam_step_ and mixprec::sgd_step_: one at::parallel_for over every
+// element of every tensor, the per-element maths from optim_math.h (shared with CUDA). A set
+// found_inf skips the whole update (params, state and step counts untouched).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "mixprec/optim_checks.h"
+#include "mixprec/optim_math.h"
+#include "parallel_spans.h"
+
+namespace mixprec::cpu {
+namespace {
+
+constexpr int64_t kGrain = 16384;
+
+float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
+
+template <typename T>
+T* ptr_or_null(at::TensorList list, size_t i) {
+  return list.empty() ? nullptr : list[i].data_ptr<T>();
+}
+
+// The scalars every fused step reads: all CPU tensors, so plain reads (no synchronisation).
+struct StepInputs {
+  bool skip;
+  double lr;
+  GradTransform transform;
+};
+
+StepInputs read_step_inputs(const char* op, at::TensorList params, double lr,
+                            const c10::optional<at::Tensor>& lr_tensor,
+                            const c10::optional<at::Tensor>& inv_scale,
+                            const c10::optional<at::Tensor>& clip_coef,
+                            const c10::optional<at::Tensor>& found_inf, bool maximize) {
+  TORCH_CHECK(params.empty() || params[0].is_cpu(), op, ": params are on ", params[0].device(),
+              "; the CPU kernel needs CPU tensors");
+  StepInputs in;
+  in.skip = found_inf.has_value() && *f32(*found_inf) != 0.0f;
+  in.lr = lr_tensor.has_value() ? static_cast<double>(*f32(*lr_tensor)) : lr;
+  in.transform = GradTransform{inv_scale.has_value() ? *f32(*inv_scale) : 1.0f,
+                               clip_coef.has_value() ? *f32(*clip_coef) : 1.0f, maximize};
+  return in;
+}
+
+std::vector<int64_t> numels_of(at::TensorList params) {
+  std::vector<int64_t> n;
+  for (const at::Tensor& p : params) n.push_back(p.numel());
+  return n;
+}
+
+}  // namespace
+
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                   at::TensorList master_params, at::TensorList steps, double lr,
+                   const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                   double eps, double weight_decay, bool decoupled_weight_decay, bool maximize,
+                   const c10::optional<at::Tensor>& inv_scale,
+                   const c10::optional<at::Tensor>& clip_coef,
+                   const c10::optional<at::Tensor>& found_inf) {
+  const char* op = "mixprec.adam_step_";
+  check_optim_args(op, params, grads,
+                   {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true},
+                    {"max_exp_avg_sqs", max_exp_avg_sqs, false}},
+                   master_params, steps, true, lr_tensor, inv_scale, clip_coef, found_inf);
+  if (params.empty()) return;
+  const StepInputs in =
+      read_step_inputs(op, params, lr, lr_tensor, inv_scale, clip_coef, found_inf, maximize);
+  if (in.skip) return;
+  const AdamConfig config{beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+                          !max_exp_avg_sqs.empty()};
+  std::vector<AdamStepScalars> scalars;
+  for (const at::Tensor& s : steps) {
+    *f32(s) += 1.0f;  // torch: state_steps += 1 (an fp32 tensor), before the update uses it
+    scalars.push_back(adam_step_scalars(config, in.lr, *f32(s)));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_cpu", [&] {
+    parallel_over_tensors(numels_of(params), kGrain, [&](size_t t, int64_t begin, int64_t end) {
+      scalar_t* param = params[t].data_ptr<scalar_t>();
+      const scalar_t* grad = grads[t].data_ptr<scalar_t>();
+      float* m = f32(exp_avgs[t]);
+      float* v = f32(exp_avg_sqs[t]);
+      float* v_max = ptr_or_null<float>(max_exp_avg_sqs, t);
+      float* master = ptr_or_null<float>(master_params, t);
+      for (int64_t i = begin; i < end; ++i) {
+        float p = master ? master[i] : static_cast<float>(param[i]);
+        adam_element(scalars[t], in.transform(static_cast<float>(grad[i])), p, m[i], v[i],
+                     v_max ? v_max + i : nullptr);
+        if (master) master[i] = p;
+        param[i] = static_cast<scalar_t>(p);
+      }
+    });
+  });
+}
+
+void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  at::TensorList master_params, at::TensorList steps, double lr,
+                  const c10::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+                  double weight_decay, bool nesterov, bool maximize,
+                  const c10::optional<at::Tensor>& inv_scale,
+                  const c10::optional<at::Tensor>& clip_coef,
+                  const c10::optional<at::Tensor>& found_inf) {
+  const char* op = "mixprec.sgd_step_";
+  const bool has_momentum = !momentum_buffers.empty();
+  check_optim_args(op, params, grads, {{"momentum_buffers", momentum_buffers, false}},
+                   master_params, steps, has_momentum, lr_tensor, inv_scale, clip_coef, found_inf);
+  if (params.empty()) return;
+  const StepInputs in =
+      read_step_inputs(op, params, lr, lr_tensor, inv_scale, clip_coef, found_inf, maximize);
+  if (in.skip) return;
+  const SgdStepScalars scalars =
+      sgd_step_scalars(SgdConfig{momentum, dampening, weight_decay, nesterov}, in.lr);
+  std::vector<char> first(params.size(), 0);
+  for (size_t t = 0; t < steps.size(); ++t) {
+    *f32(steps[t]) += 1.0f;
+    first[t] = *f32(steps[t]) == 1.0f;  // the momentum buffer starts as a copy of the grad
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_cpu", [&] {
+    parallel_over_tensors(numels_of(params), kGrain, [&](size_t t, int64_t begin, int64_t end) {
+      scalar_t* param = params[t].data_ptr<scalar_t>();
+      const scalar_t* grad = grads[t].data_ptr<scalar_t>();
+      float* buf = ptr_or_null<float>(momentum_buffers, t);
+      float* master = ptr_or_null<float>(master_params, t);
+      for (int64_t i = begin; i < end; ++i) {
+        float p = master ? master[i] : static_cast<float>(param[i]);
+        sgd_element(scalars, in.transform(static_cast<float>(grad[i])), p,
+                    buf ? buf + i : nullptr, first[t] != 0);
+        if (master) master[i] = p;
+        param[i] = static_cast<scalar_t>(p);
+      }
+    });
+  });
+}
+
+}  // namespace mixprec::cpu
+
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("adam_step_", &mixprec::cpu::adam_step_cpu);
+  m.impl("sgd_step_", &mixprec::cpu::sgd_step_cpu);
+}

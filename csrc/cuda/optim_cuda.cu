@@ -1,0 +1,304 @@
+// CUDA kernels of mixprec::adam_step_ and mixprec::sgd_step_. One multi-tensor pass per batch
+// of tensors reads each grad once, unscales and clips it in registers, updates fp32 master
+// weights and moments and writes the model weight (rounded to fp16/bf16 when there is a master
+// copy). found_inf, inv_scale, clip_coef, lr and the step counts are read on the device, so
+// nothing synchronises and the whole step can be captured in a CUDA graph.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "mixprec/optim_checks.h"
+#include "mixprec/optim_math.h"
+#include "multi_tensor_apply.cuh"
+
+namespace mixprec::cuda {
+namespace {
+
+constexpr int kVec = 4;  // elements per vector access: 16 bytes of fp32, 8 of fp16/bf16
+
+template <typename T>
+__device__ __forceinline__ bool aligned_for_pack(const T* p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T, kVec>) == 0;
+}
+
+template <typename T>
+__device__ __forceinline__ Pack<T, kVec> load_pack(const T* p, int64_t j) {
+  return reinterpret_cast<const Pack<T, kVec>*>(p)[j];
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, int64_t j, const Pack<T, kVec>& v) {
+  reinterpret_cast<Pack<T, kVec>*>(p)[j] = v;
+}
+
+// Values every functor reads once per thread from the device.
+struct DeviceScalars {
+  const float* lr_tensor;  // nullptr: use lr
+  double lr;
+  const float* inv_scale;
+  const float* clip_coef;
+  const float* found_inf;
+  bool maximize;
+
+  __device__ bool skip() const { return found_inf != nullptr && *found_inf != 0.0f; }
+  __device__ double learning_rate() const { return lr_tensor ? static_cast<double>(*lr_tensor) : lr; }
+  __device__ GradTransform transform() const {
+    return GradTransform{inv_scale ? *inv_scale : 1.0f, clip_coef ? *clip_coef : 1.0f, maximize};
+  }
+};
+
+// steps[t] += 1 unless found_inf: a tiny launch before the update, as torch does.
+struct IncrementStepFunctor {
+  const float* found_inf;
+  __device__ void init() {}
+  __device__ void chunk(const TensorListMeta<1>& meta, int t, int64_t, int64_t) {
+    if (threadIdx.x == 0 && !(found_inf != nullptr && *found_inf != 0.0f)) {
+      *static_cast<float*>(meta.ptrs[0][t]) += 1.0f;
+    }
+  }
+  __device__ void finish() {}
+};
+
+// Lists: 0 grad, 1 param, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq (or null), 5 master (or
+// null), 6 step.
+template <typename T>
+struct AdamFunctor {
+  static constexpr bool kMaster = !std::is_same_v<T, float>;
+  AdamConfig config;
+  DeviceScalars in;
+  bool skip;
+  double lr;
+  GradTransform transform;
+  int scalars_of;  // the tensor `s` was computed for (bias corrections depend on its step)
+  AdamStepScalars s;
+
+  __device__ void init() {
+    skip = in.skip();
+    lr = in.learning_rate();
+    transform = in.transform();
+    scalars_of = -1;
+  }
+
+  __device__ void chunk(const TensorListMeta<7>& meta, int t, int64_t start, int64_t n) {
+    if (skip) return;
+    if (t != scalars_of) {
+      s = adam_step_scalars(config, lr, *static_cast<const float*>(meta.ptrs[6][t]));
+      scalars_of = t;
+    }
+    const T* grad = static_cast<const T*>(meta.ptrs[0][t]) + start;
+    T* param = static_cast<T*>(meta.ptrs[1][t]) + start;
+    float* m = static_cast<float*>(meta.ptrs[2][t]) + start;
+    float* v = static_cast<float*>(meta.ptrs[3][t]) + start;
+    float* v_max = meta.ptrs[4][t] ? static_cast<float*>(meta.ptrs[4][t]) + start : nullptr;
+    float* master = kMaster ? static_cast<float*>(meta.ptrs[5][t]) + start : nullptr;
+    int64_t first_scalar = 0;
+    if (aligned_for_pack(grad) && aligned_for_pack(param) && aligned_for_pack(m) &&
+        aligned_for_pack(v) && aligned_for_pack(v_max) && aligned_for_pack(master)) {
+      const int64_t nvec = n / kVec;
+      for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+        const Pack<T, kVec> g = load_pack(grad, j);
+        Pack<float, kVec> mm = load_pack(m, j), vv = load_pack(v, j), vm, p32;
+        if (v_max) vm = load_pack(v_max, j);
+        Pack<T, kVec> p_low;
+        if constexpr (kMaster) {
+          p32 = load_pack(master, j);
+        } else {
+          p_low = load_pack(param, j);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) p32.v[k] = static_cast<float>(p_low.v[k]);
+        }
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          adam_element(s, transform(static_cast<float>(g.v[k])), p32.v[k], mm.v[k], vv.v[k],
+                       v_max ? &vm.v[k] : nullptr);
+          p_low.v[k] = static_cast<T>(p32.v[k]);
+        }
+        store_pack(m, j, mm);
+        store_pack(v, j, vv);
+        if (v_max) store_pack(v_max, j, vm);
+        if constexpr (kMaster) store_pack(master, j, p32);
+        store_pack(param, j, p_low);
+      }
+      first_scalar = nvec * kVec;
+    }
+    for (int64_t i = first_scalar + threadIdx.x; i < n; i += blockDim.x) {
+      float p = kMaster ? master[i] : static_cast<float>(param[i]);
+      adam_element(s, transform(static_cast<float>(grad[i])), p, m[i], v[i],
+                   v_max ? v_max + i : nullptr);
+      if constexpr (kMaster) master[i] = p;
+      param[i] = static_cast<T>(p);
+    }
+  }
+
+  __device__ void finish() {}
+};
+
+// Lists: 0 grad, 1 param, 2 momentum buffer (or null), 3 master (or null), 4 step (or null).
+template <typename T>
+struct SgdFunctor {
+  static constexpr bool kMaster = !std::is_same_v<T, float>;
+  SgdConfig config;
+  DeviceScalars in;
+  bool skip;
+  GradTransform transform;
+  SgdStepScalars s;
+
+  __device__ void init() {
+    skip = in.skip();
+    transform = in.transform();
+    s = sgd_step_scalars(config, in.learning_rate());
+  }
+
+  __device__ void chunk(const TensorListMeta<5>& meta, int t, int64_t start, int64_t n) {
+    if (skip) return;
+    const T* grad = static_cast<const T*>(meta.ptrs[0][t]) + start;
+    T* param = static_cast<T*>(meta.ptrs[1][t]) + start;
+    float* buf = meta.ptrs[2][t] ? static_cast<float*>(meta.ptrs[2][t]) + start : nullptr;
+    float* master = kMaster ? static_cast<float*>(meta.ptrs[3][t]) + start : nullptr;
+    const bool first = meta.ptrs[4][t] && *static_cast<const float*>(meta.ptrs[4][t]) == 1.0f;
+    int64_t first_scalar = 0;
+    if (aligned_for_pack(grad) && aligned_for_pack(param) && aligned_for_pack(buf) &&
+        aligned_for_pack(master)) {
+      const int64_t nvec = n / kVec;
+      for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+        const Pack<T, kVec> g = load_pack(grad, j);
+        Pack<float, kVec> b, p32;
+        if (buf && !first) b = load_pack(buf, j);
+        Pack<T, kVec> p_low;
+        if constexpr (kMaster) {
+          p32 = load_pack(master, j);
+        } else {
+          p_low = load_pack(param, j);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) p32.v[k] = static_cast<float>(p_low.v[k]);
+        }
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          sgd_element(s, transform(static_cast<float>(g.v[k])), p32.v[k], buf ? &b.v[k] : nullptr,
+                      first);
+          p_low.v[k] = static_cast<T>(p32.v[k]);
+        }
+        if (buf) store_pack(buf, j, b);
+        if constexpr (kMaster) store_pack(master, j, p32);
+        store_pack(param, j, p_low);
+      }
+      first_scalar = nvec * kVec;
+    }
+    for (int64_t i = first_scalar + threadIdx.x; i < n; i += blockDim.x) {
+      float p = kMaster ? master[i] : static_cast<float>(param[i]);
+      sgd_element(s, transform(static_cast<float>(grad[i])), p, buf ? buf + i : nullptr, first);
+      if constexpr (kMaster) master[i] = p;
+      param[i] = static_cast<T>(p);
+    }
+  }
+
+  __device__ void finish() {}
+};
+
+void* ptr_or_null(at::TensorList list, size_t i) { return list.empty() ? nullptr : list[i].data_ptr(); }
+
+const float* scalar_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+void increment_steps(at::TensorList steps, const float* found_inf, int device, cudaStream_t stream) {
+  if (steps.empty()) return;
+  std::vector<std::array<void*, 1>> ptrs;
+  std::vector<int64_t> numels;
+  for (const at::Tensor& s : steps) {
+    ptrs.push_back({s.data_ptr()});
+    numels.push_back(1);
+  }
+  multi_tensor_apply<1>(ptrs, numels, sizeof(float), IncrementStepFunctor{found_inf}, device, stream);
+}
+
+std::vector<int64_t> numels_of(at::TensorList params) {
+  std::vector<int64_t> n;
+  for (const at::Tensor& p : params) n.push_back(p.numel());
+  return n;
+}
+
+void check_on_cuda(const char* op, at::TensorList params) {
+  TORCH_CHECK(params[0].is_cuda(), op, ": params are on ", params[0].device(),
+              "; the CUDA kernel needs CUDA tensors");
+}
+
+}  // namespace
+
+void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                    at::TensorList master_params, at::TensorList steps, double lr,
+                    const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                    double eps, double weight_decay, bool decoupled_weight_decay, bool maximize,
+                    const c10::optional<at::Tensor>& inv_scale,
+                    const c10::optional<at::Tensor>& clip_coef,
+                    const c10::optional<at::Tensor>& found_inf) {
+  const char* op = "mixprec.adam_step_";
+  check_optim_args(op, params, grads,
+                   {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true},
+                    {"max_exp_avg_sqs", max_exp_avg_sqs, false}},
+                   master_params, steps, true, lr_tensor, inv_scale, clip_coef, found_inf);
+  if (params.empty()) return;
+  check_on_cuda(op, params);
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int device = params[0].get_device();
+  increment_steps(steps, scalar_ptr(found_inf), device, stream);
+  std::vector<std::array<void*, 7>> ptrs;
+  for (size_t i = 0; i < params.size(); ++i) {
+    ptrs.push_back({grads[i].data_ptr(), params[i].data_ptr(), exp_avgs[i].data_ptr(),
+                    exp_avg_sqs[i].data_ptr(), ptr_or_null(max_exp_avg_sqs, i),
+                    ptr_or_null(master_params, i), steps[i].data_ptr()});
+  }
+  const AdamConfig config{beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+                          !max_exp_avg_sqs.empty()};
+  const DeviceScalars in{scalar_ptr(lr_tensor), lr, scalar_ptr(inv_scale), scalar_ptr(clip_coef),
+                         scalar_ptr(found_inf), maximize};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      AdamFunctor<scalar_t> f{config, in};
+      // Chunks sized by the fp32 state, the bulk of the traffic.
+      multi_tensor_apply<7>(ptrs, numels_of(params), sizeof(float), f, device, stream);
+    }
+  });
+}
+
+void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   at::TensorList master_params, at::TensorList steps, double lr,
+                   const c10::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+                   double weight_decay, bool nesterov, bool maximize,
+                   const c10::optional<at::Tensor>& inv_scale,
+                   const c10::optional<at::Tensor>& clip_coef,
+                   const c10::optional<at::Tensor>& found_inf) {
+  const char* op = "mixprec.sgd_step_";
+  const bool has_momentum = !momentum_buffers.empty();
+  check_optim_args(op, params, grads, {{"momentum_buffers", momentum_buffers, false}},
+                   master_params, steps, has_momentum, lr_tensor, inv_scale, clip_coef, found_inf);
+  if (params.empty()) return;
+  check_on_cuda(op, params);
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int device = params[0].get_device();
+  increment_steps(steps, scalar_ptr(found_inf), device, stream);
+  std::vector<std::array<void*, 5>> ptrs;
+  for (size_t i = 0; i < params.size(); ++i) {
+    ptrs.push_back({grads[i].data_ptr(), params[i].data_ptr(), ptr_or_null(momentum_buffers, i),
+                    ptr_or_null(master_params, i), ptr_or_null(steps, i)});
+  }
+  const SgdConfig config{momentum, dampening, weight_decay, nesterov};
+  const DeviceScalars in{scalar_ptr(lr_tensor), lr, scalar_ptr(inv_scale), scalar_ptr(clip_coef),
+                         scalar_ptr(found_inf), maximize};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      SgdFunctor<scalar_t> f{config, in};
+      multi_tensor_apply<5>(ptrs, numels_of(params), sizeof(float), f, device, stream);
+    }
+  });
+}
+
+}  // namespace mixprec::cuda
+
+TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
+  m.impl("adam_step_", &mixprec::cuda::adam_step_cuda);
+  m.impl("sgd_step_", &mixprec::cuda::sgd_step_cuda);
+}

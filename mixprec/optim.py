@@ -1,0 +1,393 @@
+"""mixprec.optim: Adam, AdamW and SGD whose step is one fused kernel pass per dtype and device.
+
+Same constructor arguments, defaults, param groups, state_dict and LR-scheduler behaviour as
+torch.optim. What is different:
+- fp16/bf16 params get fp32 master weights (state["master_param"]) and fp32 moments; the kernel
+  reads the low-precision grad, updates master and moments in fp32 and writes the rounded model
+  weight in the same pass. fp32 params are updated in place with no copy.
+- `_step_supports_amp_scaling`: a GradScaler (ours or torch.amp's) hands over grad_scale and
+  found_inf as device tensors; unscaling happens in the kernel and an overflow skips the step on
+  the device (params, moments and step counts untouched), so nothing synchronises.
+- clip_grad_norm_() computes the norm (and the inf check) in one read and leaves the clipping to
+  the step, instead of rewriting every gradient.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from itertools import chain
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from mixprec import ops
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_SUPPORTED = (torch.float32,) + _LOW_PRECISION
+
+
+def _check_lr(lr: float | Tensor) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not lr.is_floating_point():
+            raise ValueError(f"Tensor lr must be a floating-point tensor, got {lr.dtype}")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {float(lr)}")
+
+
+def _ignored_torch_flags(differentiable: bool) -> None:
+    if differentiable:
+        raise ValueError("mixprec optimizers are not differentiable; use torch.optim with differentiable=True")
+
+
+class _Batch:
+    """The params of one param group that share a device and dtype: one kernel call."""
+
+    def __init__(self) -> None:
+        self.params: list[Tensor] = []
+        self.grads: list[Tensor] = []
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Shared machinery: validation, batching by (device, dtype), grad scaling and clipping
+    handed to the kernel, master weights, and torch-compatible checkpoints."""
+
+    _step_supports_amp_scaling = True
+    _fp32_state_keys: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict[str, Any]) -> None:
+        self._pending_clip: dict[torch.device, Tensor] | None = None
+        super().__init__(params, defaults)
+
+    # -- validation ------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        name = type(self).__name__
+        for i, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise ValueError(
+                    f"{name}: param {i} of group {len(self.param_groups) - 1} is complex ({p.dtype}); "
+                    "mixprec's fused optimizers take float32, float16 or bfloat16 params (use torch.optim "
+                    "for complex ones)"
+                )
+            if p.dtype not in _SUPPORTED:
+                raise ValueError(
+                    f"{name}: param {i} of group {len(self.param_groups) - 1} is {p.dtype}; expected "
+                    "float32, float16 or bfloat16"
+                )
+        self._check_one_device(group, len(self.param_groups) - 1)
+
+    def _check_one_device(self, group: dict[str, Any], index: int) -> None:
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: param group {index} has params on different devices "
+                f"{sorted(str(d) for d in devices)}; put each device's params in its own param group"
+            )
+
+    def _collect(self) -> list[tuple[dict[str, Any], list[_Batch]]]:
+        """Every (group, batches) to update, validated before anything is modified."""
+        name = type(self).__name__
+        work = []
+        for index, group in enumerate(self.param_groups):
+            self._check_one_device(group, index)
+            batches: dict[tuple[torch.device, torch.dtype], _Batch] = defaultdict(_Batch)
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse or g.layout != torch.strided:
+                    raise RuntimeError(f"{name} does not support sparse gradients")
+                if g.dtype != p.dtype or g.shape != p.shape:
+                    raise RuntimeError(
+                        f"{name}: a grad of dtype {g.dtype} and shape {tuple(g.shape)} belongs to a "
+                        f"param of dtype {p.dtype} and shape {tuple(p.shape)}"
+                    )
+                if not p.is_contiguous() and not _is_dense(p):
+                    raise RuntimeError(f"{name}: param of shape {tuple(p.shape)} is not dense in memory")
+                if g.stride() != p.stride():
+                    g = torch.empty_like(p).copy_(g)  # the kernel walks param and grad in step
+                batch = batches[(p.device, p.dtype)]
+                batch.params.append(p)
+                batch.grads.append(g)
+            work.append((group, list(batches.values())))
+        return work
+
+    # -- the step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One fused update of every param with a grad. Reads `grad_scale` / `found_inf` set by a
+        GradScaler and the clip coefficient left by clip_grad_norm_()."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._collect()
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
+        per_device: dict[tuple[str, torch.device], Tensor | None] = {}
+
+        def on(device: torch.device, key: str, t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            if (key, device) not in per_device:
+                per_device[(key, device)] = t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+            return per_device[(key, device)]
+
+        for group, batches in work:
+            for batch in batches:
+                device = batch.params[0].device
+                for p in batch.params:
+                    self._init_state(p, group)
+                lr = group["lr"]
+                if isinstance(lr, Tensor):
+                    lr = on(device, "lr", lr)
+                self._update(
+                    group, batch, lr=lr,
+                    inv_scale=on(device, "inv_scale", inv_scale),
+                    clip_coef=None if self._pending_clip is None else self._pending_clip.get(device),
+                    found_inf=on(device, "found_inf", found_inf),
+                )
+        self._pending_clip = None
+        return loss
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for key in self._fp32_state_keys_for(group):
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        if p.dtype in _LOW_PRECISION and "master_param" not in state:
+            state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(p.detach())
+
+    def _fp32_state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return self._fp32_state_keys
+
+    def _masters(self, batch: _Batch) -> list[Tensor]:
+        return [self.state[p]["master_param"] for p in batch.params if p.dtype in _LOW_PRECISION]
+
+    def _update(self, group, batch: _Batch, **scalars) -> None:
+        raise NotImplementedError
+
+    # -- clipping ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Like torch.nn.utils.clip_grad_norm_ over this optimizer's params: returns the total
+        norm (a device tensor). The grads are not rewritten: the next step() applies the clip
+        coefficient inside its kernel."""
+        return self._clip(max_norm, norm_type, inv_scale=None)[0]
+
+    def _clip(self, max_norm: float, norm_type: float, inv_scale: Tensor | None
+              ) -> tuple[Tensor, dict[torch.device, Tensor]]:
+        """The norm of grads * inv_scale and the found_inf per device of the same read."""
+        norm_type = float(norm_type)
+        if not (norm_type > 0):
+            raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
+        per_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    per_device[p.grad.device].append(p.grad)
+        if not per_device:
+            return torch.tensor(0.0), {}
+        norms, found = [], {}
+        for device, grads in per_device.items():
+            found[device] = torch.zeros((), dtype=torch.float32, device=device)
+            inv = (torch.ones((), dtype=torch.float32, device=device) if inv_scale is None
+                   else inv_scale.to(device, non_blocking=True))
+            norms.append(ops.grad_norm(grads, found[device], inv, norm_type))
+        first = next(iter(per_device))
+        total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
+            torch.stack([n.to(first, non_blocking=True) for n in norms]), norm_type)
+        # torch's formula and clamp, on the device.
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        self._pending_clip = {d: coef.to(d, non_blocking=True) for d in per_device}
+        return total, found
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._pending_clip = None  # a clip coefficient belongs to the grads it was computed from
+        super().zero_grad(set_to_none)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads ours or torch.optim's (fp32 state is kept fp32 even for fp16/bf16 params; missing
+        master weights are made from the params). Checked before anything changes."""
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        if len(saved_ids) == len(params):  # otherwise torch's own check raises below
+            for saved_id, p in zip(saved_ids, params):
+                for key, value in state_dict["state"].get(saved_id, {}).items():
+                    if key != "step" and isinstance(value, Tensor) and value.shape != p.shape:
+                        raise ValueError(
+                            f"{type(self).__name__}.load_state_dict: state['{key}'] of param {saved_id} "
+                            f"has shape {tuple(value.shape)} but the param has shape {tuple(p.shape)}; "
+                            "the checkpoint belongs to a different model"
+                        )
+        super().load_state_dict(state_dict)
+        # torch casts state to the param's dtype; re-read the checkpoint's values in fp32.
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if not saved:
+                continue
+            state = self.state[p]
+            for key, value in saved.items():
+                if isinstance(value, Tensor):
+                    state[key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
+            self._complete_loaded_state(p, state)
+
+    def _complete_loaded_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        if p.dtype in _LOW_PRECISION and "master_param" not in state:
+            state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(p.detach())
+
+
+def _is_dense(t: Tensor) -> bool:
+    # Same test as ATen's is_non_overlapping_and_dense, via a permutation to contiguous.
+    order = sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True)
+    return t.permute(order).is_contiguous()
+
+
+class Adam(FusedOptimizer):
+    """torch.optim.Adam's algorithm (incl. amsgrad, maximize, L2 weight decay) in one fused pass."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        _check_lr(lr)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _ignored_torch_flags(differentiable)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults)
+
+    def _fp32_state_keys_for(self, group):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def _update(self, group, batch, *, lr, inv_scale, clip_coef, found_inf) -> None:
+        states = [self.state[p] for p in batch.params]
+        beta1, beta2 = group["betas"]
+        ops.adam_step_(
+            batch.params, batch.grads,
+            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+            self._masters(batch), [s["step"] for s in states],
+            lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+            maximize=group["maximize"], inv_scale=inv_scale, clip_coef=clip_coef, found_inf=found_inf,
+        )
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW (decoupled weight decay, default 1e-2) in one fused pass."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=True,
+        )
+
+
+class SGD(FusedOptimizer):
+    """torch.optim.SGD (momentum, dampening, nesterov, weight decay, maximize) in one fused pass."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        _check_lr(lr)
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        _ignored_torch_flags(differentiable)
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def _fp32_state_keys_for(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _init_state(self, p, group) -> None:
+        if group["momentum"] == 0:  # torch keeps no state then; masters only for fp16/bf16
+            if p.dtype in _LOW_PRECISION and "master_param" not in self.state[p]:
+                self.state[p]["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(p.detach())
+            return
+        super()._init_state(p, group)
+
+    def _complete_loaded_state(self, p, state) -> None:
+        super()._complete_loaded_state(p, state)
+        if state.get("momentum_buffer") is None:
+            state.pop("momentum_buffer", None)
+        elif "step" not in state:  # a torch checkpoint: an existing buffer is past its first step
+            state["step"] = torch.ones((), dtype=torch.float32, device=p.device)
+
+    def _update(self, group, batch, *, lr, inv_scale, clip_coef, found_inf) -> None:
+        states = [self.state[p] for p in batch.params]
+        has_momentum = group["momentum"] != 0
+        ops.sgd_step_(
+            batch.params, batch.grads,
+            [s["momentum_buffer"] for s in states] if has_momentum else [],
+            self._masters(batch), [s["step"] for s in states] if has_momentum else [],
+            lr=lr, momentum=group["momentum"], dampening=group["dampening"],
+            weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+            maximize=group["maximize"], inv_scale=inv_scale, clip_coef=clip_coef, found_inf=found_inf,
+        )
