@@ -37,7 +37,9 @@ def _build_cuda() -> bool:
 def _extension():
     sources = ["csrc/ops.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp"))
     include_dirs = [str(ROOT / "csrc/include")]
-    extra = {"cxx": ["-O3", "-fopenmp"]}  # at::parallel_for is OpenMP in headers: without it, serial
+    # -fopenmp: at::parallel_for is OpenMP in headers (without it, serial). -ffp-contract=off: the
+    # optimizer maths places its fused multiply-adds explicitly (optim_math.h); no others.
+    extra = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"]}
     if not _build_cuda():
         return CppExtension("mixprec._C", sources, include_dirs=include_dirs, extra_compile_args=extra)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

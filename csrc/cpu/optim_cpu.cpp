@@ -87,7 +87,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       float* master = ptr_or_null<float>(master_params, t);
       for (int64_t i = begin; i < end; ++i) {
         float p = master ? master[i] : static_cast<float>(param[i]);
-        adam_element(scalars[t], in.transform(static_cast<float>(grad[i])), p, m[i], v[i],
+        adam_element<CpuOrder>(scalars[t], in.transform(static_cast<float>(grad[i])), p, m[i], v[i],
                      v_max ? v_max + i : nullptr);
         if (master) master[i] = p;
         param[i] = static_cast<scalar_t>(p);

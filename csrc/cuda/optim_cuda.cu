@@ -109,7 +109,7 @@ struct AdamFunctor {
         }
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
-          adam_element(s, transform(static_cast<float>(g.v[k])), p32.v[k], mm.v[k], vv.v[k],
+          adam_element<CudaOrder>(s, transform(static_cast<float>(g.v[k])), p32.v[k], mm.v[k], vv.v[k],
                        v_max ? &vm.v[k] : nullptr);
           p_low.v[k] = static_cast<T>(p32.v[k]);
         }
@@ -123,7 +123,7 @@ struct AdamFunctor {
     }
     for (int64_t i = first_scalar + threadIdx.x; i < n; i += blockDim.x) {
       float p = kMaster ? master[i] : static_cast<float>(param[i]);
-      adam_element(s, transform(static_cast<float>(grad[i])), p, m[i], v[i],
+      adam_element<CudaOrder>(s, transform(static_cast<float>(grad[i])), p, m[i], v[i],
                    v_max ? v_max + i : nullptr);
       if constexpr (kMaster) master[i] = p;
       param[i] = static_cast<T>(p);

@@ -1,11 +1,16 @@
-// The per-element maths of the fused optimizers, shared verbatim by the CPU and CUDA kernels.
-// Each function follows the order of operations (and the fp32 roundings) of torch.optim's
-// foreach implementation, so results agree with it to an ulp or two: scalars torch computes in
-// Python doubles (bias corrections, step size, 1 - lr * wd) are computed here in double and
-// rounded to float once; everything per element is fp32.
+// The per-element maths of the fused optimizers, shared by the CPU and CUDA kernels. Each
+// function follows the order of operations and the fp32 roundings of torch.optim's foreach
+// implementation, so results agree with it to an ulp or two: scalars torch computes in Python
+// doubles (bias corrections, step size, 1 - lr * wd) are computed here in double and rounded to
+// float once; everything per element is fp32. Where torch's kernels fuse a multiply-add (its
+// CUDA kernels through nvcc's contraction, its CPU kernels through Vectorized fmadd) we call
+// fmaf explicitly, and where they round in between we do too, so no compiler choice can
+// change our results. torch's CPU and CUDA addcmul/addcdiv associate differently; the Order
+// tag picks the device's.
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #ifndef MIXPREC_HOST_DEVICE
 #if defined(__CUDACC__)
@@ -19,6 +24,9 @@ namespace mixprec {
 
 // The gradient as the update sees it: grad * inv_scale (unscale), then * clip_coef (clipping),
 // each rounded to fp32 like torch's unscale_ followed by clip_grad_norm_ on fp32 grads.
+struct CudaOrder {};  // addcmul: a + s * (b * c); addcdiv: a + s * (b / c), fused
+struct CpuOrder {};   // addcmul: a + (s * b) * c, fused; addcdiv: a + (s * b) / c
+
 struct GradTransform {
   float inv_scale;  // 1 when there is none
   float clip_coef;  // 1 when there is none
@@ -33,7 +41,21 @@ struct GradTransform {
 
 // torch.lerp's formula (two branches keep it exact at both ends).
 MIXPREC_HOST_DEVICE inline float lerp(float self, float end, float weight) {
-  return weight < 0.5f ? self + weight * (end - self) : end - (end - self) * (1.0f - weight);
+  return weight < 0.5f ? fmaf(weight, end - self, self) : fmaf(weight - 1.0f, end - self, end);
+}
+
+// a + s * b * c (torch.addcmul)
+template <typename Order>
+MIXPREC_HOST_DEVICE inline float addcmul(float a, float s, float b, float c) {
+  if constexpr (std::is_same_v<Order, CpuOrder>) return fmaf(s * b, c, a);
+  return fmaf(s, b * c, a);
+}
+
+// a + s * b / c (torch.addcdiv)
+template <typename Order>
+MIXPREC_HOST_DEVICE inline float addcdiv(float a, float s, float b, float c) {
+  if constexpr (std::is_same_v<Order, CpuOrder>) return a + (s * b) / c;
+  return fmaf(s, b / c, a);
 }
 
 struct AdamConfig {
@@ -68,18 +90,18 @@ MIXPREC_HOST_DEVICE inline AdamStepScalars adam_step_scalars(const AdamConfig& c
 }
 
 // One element of Adam/AdamW (torch's _multi_tensor_adam). p is the fp32 (master) weight.
+template <typename Order>
 MIXPREC_HOST_DEVICE inline void adam_element(const AdamStepScalars& s, float g, float& p,
                                              float& m, float& v, float* v_max) {
   if (s.weight_decay != 0.0f) {
     if (s.decoupled) {
       p = p * s.decay;
     } else {
-      g = g + s.weight_decay * p;
+      g = fmaf(s.weight_decay, p, g);  // torch._foreach_add(grads, params, alpha=wd)
     }
   }
   m = lerp(m, g, s.one_minus_beta1);
-  v = v * s.beta2;
-  v = v + s.one_minus_beta2 * (g * g);
+  v = addcmul<Order>(v * s.beta2, s.one_minus_beta2, g, g);
   float second = v;
   if (s.amsgrad) {
     // torch.maximum propagates NaN.
@@ -88,7 +110,7 @@ MIXPREC_HOST_DEVICE inline void adam_element(const AdamStepScalars& s, float g, 
     second = mx;
   }
   const float denom = sqrtf(second) / s.bias_correction2_sqrt + s.eps;
-  p = p + s.neg_step_size * (m / denom);
+  p = addcdiv<Order>(p, s.neg_step_size, m, denom);
 }
 
 struct SgdConfig {
@@ -110,19 +132,13 @@ MIXPREC_HOST_DEVICE inline SgdStepScalars sgd_step_scalars(const SgdConfig& c, d
 // "momentum_buffer is None"), so it starts as a copy of the gradient.
 MIXPREC_HOST_DEVICE inline void sgd_element(const SgdStepScalars& s, float g, float& p,
                                             float* buf, bool first) {
-  if (s.weight_decay != 0.0f) g = g + s.weight_decay * p;
+  if (s.weight_decay != 0.0f) g = fmaf(s.weight_decay, p, g);
   if (buf != nullptr) {
-    float b;
-    if (first) {
-      b = g;
-    } else {
-      b = *buf * s.momentum;
-      b = b + s.one_minus_dampening * g;
-    }
+    const float b = first ? g : fmaf(s.one_minus_dampening, g, *buf * s.momentum);
     *buf = b;
-    g = s.nesterov ? g + s.momentum * b : b;
+    g = s.nesterov ? fmaf(s.momentum, b, g) : b;
   }
-  p = p + s.neg_lr * g;
+  p = fmaf(s.neg_lr, g, p);
 }
 
 }  // namespace mixprec
