@@ -29,5 +29,42 @@ opt = torch.optim.SGD(model.parameters(), lr=0.1)
 scaler.scale(model(torch.randn(8, 64, device=dev)).sum()).backward()
 scaler.step(opt)
 scaler.update()
+
+# grad_norm: every norm kind, mixed dtypes, misaligned views, more tensors than one launch holds.
+for norm_type in (2.0, 1.0, math.inf, 3.0):
+    grads = [torch.randn(n, device=dev).to(dtype)[1:] for n in (2, 9, 8194, 100_003)
+             for dtype in (torch.float32, torch.float16, torch.bfloat16)] + many
+    ops.grad_norm(grads, torch.zeros((), device=dev), torch.full((), 0.5, device=dev), norm_type)
+
+# Fused optimizers: fp32 and master-weight params, aligned and misaligned (offset views), sizes
+# around vector and chunk edges, amsgrad, momentum, and enough tensors for several launches.
+def tensors(dtype, offset):
+    sizes = [1, 3, 4, 5, 4095, 4097, 8193, 100_003] + [k % 29 + 1 for k in range(130)]
+    return [torch.randn(n + offset, device=dev).to(dtype)[offset:] for n in sizes]
+
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for offset in (0, 1):
+        params = tensors(dtype, offset)
+        grads = [torch.randn_like(p) for p in params]
+        fp32 = lambda: [torch.zeros_like(p, dtype=torch.float32) for p in params]  # noqa: E731
+        masters = [p.float() for p in params] if dtype != torch.float32 else []
+        steps = [torch.zeros((), device=dev) for _ in params]
+        for found in (0.0, 1.0):
+            ops.adam_step_(params, grads, fp32(), fp32(), fp32(), masters, steps, lr=1e-3, beta1=0.9,
+                           beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True,
+                           maximize=False, inv_scale=torch.full((), 0.5, device=dev),
+                           clip_coef=torch.full((), 0.9, device=dev),
+                           found_inf=torch.full((), found, device=dev))
+            ops.sgd_step_(params, grads, fp32(), masters, steps, lr=0.1, momentum=0.9, dampening=0.0,
+                          weight_decay=0.01, nesterov=True, maximize=True,
+                          found_inf=torch.full((), found, device=dev))
+            ops.sgd_step_(params, grads, [], masters, [], lr=0.1, momentum=0.0, dampening=0.0,
+                          weight_decay=0.0, nesterov=False, maximize=False)
+model = torch.nn.Linear(64, 64).cuda().half()
+opt = mixprec.optim.AdamW(model.parameters())
+scaler.scale(model(torch.randn(8, 64, device=dev).half()).float().sum()).backward()
+scaler.clip_grad_norm_(opt, 1.0)
+scaler.step(opt)
+scaler.update()
 torch.cuda.synchronize()
 print("sanitize_kernels: all kernels ran")

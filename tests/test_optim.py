@@ -1,0 +1,648 @@
+"""mixprec.optim against torch.optim (the oracle) and against a hand-written fp32-master reference.
+
+Tolerance for fp32 params: per step, our update equals torch.optim's foreach update within
+ULPS[device] units in the last place of the largest operand of that update (max of |p| before,
+|p| after and |change|; for exp_avg, of |m| before, after and |g|). Moments and params are
+resynchronised to torch's after each comparison, so the bound is per step, not accumulated. Why
+not bit-exact: torch's CPU and CUDA kernels round a + s*b/c in different orders and fuse
+different multiply-adds; we follow each device's order (optim_math.h) and measured the rest:
+CUDA within 2 ulp, CPU within 4 (torch's CPU addcdiv order is not fully reproduced).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import mixprec
+from mixprec import ops, optim
+
+ULPS = {"cpu": 4, "cuda": 2}
+SHAPES = [(1,), (3,), (7,), (33,), (4, 5), (129,), (1025,), (3, 17, 5), (4099,)]
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    x = x.abs().float()
+    return torch.nextafter(x, torch.full_like(x, math.inf)) - x
+
+
+def assert_within_ulps(ours, ref, scale, ulps, what):
+    assert not torch.isnan(ours).any() and not torch.isnan(ref).any(), what
+    err = (ours.float() - ref.float()).abs() / ulp(scale)
+    assert err.max().item() <= ulps, f"{what}: {err.max().item()} ulps (allowed {ulps})"
+
+
+def make_twins(shapes, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    ours = [torch.nn.Parameter(b.to(device, dtype, copy=True)) for b in base]
+    ref = [torch.nn.Parameter(b.to(device, dtype, copy=True)) for b in base]
+    return gen, ours, ref
+
+
+def set_grads(gen, ours, ref, scale=1.0):
+    for po, pr in zip(ours, ref):
+        g = (torch.randn(pr.shape, generator=gen) * scale).to(pr.device, pr.dtype)
+        po.grad, pr.grad = g.clone(), g.clone()
+
+
+adam_configs = st.fixed_dictionaries({
+    "lr": st.sampled_from([1e-4, 1e-3, 3e-2]),
+    "betas": st.tuples(st.sampled_from([0.0, 0.5, 0.9]), st.sampled_from([0.0, 0.99, 0.999])),
+    "eps": st.sampled_from([1e-8, 1e-6, 1e-3]),
+    "weight_decay": st.sampled_from([0.0, 1e-2, 0.1]),
+    "amsgrad": st.booleans(),
+    "maximize": st.booleans(),
+})
+sgd_configs = st.fixed_dictionaries({
+    "lr": st.sampled_from([1e-3, 0.1]),
+    "momentum": st.sampled_from([0.0, 0.9]),
+    "dampening": st.sampled_from([0.0, 0.1]),
+    "weight_decay": st.sampled_from([0.0, 1e-2]),
+    "nesterov": st.booleans(),
+    "maximize": st.booleans(),
+}).filter(lambda c: not c["nesterov"] or (c["momentum"] > 0 and c["dampening"] == 0))
+shape_lists = st.lists(st.sampled_from(SHAPES), min_size=1, max_size=4)
+
+
+def compare_adam_step(device, o_opt, r_opt, ours, ref, before, m_before, amsgrad):
+    for i, (po, pr) in enumerate(zip(ours, ref)):
+        change = (pr.detach() - before[i]).abs()
+        scale = torch.maximum(torch.maximum(before[i].abs(), pr.detach().abs()), change)
+        assert_within_ulps(po.detach(), pr.detach(), scale, ULPS[device], f"param {i}")
+        so, sr = o_opt.state[po], r_opt.state[pr]
+        assert so["step"].item() == sr["step"].item()
+        g = pr.grad.abs()
+        m_scale = torch.maximum(torch.maximum(m_before[i].abs(), sr["exp_avg"].abs()), g)
+        assert_within_ulps(so["exp_avg"], sr["exp_avg"], m_scale, ULPS[device], f"exp_avg {i}")
+        keys = ["exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+        for k in keys:
+            assert_within_ulps(so[k], sr[k], sr[k], ULPS[device], f"{k} {i}")
+        # Resynchronise so the next step is compared from the same state.
+        po.data.copy_(pr.data)
+        for k in ["exp_avg"] + keys:
+            so[k].copy_(sr[k])
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+@given(config=adam_configs, shapes=shape_lists, steps=st.integers(1, 4), seed=st.integers(0, 2**20))
+def test_adam_matches_torch_foreach_per_step(device, cls, config, shapes, steps, seed):
+    gen, ours, ref = make_twins(shapes, torch.float32, device, seed)
+    o_opt = getattr(optim, cls)(ours, **config)
+    r_opt = getattr(torch.optim, cls)(ref, foreach=True, **config)
+    for _ in range(steps):
+        set_grads(gen, ours, ref)
+        before = [p.detach().clone() for p in ref]
+        m_before = [r_opt.state[p]["exp_avg"].clone() if p in r_opt.state else torch.zeros_like(p) for p in ref]
+        o_opt.step()
+        r_opt.step()
+        compare_adam_step(device, o_opt, r_opt, ours, ref, before, m_before, config["amsgrad"])
+
+
+@given(config=sgd_configs, shapes=shape_lists, steps=st.integers(1, 4), seed=st.integers(0, 2**20))
+def test_sgd_matches_torch_foreach_per_step(device, config, shapes, steps, seed):
+    gen, ours, ref = make_twins(shapes, torch.float32, device, seed)
+    o_opt = optim.SGD(ours, **config)
+    r_opt = torch.optim.SGD(ref, foreach=True, **config)
+    for _ in range(steps):
+        set_grads(gen, ours, ref)
+        before = [p.detach().clone() for p in ref]
+        o_opt.step()
+        r_opt.step()
+        for i, (po, pr) in enumerate(zip(ours, ref)):
+            scale = torch.maximum(torch.maximum(before[i].abs(), pr.detach().abs()), (pr.detach() - before[i]).abs())
+            assert_within_ulps(po.detach(), pr.detach(), scale, ULPS[device], f"param {i}")
+            if config["momentum"]:
+                bo, br = o_opt.state[po]["momentum_buffer"], r_opt.state[pr]["momentum_buffer"]
+                assert_within_ulps(bo, br, torch.maximum(bo.abs(), br.abs()) + pr.grad.abs(), ULPS[device], "buf")
+                bo.copy_(br)
+            po.data.copy_(pr.data)
+
+
+def master_reference_step(masters, grads, ref_opt, inv_scale, clip_coef):
+    """The fp32-master recipe written by hand with torch ops: fp32 grads, torch.optim on fp32
+    masters (foreach), then the model weight is the master rounded to its dtype."""
+    for m, g in zip(masters, grads):
+        m.grad = (g.float() * inv_scale) * clip_coef
+    ref_opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@given(config=adam_configs, shapes=shape_lists, steps=st.integers(1, 4), seed=st.integers(0, 2**20),
+       inv_scale=st.sampled_from([1.0, 2.0**-10]), clip=st.sampled_from([1.0, 0.375]))
+def test_master_weight_adamw_matches_hand_written_fp32_master(device, dtype, config, shapes, steps, seed,
+                                                              inv_scale, clip):
+    gen = torch.Generator().manual_seed(seed)
+    model = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype, copy=True)) for s in shapes]
+    masters = [torch.nn.Parameter(p.detach().float().clone()) for p in model]
+    o_opt = optim.AdamW(model, **config)
+    r_opt = torch.optim.AdamW(masters, foreach=True, **config)
+    for _ in range(steps):
+        grads = [(torch.randn(p.shape, generator=gen) / inv_scale).to(device, dtype) for p in model]
+        for p, g in zip(model, grads):
+            p.grad = g.clone()
+        before = [m.detach().clone() for m in masters]
+        m_before = [r_opt.state[m]["exp_avg"].clone() if m in r_opt.state else torch.zeros_like(m) for m in masters]
+        _step_with(o_opt, device, inv_scale, clip)
+        master_reference_step(masters, grads, r_opt, inv_scale, clip)
+        for i, (p, m) in enumerate(zip(model, masters)):
+            state = o_opt.state[p]
+            change = (m.detach() - before[i]).abs()
+            scale = torch.maximum(torch.maximum(before[i].abs(), m.detach().abs()), change)
+            assert_within_ulps(state["master_param"], m.detach(), scale, ULPS[device], f"master {i}")
+            # The model weight is exactly the master rounded to the model's dtype.
+            assert torch.equal(p.detach(), state["master_param"].to(dtype))
+            assert state["exp_avg"].dtype == torch.float32
+            m_scale = torch.maximum(torch.maximum(m_before[i].abs(), r_opt.state[m]["exp_avg"].abs()), m.grad.abs())
+            assert_within_ulps(state["exp_avg"], r_opt.state[m]["exp_avg"], m_scale, ULPS[device], f"exp_avg {i}")
+            assert_within_ulps(state["exp_avg_sq"], r_opt.state[m]["exp_avg_sq"], r_opt.state[m]["exp_avg_sq"],
+                               ULPS[device], f"exp_avg_sq {i}")
+            state["master_param"].copy_(m.detach())
+            p.data.copy_(m.detach().to(dtype))
+            for k in ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if config["amsgrad"] else []):
+                state[k].copy_(r_opt.state[m][k])
+
+
+def _step_with(opt, device, inv_scale, clip):
+    """Drive a step with a given inv_scale and clip coefficient, as GradScaler does."""
+    opt.grad_scale = torch.tensor(1.0 / inv_scale, device=device)
+    opt.found_inf = torch.zeros((), device=device)
+    opt._pending_clip = {torch.device(device): torch.tensor(clip, device=device)}
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale, opt.found_inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cls", ["AdamW", "SGD"])
+def test_found_inf_leaves_everything_untouched(device, dtype, cls):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s).to(device, dtype)) for s in [(5,), (300, 7)]]
+    kwargs = {"momentum": 0.9} if cls == "SGD" else {"amsgrad": True}
+    opt = getattr(optim, cls)(params, lr=0.1, **kwargs)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # create state
+    snapshot = copy.deepcopy((params, opt.state_dict()))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.found_inf = torch.ones((), device=device)
+    opt.grad_scale = torch.full((), 4.0, device=device)
+    opt.step()
+    del opt.found_inf, opt.grad_scale
+    old_params, old_state = snapshot
+    for p, q in zip(params, old_params):
+        assert torch.equal(p, q)
+    for k, st_old in old_state["state"].items():
+        for key, v in st_old.items():
+            assert torch.equal(opt.state_dict()["state"][k][key], v), key
+
+
+@given(data=st.data(), norm_type=st.sampled_from([2.0, 1.0, math.inf, 3.0]),
+       inv_scale=st.sampled_from([1.0, 2.0**-16, 0.1]))
+def test_grad_norm_matches_torch_clip_grad_norm(device, data, norm_type, inv_scale):
+    dtypes = data.draw(st.sampled_from([[torch.float32], [torch.float16], [torch.bfloat16],
+                                        [torch.float32, torch.bfloat16]]))
+    shapes = data.draw(shape_lists)
+    seed = data.draw(st.integers(0, 2**20))
+    gen = torch.Generator().manual_seed(seed)
+    grads = [(torch.randn(s, generator=gen) * 300).to(device, dtypes[i % len(dtypes)])
+             for i, s in enumerate(shapes)]
+    found = torch.zeros((), device=device)
+    norm = ops.grad_norm(grads, found, torch.tensor(inv_scale, device=device), norm_type)
+    # fp64 reference over the same unscaled values (grad * inv_scale in fp32, as the kernel does)
+    flat = torch.cat([(g.float() * inv_scale).double().flatten() for g in grads])
+    expected = torch.linalg.vector_norm(flat, norm_type)
+    torch.testing.assert_close(norm.double().cpu(), expected.cpu(), rtol=2e-5, atol=0)
+    assert found.item() == 0.0
+    if dtypes == [torch.float32]:  # and against torch's own clip_grad_norm_ on unscaled copies
+        params = [torch.nn.Parameter(g.float() * inv_scale) for g in grads]
+        for p in params:
+            p.grad = p.detach().clone()
+        torch_norm = torch.nn.utils.clip_grad_norm_(params, 1.0, norm_type, foreach=True)
+        torch.testing.assert_close(norm.cpu(), torch_norm.cpu(), rtol=2e-5, atol=0)
+    again = ops.grad_norm(grads, torch.zeros((), device=device), torch.tensor(inv_scale, device=device), norm_type)
+    assert torch.equal(norm, again)  # deterministic
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_grad_norm_flags_non_finite(device, bad, norm_type):
+    grads = [torch.ones(5000, device=device), torch.ones(70000, device=device, dtype=torch.float16)]
+    grads[1][12345] = bad
+    found = torch.zeros((), device=device)
+    norm = ops.grad_norm(grads, found, torch.ones((), device=device), norm_type)
+    assert found.item() == 1.0
+    assert not math.isfinite(norm.item())
+
+
+def test_grad_norm_of_huge_finite_grads_is_not_an_overflow(device):
+    """Squares may overflow fp32 although every element is finite: inf norm, but found_inf stays 0
+    (torch's unscale_ check would not flag these grads either)."""
+    found = torch.zeros((), device=device)
+    norm = ops.grad_norm([torch.full((10,), 1e30, device=device)], found, torch.ones((), device=device), 2.0)
+    assert found.item() == 0.0 and norm.item() == math.inf
+
+
+def mlp(device, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(device, dtype)
+
+
+def test_scaler_clip_and_step_match_torch_unscale_clip_step(device):
+    """mixprec.GradScaler.clip_grad_norm_ + step (one read + one fused pass) equals torch's
+    unscale_ + clip_grad_norm_ + AdamW(foreach).step: the norms agree to fp32 rounding, so the
+    updates agree to a few ulp."""
+    ours, ref = mlp(device), mlp(device)
+    o_opt = optim.AdamW(ours.parameters(), lr=1e-2, weight_decay=0.1)
+    r_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=True)
+    o_scaler, r_scaler = mixprec.GradScaler(device, init_scale=2.0**10), torch.amp.GradScaler(device, init_scale=2.0**10)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(8):
+        x = torch.randn(64, 16, generator=gen).to(device)
+        y = torch.randn(64, 4, generator=gen).to(device)
+        norms = []
+        for model, opt, scaler in [(ours, o_opt, o_scaler), (ref, r_opt, r_scaler)]:
+            opt.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+            if isinstance(scaler, mixprec.GradScaler):
+                norms.append(scaler.clip_grad_norm_(opt, 0.5))
+            else:
+                scaler.unscale_(opt)
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5, foreach=True))
+            scaler.step(opt)
+            scaler.update()
+        torch.testing.assert_close(norms[0], norms[1], rtol=1e-5, atol=0)
+        for po, pr in zip(ours.parameters(), ref.parameters()):
+            torch.testing.assert_close(po, pr, rtol=1e-5, atol=1e-6)
+    assert o_scaler.get_scale() == r_scaler.get_scale()
+
+
+def test_scaler_clip_skips_on_overflow_and_backs_off(device):
+    model = mlp(device)
+    opt = optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = mixprec.GradScaler(device, init_scale=2.0**10)
+    scaler.scale(model(torch.ones(2, 16, device=device)).sum()).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    next(model.parameters()).grad[0, 0] = math.inf
+    norm = scaler.clip_grad_norm_(opt, 1.0)
+    scaler.step(opt)
+    scaler.update()
+    assert not math.isfinite(norm.item())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(opt.state[p]["step"].item() == 0 for p in model.parameters())
+    assert scaler.get_scale() == 2.0**9
+
+
+def test_scaler_clip_state_machine_errors(device):
+    model = mlp(device)
+    opt = optim.AdamW(model.parameters())
+    scaler = mixprec.GradScaler(device)
+    scaler.scale(model(torch.ones(2, 16, device=device)).sum()).backward()
+    scaler.clip_grad_norm_(opt, 1.0)
+    with pytest.raises(RuntimeError, match="unscale_\\(\\) has already been called"):
+        scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="clip_grad_norm_\\(\\) has already been called"):
+        scaler.clip_grad_norm_(opt, 1.0)
+    scaler.step(opt)
+    with pytest.raises(RuntimeError, match="after step"):
+        scaler.clip_grad_norm_(opt, 1.0)
+    scaler.update()
+
+
+def test_scaler_clip_after_unscale_and_on_torch_optimizers(device):
+    """unscale_ then clip_grad_norm_ works (no double unscale); a torch optimizer gets exactly
+    unscale_ + torch.nn.utils.clip_grad_norm_."""
+    for make_opt in [lambda ps: optim.AdamW(ps), lambda ps: torch.optim.AdamW(ps, foreach=True)]:
+        model = mlp(device)
+        opt = make_opt(model.parameters())
+        scaler = mixprec.GradScaler(device, init_scale=2.0**8)
+        scaler.scale(model(torch.ones(2, 16, device=device)).sum()).backward()
+        expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() / 2.0**8 for p in model.parameters()]))
+        scaler.unscale_(opt)
+        norm = scaler.clip_grad_norm_(opt, 1e-3)
+        torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0)
+        scaler.step(opt)
+        scaler.update()
+
+
+def test_torch_grad_scaler_drives_our_optimizer(device):
+    """_step_supports_amp_scaling: torch.amp.GradScaler hands grad_scale/found_inf to our step,
+    which then equals torch's unscale_ + step."""
+    ours, ref = mlp(device), mlp(device)
+    o_opt = optim.Adam(ours.parameters(), lr=1e-2)
+    r_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, foreach=True)
+    scalers = [torch.amp.GradScaler(device, init_scale=2.0**12) for _ in range(2)]
+    x = torch.randn(8, 16, device=device)
+    for step in range(4):
+        for model, opt, scaler in zip([ours, ref], [o_opt, r_opt], scalers):
+            opt.zero_grad()
+            scaler.scale(model(x).square().mean()).backward()
+            if step == 2:
+                next(model.parameters()).grad[0, 0] = math.nan
+            scaler.step(opt)
+            scaler.update()
+        for po, pr in zip(ours.parameters(), ref.parameters()):
+            torch.testing.assert_close(po, pr, rtol=1e-6, atol=1e-7)
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0**11
+
+
+def test_tensor_lr_equals_float_lr_and_schedulers_work(device):
+    a, b = mlp(device), mlp(device)
+    opt_a = optim.AdamW(a.parameters(), lr=2.0**-7)
+    opt_b = optim.AdamW(b.parameters(), lr=torch.tensor(2.0**-7, device=device))
+    sched = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt_a, opt_b)]
+    ref = mlp(device)
+    opt_r = torch.optim.AdamW(ref.parameters(), lr=2.0**-7, foreach=True)
+    sched_r = torch.optim.lr_scheduler.StepLR(opt_r, step_size=2, gamma=0.5)
+    x = torch.randn(8, 16, device=device)
+    for _ in range(5):
+        for model, opt, s in [(a, opt_a, sched[0]), (b, opt_b, sched[1]), (ref, opt_r, sched_r)]:
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+            s.step()
+    for pa, pb, pr in zip(a.parameters(), b.parameters(), ref.parameters()):
+        assert torch.equal(pa, pb)
+        torch.testing.assert_close(pa, pr, rtol=1e-5, atol=1e-6)
+    assert opt_a.param_groups[0]["lr"] == 2.0**-9
+
+
+def test_state_dict_round_trips_with_torch(device):
+    """A torch.optim.AdamW checkpoint loads into ours (and ours into torch) and training
+    continues as if it had never stopped."""
+    torch_model, our_model = mlp(device), mlp(device)
+    t_opt = torch.optim.AdamW(torch_model.parameters(), lr=1e-2, foreach=True)
+    x = torch.randn(8, 16, device=device)
+    for _ in range(3):
+        t_opt.zero_grad()
+        torch_model(x).square().mean().backward()
+        t_opt.step()
+    our_model.load_state_dict(torch_model.state_dict())
+    o_opt = optim.AdamW(our_model.parameters(), lr=1e-2)
+    o_opt.load_state_dict(t_opt.state_dict())
+    assert all(s["step"].device.type == torch.device(device).type for s in o_opt.state.values())
+    for _ in range(2):
+        for model, opt in [(torch_model, t_opt), (our_model, o_opt)]:
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for po, pt in zip(our_model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(po, pt, rtol=1e-5, atol=1e-6)
+    back = torch.optim.AdamW(torch_model.parameters(), lr=1e-2, foreach=True)
+    back.load_state_dict(o_opt.state_dict())
+    assert back.state_dict()["state"][0]["step"].item() == 5.0
+
+
+def test_sgd_loads_torch_momentum_checkpoint(device):
+    torch_model, our_model = mlp(device), mlp(device)
+    t_opt = torch.optim.SGD(torch_model.parameters(), lr=0.1, momentum=0.9, dampening=0.5, foreach=True)
+    x = torch.randn(8, 16, device=device)
+    t_opt.zero_grad()
+    torch_model(x).square().mean().backward()
+    t_opt.step()
+    our_model.load_state_dict(torch_model.state_dict())
+    o_opt = optim.SGD(our_model.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    o_opt.load_state_dict(t_opt.state_dict())
+    for model, opt in [(torch_model, t_opt), (our_model, o_opt)]:
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    for po, pt in zip(our_model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(po, pt, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_checkpoint_keeps_fp32_state(device, dtype):
+    model = mlp(device, dtype)
+    opt = optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(2, 16, device=device, dtype=dtype)).float().sum().backward()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    fresh = optim.AdamW(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(saved)
+    for p in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq", "master_param"):
+            assert fresh.state[p][key].dtype == torch.float32
+            assert torch.equal(fresh.state[p][key], opt.state[p][key])
+
+
+def test_load_state_dict_of_another_model_is_rejected_untouched(device):
+    model = mlp(device)
+    opt = optim.AdamW(model.parameters())
+    model(torch.ones(2, 16, device=device)).sum().backward()
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    other = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).to(device)
+    other_opt = optim.AdamW(other.parameters())
+    other(torch.ones(2, 16, device=device)).sum().backward()
+    other_opt.step()
+    with pytest.raises(ValueError, match="different model"):
+        opt.load_state_dict(other_opt.state_dict())
+    after = opt.state_dict()
+    for k, st_old in before["state"].items():
+        for key, v in st_old.items():
+            assert torch.equal(after["state"][k][key], v)
+
+
+def test_constructor_errors_match_torch():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    cases = [
+        ("AdamW", dict(lr=-1.0)), ("Adam", dict(betas=(1.0, 0.999))), ("Adam", dict(betas=(0.9, -0.1))),
+        ("AdamW", dict(eps=-1.0)), ("Adam", dict(weight_decay=-1.0)), ("SGD", dict(lr=-0.1)),
+        ("SGD", dict(momentum=-1.0)), ("SGD", dict(nesterov=True)),
+    ]
+    for cls, kwargs in cases:
+        with pytest.raises(ValueError) as ours:
+            getattr(optim, cls)(p, **kwargs)
+        with pytest.raises(ValueError) as theirs:
+            getattr(torch.optim, cls)(p, **kwargs)
+        assert str(ours.value) == str(theirs.value)
+
+
+def test_complex_params_and_mixed_devices_are_rejected():
+    with pytest.raises(ValueError, match="complex"):
+        optim.AdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="different devices"):
+        optim.AdamW([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, device="meta"))])
+    with pytest.raises(ValueError, match="empty parameter list"):
+        optim.SGD([])
+
+
+def test_sparse_grad_error_modifies_nothing(device):
+    dense = torch.nn.Linear(4, 4).to(device)
+    emb = torch.nn.Embedding(10, 4, sparse=True).to(device)
+    opt = optim.AdamW([{"params": dense.parameters()}, {"params": emb.parameters()}])
+    (dense(torch.ones(1, 4, device=device)).sum() + emb(torch.tensor([1, 2], device=device)).sum()).backward()
+    before = [p.detach().clone() for p in dense.parameters()]
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(dense.parameters(), before))
+    assert len(opt.state) == 0
+
+
+def test_op_rejects_bad_lists_before_writing(device):
+    p = [torch.zeros(4, device=device)]
+    g = [torch.ones(4, device=device)]
+    m, v, s = [torch.zeros(4, device=device)], [torch.zeros(4, device=device)], [torch.zeros((), device=device)]
+    kw = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True, maximize=False)
+    with pytest.raises(RuntimeError, match="exp_avg_sqs\\[0\\] must be float32"):
+        ops.adam_step_(p, g, m, [torch.zeros(4, device=device, dtype=torch.float16)], [], [], s, **kw)
+    with pytest.raises(RuntimeError, match="got 1 params but 2 grads"):
+        ops.adam_step_(p, g + g, m, v, [], [], s, **kw)
+    with pytest.raises(RuntimeError, match="need one float32 master_params"):
+        ops.adam_step_([p[0].half()], [g[0].half()], m, v, [], [], s, **kw)
+    with pytest.raises(RuntimeError, match="shape and strides"):
+        ops.adam_step_(p, [torch.ones(5, device=device)], m, v, [], [], s, **kw)
+    assert p[0].abs().sum().item() == 0 and s[0].item() == 0 and m[0].abs().sum().item() == 0
+
+
+def test_layouts_channels_last_and_transposed_params(device):
+    """Dense params of any layout (channels-last, transposed) are updated element for element,
+    even when their grad has another layout."""
+    torch.manual_seed(0)
+    base = [torch.randn(2, 3, 4, 5), torch.randn(6, 7)]
+    ours = [torch.nn.Parameter(base[0].to(device).contiguous(memory_format=torch.channels_last)),
+            torch.nn.Parameter(base[1].to(device).t().contiguous().t())]
+    ref = [torch.nn.Parameter(b.clone().to(device)) for b in base]
+    for po, pr in zip(ours, ref):
+        g = torch.randn(pr.shape, device=device)
+        po.grad, pr.grad = g.contiguous(), g.clone()
+    optim.AdamW(ours, lr=0.1).step()
+    torch.optim.AdamW(ref, lr=0.1, foreach=True).step()
+    for po, pr in zip(ours, ref):
+        torch.testing.assert_close(po, pr, rtol=1e-6, atol=1e-7)
+
+
+def _op_samples(device):
+    p = [torch.randn(37, device=device), torch.randn(4, 5, device=device)]
+    g = [torch.randn_like(t) for t in p]
+    state = lambda: [torch.rand_like(t) for t in p]  # noqa: E731
+    steps = [torch.full((), 3.0, device=device) for _ in p]
+    scalar = lambda v: torch.full((), v, device=device)  # noqa: E731
+    yield torch.ops.mixprec.adam_step_.default, (
+        p, g, state(), state(), state(), [], steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, True, False,
+        scalar(0.5), scalar(0.9), scalar(0.0))
+    half = [t.half() for t in p]
+    yield torch.ops.mixprec.adam_step_.default, (
+        half, [t.half() for t in g], state(), state(), [], [t.float() for t in half], steps, 0.0,
+        scalar(1e-3), 0.9, 0.999, 1e-8, 0.0, False, True, None, None, None)
+    yield torch.ops.mixprec.sgd_step_.default, (
+        p, g, state(), [], steps, 0.1, None, 0.9, 0.0, 0.0, True, False, None, None, scalar(0.0))
+    yield torch.ops.mixprec.grad_norm.default, (g, scalar(0.0), scalar(0.5), 2.0)
+
+
+def test_opcheck(device):
+    for op, args in _op_samples(device):
+        torch.library.opcheck(op, args)
+
+
+def test_convergence_16_mixed_matches_torch_amp_within_1_percent(device):
+    """300 steps of a small regression model in mixed precision (fp16 autocast on CUDA, bf16 on
+    the CPU) with mixprec.GradScaler + mixprec.optim.AdamW + clipping reach torch.amp +
+    torch.optim.AdamW's loss within 1 %."""
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 16, generator=gen).to(device)
+    w_true = torch.randn(16, 4, generator=gen).to(device)
+    y = torch.tanh(x @ w_true)
+    finals = []
+    for ours in (True, False):
+        model = mlp(device, seed=3)
+        opt = (optim.AdamW if ours else torch.optim.AdamW)(model.parameters(), lr=3e-3, weight_decay=0.01)
+        scaler = (mixprec.GradScaler if ours else torch.amp.GradScaler)(device)
+        for step in range(300):
+            batch = slice((step * 64) % 512, (step * 64) % 512 + 64)
+            opt.zero_grad()
+            with torch.autocast(device, dtype=dtype):
+                loss = torch.nn.functional.mse_loss(model(x[batch]).float(), y[batch])
+            scaler.scale(loss).backward()
+            if ours:
+                scaler.clip_grad_norm_(opt, 1.0)
+            else:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+        with torch.no_grad():
+            finals.append(torch.nn.functional.mse_loss(model(x), y).item())
+    assert finals[0] < 0.5 * torch.nn.functional.mse_loss(torch.zeros_like(y), y).item()  # it learned
+    assert abs(finals[0] - finals[1]) <= 0.01 * finals[1], finals
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+
+
+def _train_step(model, opt, scaler, x, y):
+    opt.zero_grad(set_to_none=False)  # static grad tensors (CUDA graphs need fixed addresses)
+    loss = torch.nn.functional.mse_loss(model(x).float(), y)
+    scaler.scale(loss).backward()
+    scaler.clip_grad_norm_(opt, 1.0)
+    scaler.step(opt)
+    scaler.update()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_training_loop_never_synchronises(dtype):
+    """scale -> backward -> clip -> step -> update under set_sync_debug_mode("error"): any
+    host synchronisation (an .item(), a blocking copy) raises."""
+    model = mlp("cuda", dtype)
+    opt = optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = mixprec.GradScaler("cuda")
+    x, y = torch.randn(32, 16, device="cuda", dtype=dtype), torch.randn(32, 4, device="cuda")
+    _train_step(model, opt, scaler, x, y)  # first step creates state (allocations only)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            _train_step(model, opt, scaler, x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(s["step"].item() == 4 for s in opt.state.values())
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_whole_step_captured_in_a_cuda_graph_equals_eager(dtype):
+    """The full step (incl. an overflowing batch, skipped on the device) captured once in a CUDA
+    graph and replayed gives the same params, moments, step counts and scale as running eagerly."""
+    batches = [(torch.randn(32, 16, device="cuda", dtype=dtype), torch.randn(32, 4, device="cuda"))
+               for _ in range(8)]
+    batches[5][0][0, 0] = math.inf  # this step overflows: skipped, scale backs off
+    runs = []
+    for graphed in (False, True):
+        model = mlp("cuda", dtype)
+        opt = optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        scaler = mixprec.GradScaler("cuda", init_scale=2.0**12, growth_interval=3)
+        static_x, static_y = (t.clone() for t in batches[0])
+        if not graphed:
+            for x, y in batches:
+                _train_step(model, opt, scaler, x, y)
+        else:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up eagerly on a side stream, as torch advises
+                for x, y in batches[:2]:
+                    static_x.copy_(x), static_y.copy_(y)
+                    _train_step(model, opt, scaler, static_x, static_y)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                _train_step(model, opt, scaler, static_x, static_y)
+            for x, y in batches[2:]:
+                static_x.copy_(x), static_y.copy_(y)
+                graph.replay()
+        torch.cuda.synchronize()
+        runs.append((model, opt, scaler))
+    (m_eager, o_eager, s_eager), (m_graph, o_graph, s_graph) = runs
+    assert s_eager.get_scale() == s_graph.get_scale()
+    assert s_eager.stats()["skipped_steps"] == s_graph.stats()["skipped_steps"] == 1
+    for pe, pg in zip(m_eager.parameters(), m_graph.parameters()):
+        assert o_eager.state[pe]["step"].item() == o_graph.state[pg]["step"].item() == 7
+        torch.testing.assert_close(pg, pe, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(o_graph.state[pg]["exp_avg"], o_eager.state[pe]["exp_avg"], rtol=1e-6, atol=1e-9)
