@@ -170,7 +170,8 @@ def _step_with(opt, device, inv_scale, clip):
     """Drive a step with a given inv_scale and clip coefficient, as GradScaler does."""
     opt.grad_scale = torch.tensor(1.0 / inv_scale, device=device)
     opt.found_inf = torch.zeros((), device=device)
-    opt._pending_clip = {torch.device(device): torch.tensor(clip, device=device)}
+    param_device = opt.param_groups[0]["params"][0].device  # cuda:0, not "cuda"
+    opt._pending_clip = {param_device: torch.tensor(clip, device=device)}
     try:
         opt.step()
     finally:
