@@ -1,5 +1,6 @@
-"""`python -m mixprec demo`: a short fp16 mixed-precision training run with mixprec.GradScaler,
-on the GPU when there is one, else on the CPU, showing loss, scale and skipped steps."""
+"""`python -m mixprec demo`: a short fp16 mixed-precision training run with mixprec.GradScaler and
+the fused mixprec.optim.AdamW, on the GPU when there is one, else on the CPU, showing loss, scale
+and skipped steps."""
 from __future__ import annotations
 
 import sys
@@ -20,7 +21,8 @@ def _progress(step: int, total: int, text: str, width: int = 30) -> None:
 
 
 def run_demo(steps: int = 300, device: str | None = None, seed: int = 0) -> dict:
-    """Train a small MLP classifier on synthetic data under fp16 autocast + mixprec.GradScaler.
+    """Train a small MLP classifier on synthetic data under fp16 autocast + mixprec.GradScaler +
+    mixprec.optim.AdamW, clipping the grad norm inside the fused step.
     A short growth interval makes the scale double until fp16 gradients overflow: those steps
     are skipped on the device and the scale backs off, which is the loop working as intended."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -31,10 +33,10 @@ def run_demo(steps: int = 300, device: str | None = None, seed: int = 0) -> dict
         torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden), torch.nn.GELU(),
         torch.nn.Linear(hidden, classes),
     ).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device == "cuda")
+    opt = mixprec.optim.AdamW(model.parameters(), lr=3e-3)
     scaler = mixprec.GradScaler(device, growth_interval=15)
     print(f"mixprec demo: {steps} steps on {device} "
-          f"({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), fp16 autocast + mixprec.GradScaler")
+          f"({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), fp16 autocast + mixprec.GradScaler + mixprec.optim.AdamW")
     start = time.perf_counter()
     for step in range(1, steps + 1):
         x = torch.randn(batch, dim, device=device)
@@ -42,8 +44,7 @@ def run_demo(steps: int = 300, device: str | None = None, seed: int = 0) -> dict
         with torch.autocast(device, dtype=torch.float16):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.clip_grad_norm_(opt, 1.0)  # norm + inf check in one read; clipping happens in step
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)

@@ -1,7 +1,8 @@
 """Shared test setup: hypothesis profiles and the devices to run on.
 
-Profiles: `ci` (default; derandomized, no deadline, small enough for CI's time) and `thorough`
-(>= 10,000 examples per property, for release checks):
+Profiles: `ci` (default; derandomized, no deadline, small enough for CI's time), `long` (1,000
+examples, for the multi-step optimizer properties on the GPU) and `thorough` (>= 10,000 examples
+per property, for release checks):
     HYPOTHESIS_PROFILE=thorough python -m pytest -q tests
 """
 import os
@@ -15,6 +16,8 @@ _common = dict(deadline=None, suppress_health_check=[
     HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 settings.register_profile("ci", max_examples=60, derandomize=True, print_blob=True, **_common)
 settings.register_profile("thorough", max_examples=10_000, print_blob=True, **_common)
+# For slow multi-step properties on the GPU machine, where device time is rationed.
+settings.register_profile("long", max_examples=1_000, print_blob=True, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -24,6 +24,13 @@ inline std::string item_name(const char* list, size_t i) {
   return std::string(list) + "[" + std::to_string(i) + "]";
 }
 
+// "[2, 3]": built with std::to_string, never by streaming int64s (see check_scalar_tensor).
+inline std::string dims_str(at::IntArrayRef dims) {
+  std::string out = "[";
+  for (size_t i = 0; i < dims.size(); ++i) out += (i ? ", " : "") + std::to_string(dims[i]);
+  return out + "]";
+}
+
 inline void check_optional_scalar(const c10::optional<at::Tensor>& t, const at::Tensor& ref,
                                   const char* op, const char* name) {
   if (!t.has_value()) return;
@@ -38,8 +45,9 @@ inline void check_same_layout(const at::Tensor& t, const at::Tensor& p, const ch
               " tensor; the fused optimizers take dense tensors only (no sparse gradients)");
   check_same_device(t, p, op, name, pname.c_str());
   TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), op, ": ", name,
-              " must have the shape and strides of ", pname, ", got shape ", t.sizes(),
-              " strides ", t.strides(), " vs ", p.sizes(), " ", p.strides());
+              " must have the shape and strides of ", pname, ", got shape ", dims_str(t.sizes()),
+              " strides ", dims_str(t.strides()), " vs ", dims_str(p.sizes()), " ",
+              dims_str(p.strides()));
 }
 
 // Checks one fused-optimizer call. Params: one dtype (fp32, fp16 or bf16), one device, dense.
