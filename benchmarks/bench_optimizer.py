@@ -7,6 +7,9 @@ Variants (AdamW lr=3e-4, weight_decay=0.1; clip to norm 1.0; scale 65536):
   ours-fp32  mixprec.GradScaler + mixprec.optim.AdamW, fp32 params:
              scaler.clip_grad_norm_(opt, 1.0); scaler.step(opt); scaler.update()
   ours-fp16, ours-bf16  the same on fp16 / bf16 params and grads (fp32 master weights and moments)
+  ours-bf16-stochastic, ours-bf16-kahan, ours-bf16-nearest  bf16 params without master weights
+             (master_weights=False, rounding=...): fp32 moments only, plus a bf16 compensation
+             buffer for kahan
 The limit is the ideal bytes per call (32 B/param for fp32 params, also used for torch's sequence;
 30 B/param with master weights) over the copy bandwidth measured in the same run.
 Variants run in groups that fit in GPU memory, each with its own torch set; ratios to torch use the
@@ -27,20 +30,33 @@ from harness import copy_fn, emit, gpt2_shapes, summarize, time_interleaved
 
 MODELS = {"tiny": (2, 64, 1000, 64), "124M": (12, 768), "1.5B": (48, 1600)}
 VARIANTS = {"torch": torch.float32, "ours-fp32": torch.float32, "ours-fp16": torch.float16,
-            "ours-bf16": torch.bfloat16}
+            "ours-bf16": torch.bfloat16, "ours-bf16-stochastic": torch.bfloat16,
+            "ours-bf16-kahan": torch.bfloat16, "ours-bf16-nearest": torch.bfloat16}
 # Ideal bytes moved per param per call. fp32: grad read twice (norm, step) 8 + param r/w 8 + two
 # moments r/w 16. With master weights: grad 2*2 + master r/w 8 + moments 16 + weight written 2.
-MOVED_BYTES = {"torch": 32, "ours-fp32": 32, "ours-fp16": 30, "ours-bf16": 30}
-STATE_BYTES = {"torch": 8, "ours-fp32": 8, "ours-fp16": 12, "ours-bf16": 12}   # optimizer state / param
-SET_BYTES = 16   # params + grads + state per param, the same for every variant (4+4+8 or 2+2+12)
+# Without master weights: grad 2*2 + weight r/w 4 + moments 16 (+ compensation r/w 4 for kahan).
+MOVED_BYTES = {"torch": 32, "ours-fp32": 32, "ours-fp16": 30, "ours-bf16": 30, "ours-bf16-stochastic": 24,
+               "ours-bf16-kahan": 28, "ours-bf16-nearest": 24}
+SET_BYTES = 16   # params + grads + state per param, at most (4+4+8 or 2+2+12; 2+2+8(+2) without master)
 TARGETS_MS = {"124M": 1.5, "1.5B": 19.0}   # the issue's targets
-COLUMNS = ["model", "group", "variant", "ms", "spread", "gbps", "x_limit", "x_torch", "state_B_per_param",
+COLUMNS = ["model", "group", "variant", "ms", "spread", "gbps", "x_limit", "x_torch", "held_B_per_param",
            "limit_ms"]
 INIT_SCALE = 2.0 ** 16
 
 
-def make_variant(name: str, shapes: list[tuple[int, ...]], device: str) -> tuple[Callable[[], None], str]:
-    """Params, grads, scaler and optimizer for one variant; returns the per-call step and a note."""
+def held_bytes_per_param(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> float:
+    """Weights + optimizer state (not grads, not step counters), from the allocated tensors."""
+    n = sum(p.numel() for p in params)
+    weights = sum(p.numel() * p.element_size() for p in params)
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items()
+                if isinstance(t, torch.Tensor) and k != "step")
+    return (weights + state) / n
+
+
+def make_variant(name: str, shapes: list[tuple[int, ...]], device: str
+                 ) -> tuple[Callable[[], None], str, Callable[[], float]]:
+    """Params, grads, scaler and optimizer for one variant; returns the per-call step, a note and
+    a function measuring the bytes held per param (call it after the first step)."""
     dtype = VARIANTS[name]
     params = [(torch.randn(s, device=device, dtype=dtype) * 0.02).requires_grad_() for s in shapes]
     for p in params:
@@ -61,8 +77,10 @@ def make_variant(name: str, shapes: list[tuple[int, ...]], device: str) -> tuple
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             scaler.step(opt)
             scaler.update()
-        return call, "torch AdamW " + next(iter(flag))
-    opt = mixprec.optim.AdamW(params, lr=3e-4, weight_decay=0.1)
+        return call, "torch AdamW " + next(iter(flag)), lambda: held_bytes_per_param(params, opt)
+    rounding = name.removeprefix("ours-bf16-") if name.startswith("ours-bf16-") else None
+    options = {"master_weights": False, "rounding": rounding} if rounding else {}
+    opt = mixprec.optim.AdamW(params, lr=3e-4, weight_decay=0.1, **options)
     scaler = mixprec.GradScaler(dev, init_scale=INIT_SCALE)
     scaler.scale(one)
 
@@ -70,7 +88,8 @@ def make_variant(name: str, shapes: list[tuple[int, ...]], device: str) -> tuple
         scaler.clip_grad_norm_(opt, 1.0)   # one read: norm + inf check; the step unscales and clips
         scaler.step(opt)
         scaler.update()
-    return call, "mixprec AdamW"
+    return call, "mixprec AdamW" + (f" master_weights=False rounding={rounding}" if rounding else ""), \
+        lambda: held_bytes_per_param(params, opt)
 
 
 def plan_groups(variants: list[str], n_params: int, device: str, copy_bytes: int,
@@ -99,11 +118,12 @@ def bench_group(model: str, group: int, names: list[str], device: str, repeats: 
     shapes = gpt2_shapes(*MODELS[model])
     n = sum(torch.Size(s).numel() for s in shapes)
     torch.manual_seed(0)
-    fns, notes = {}, {}
+    fns, notes, held = {}, {}, {}
     for name in names:
-        fns[name], notes[name] = make_variant(name, shapes, device)
+        fns[name], notes[name], held[name] = make_variant(name, shapes, device)
     fns["copy"] = copy_fn(device, copy_bytes)   # moves 2 * copy_bytes per call
     stats = {k: summarize(v) for k, v in time_interleaved(fns, repeats, device).items()}
+    held = {k: f() for k, f in held.items()}   # state exists now (the warm-up stepped)
     del fns   # the closures hold the params, grads and state: let them go before the next group
     copy_gbps = 2 * copy_bytes / stats["copy"]["median"] / 1e6
     torch_ms = stats["torch"]["median"] if "torch" in stats else None
@@ -114,7 +134,7 @@ def bench_group(model: str, group: int, names: list[str], device: str, repeats: 
         rows.append({
             "model": model, "group": group, "variant": name, "ms": ms, "spread": stats[name]["spread"],
             "gbps": moved / ms / 1e6, "x_limit": ms / limit_ms, "x_torch": ms / torch_ms if torch_ms else None,
-            "state_B_per_param": STATE_BYTES[name], "limit_ms": limit_ms, "moved_B_per_param": MOVED_BYTES[name],
+            "held_B_per_param": held[name], "limit_ms": limit_ms, "moved_B_per_param": MOVED_BYTES[name],
             "params": n, "n_tensors": len(shapes), "copy_gbps": copy_gbps, "copy_spread": stats["copy"]["spread"],
             "min_ms": stats[name]["min"], "max_ms": stats[name]["max"], "optimizer": notes[name],
             "target_ms": TARGETS_MS.get(model), "repeats": repeats, "device": device,
@@ -157,8 +177,9 @@ def main() -> None:
     print(f"\n# {rows[0]['device_name']}, torch {torch.__version__}, {repeats} interleaved repeats; "
           f"torch variant: {next((r['optimizer'] for r in rows if r['variant'] == 'torch'), '-')}; "
           "ms = median time per call (GPU time on cuda), spread = (max - min) / median; "
-          "GB/s and limit from the ideal 32 B/param (fp32 params, torch too) or 30 B/param (fp16/bf16 "
-          "with fp32 master); x_torch against the torch row of the same group")
+          "GB/s and limit from the ideal bytes moved: 32 B/param (fp32 params, torch too), 30 (fp16/bf16 "
+          "with fp32 master), 24 (bf16 without master), 28 (kahan); held = weights + optimizer state "
+          "per param, from the allocated tensors; x_torch against the torch row of the same group")
     print("# issue targets: 124M <= 1.5 ms, 1.5B <= 19 ms "
           "(limit at 3.0 TB/s copy: 124M 1.33 ms, 1.5B 16.6 ms)")
 

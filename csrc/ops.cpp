@@ -24,22 +24,26 @@ TORCH_LIBRARY(mixprec, m) {
   // Fused optimizer steps over one dtype of params on one device (torch.optim's foreach maths,
   // in fp32). The grad used is grad * inv_scale * clip_coef (each optional); a nonzero
   // found_inf skips everything (params, state, steps). fp16/bf16 params are updated through
-  // their fp32 master_params (written back rounded); fp32 params take an empty master list.
-  // steps (fp32, one per param) are incremented first, as in torch. lr_tensor, when given,
-  // replaces lr (schedulers may keep lr on the device).
+  // their fp32 master_params (written back rounded to nearest), or, with no master_params,
+  // directly: rounding 0 nearest, 1 stochastic (Philox stream of seed, step, tensor, element),
+  // 2 kahan (weight = param + compensation, both in the params' dtype). fp32 params take
+  // neither. steps (fp32, one per param) are incremented first, as in torch. lr_tensor, when
+  // given, replaces lr (schedulers may keep lr on the device).
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, "
-      "Tensor(f!)[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
-      "float weight_decay, bool decoupled_weight_decay, bool maximize, Tensor? inv_scale, "
-      "Tensor? clip_coef, Tensor? found_inf) -> ()");
+      "Tensor(g!)[] compensations, Tensor(f!)[] steps, float lr, Tensor? lr_tensor, float beta1, "
+      "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool maximize, "
+      "Tensor? inv_scale, Tensor? clip_coef, Tensor? found_inf, int rounding, int seed) -> ()");
   // SGD: momentum_buffers empty when momentum == 0; otherwise steps say which buffers are new
-  // (step 1: the buffer starts as the grad, torch's "momentum_buffer is None").
+  // (step 1: the buffer starts as the grad, torch's "momentum_buffer is None"). Stochastic
+  // rounding needs steps (the random stream is keyed on them).
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "Tensor(c!)[] master_params, Tensor(d!)[] steps, float lr, Tensor? lr_tensor, "
-      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "Tensor? inv_scale, Tensor? clip_coef, Tensor? found_inf) -> ()");
+      "Tensor(c!)[] master_params, Tensor(e!)[] compensations, Tensor(d!)[] steps, float lr, "
+      "Tensor? lr_tensor, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool maximize, Tensor? inv_scale, Tensor? clip_coef, Tensor? found_inf, int rounding, "
+      "int seed) -> ()");
 }
 
 // `import mixprec._C` loads this library, which runs the registrations above.

@@ -58,19 +58,32 @@ def grad_norm(grads: list[Tensor], found_inf: Tensor, inv_scale: Tensor, norm_ty
     return torch.ops.mixprec.grad_norm(grads, found_inf, inv_scale, float(norm_type))
 
 
+ROUNDING = {"nearest": 0, "stochastic": 1, "kahan": 2}
+
+
+def _rounding_code(rounding: str) -> int:
+    if rounding not in ROUNDING:
+        raise ValueError(f"rounding must be one of {sorted(ROUNDING)}, got {rounding!r}")
+    return ROUNDING[rounding]
+
+
 def adam_step_(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor], master_params: list[Tensor], steps: list[Tensor], *,
     lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
     decoupled_weight_decay: bool, maximize: bool, inv_scale: Tensor | None = None,
     clip_coef: Tensor | None = None, found_inf: Tensor | None = None,
+    compensations: list[Tensor] = (), rounding: str = "nearest", seed: int = 0,
 ) -> None:
-    """One fused Adam/AdamW step over params of one dtype on one device (see csrc/ops.cpp)."""
+    """One fused Adam/AdamW step over params of one dtype on one device (see csrc/ops.cpp).
+    fp16/bf16 params without master_params are rounded by `rounding` ("nearest", "stochastic"
+    with the Philox stream of `seed`, or "kahan" with one compensation tensor per param)."""
     lr_float, lr_tensor = (0.0, lr) if isinstance(lr, Tensor) else (float(lr), None)
     torch.ops.mixprec.adam_step_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
-        lr_float, lr_tensor, float(beta1), float(beta2), float(eps), float(weight_decay),
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, list(compensations),
+        steps, lr_float, lr_tensor, float(beta1), float(beta2), float(eps), float(weight_decay),
         bool(decoupled_weight_decay), bool(maximize), inv_scale, clip_coef, found_inf,
+        _rounding_code(rounding), int(seed),
     )
 
 
@@ -79,13 +92,15 @@ def sgd_step_(
     master_params: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, momentum: float,
     dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
     inv_scale: Tensor | None = None, clip_coef: Tensor | None = None, found_inf: Tensor | None = None,
+    compensations: list[Tensor] = (), rounding: str = "nearest", seed: int = 0,
 ) -> None:
-    """One fused SGD step over params of one dtype on one device (see csrc/ops.cpp)."""
+    """One fused SGD step over params of one dtype on one device (see csrc/ops.cpp); rounding as
+    in adam_step_ (stochastic rounding needs steps)."""
     lr_float, lr_tensor = (0.0, lr) if isinstance(lr, Tensor) else (float(lr), None)
     torch.ops.mixprec.sgd_step_(
-        params, grads, momentum_buffers, master_params, steps, lr_float, lr_tensor,
-        float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
-        inv_scale, clip_coef, found_inf,
+        params, grads, momentum_buffers, master_params, list(compensations), steps, lr_float,
+        lr_tensor, float(momentum), float(dampening), float(weight_decay), bool(nesterov),
+        bool(maximize), inv_scale, clip_coef, found_inf, _rounding_code(rounding), int(seed),
     )
 
 

@@ -10,6 +10,13 @@ torch.optim. What is different:
   the device (params, moments and step counts untouched), so nothing synchronises.
 - clip_grad_norm_() computes the norm (and the inf check) in one read and leaves the clipping to
   the step, instead of rewriting every gradient.
+- master_weights=False keeps no fp32 copy of fp16/bf16 params (4 bytes per param less): the update
+  is computed in fp32 and written straight to the param, rounded by `rounding`:
+  "nearest" (updates below half an ulp of the weight are lost: training stalls at small lr),
+  "stochastic" (unbiased: rounds up with probability proportional to the distance, from a Philox
+  stream of (seed, step, tensor, element), so runs repeat exactly and CUDA graphs capture it), or
+  "kahan" (the rounding error is kept in a compensation buffer of the param's dtype, 2 bytes per
+  param, and added back on the next step).
 """
 from __future__ import annotations
 
@@ -35,6 +42,21 @@ def _check_lr(lr: float | Tensor) -> None:
             raise ValueError(f"Tensor lr must be a floating-point tensor, got {lr.dtype}")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {float(lr)}")
+
+
+def _check_precision_options(master_weights: bool, rounding: str) -> None:
+    if rounding not in ops.ROUNDING:
+        raise ValueError(f"rounding must be one of {sorted(ops.ROUNDING)}, got {rounding!r}")
+    if master_weights and rounding != "nearest":
+        raise ValueError(
+            f"rounding={rounding!r} applies to fp16/bf16 params updated without fp32 master weights; "
+            "pass master_weights=False with it (master weights are written back rounded to nearest)"
+        )
+
+
+def _default_seed() -> int:
+    # Follows torch.manual_seed, so seeded runs repeat; fits the op's int64.
+    return torch.initial_seed() % (2**63)
 
 
 def _ignored_torch_flags(differentiable: bool) -> None:
@@ -157,19 +179,44 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
-        if "step" not in state:
+        if "step" not in state and self._needs_step(p, group):
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for key in self._fp32_state_keys_for(group):
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-        if p.dtype in _LOW_PRECISION and "master_param" not in state:
-            state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(p.detach())
+        self._init_weight_state(p, group, state)
+
+    def _init_weight_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """fp16/bf16 params: the fp32 master copy, or the Kahan compensation buffer."""
+        if p.dtype not in _LOW_PRECISION:
+            return
+        if group.get("master_weights", True):
+            if "master_param" not in state:
+                state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(p.detach())
+        elif group.get("rounding") == "kahan" and "compensation" not in state:
+            state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _needs_step(self, p: Tensor, group: dict[str, Any]) -> bool:
+        return True
 
     def _fp32_state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         return self._fp32_state_keys
 
-    def _masters(self, batch: _Batch) -> list[Tensor]:
-        return [self.state[p]["master_param"] for p in batch.params if p.dtype in _LOW_PRECISION]
+    def _masters(self, batch: _Batch, group: dict[str, Any]) -> list[Tensor]:
+        if batch.params[0].dtype not in _LOW_PRECISION or not group.get("master_weights", True):
+            return []
+        return [self.state[p]["master_param"] for p in batch.params]
+
+    def _weight_kwargs(self, batch: _Batch, group: dict[str, Any]) -> dict[str, Any]:
+        """The op arguments that say how the weights are stored and rounded."""
+        direct = batch.params[0].dtype in _LOW_PRECISION and not group.get("master_weights", True)
+        rounding = group.get("rounding", "nearest") if direct else "nearest"
+        return {
+            "master_params": self._masters(batch, group),
+            "compensations": [self.state[p]["compensation"] for p in batch.params] if rounding == "kahan" else [],
+            "rounding": rounding,
+            "seed": group.get("seed", 0),
+        }
 
     def _update(self, group, batch: _Batch, **scalars) -> None:
         raise NotImplementedError
@@ -231,7 +278,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                             "the checkpoint belongs to a different model"
                         )
         super().load_state_dict(state_dict)
-        # torch casts state to the param's dtype; re-read the checkpoint's values in fp32.
+        # torch casts state to the param's dtype; re-read the checkpoint's values in fp32 (the
+        # compensation buffer alone is in the param's dtype).
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id)
             if not saved:
@@ -239,12 +288,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             for key, value in saved.items():
                 if isinstance(value, Tensor):
-                    state[key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
-            self._complete_loaded_state(p, state)
+                    dtype = p.dtype if key == "compensation" else torch.float32
+                    state[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
+            self._complete_loaded_state(p, group_of[id(p)], state)
 
-    def _complete_loaded_state(self, p: Tensor, state: dict[str, Any]) -> None:
-        if p.dtype in _LOW_PRECISION and "master_param" not in state:
-            state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(p.detach())
+    def _complete_loaded_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        self._init_weight_state(p, group, state)
 
 
 def _is_dense(t: Tensor) -> bool:
@@ -254,7 +303,8 @@ def _is_dense(t: Tensor) -> bool:
 
 
 class Adam(FusedOptimizer):
-    """torch.optim.Adam's algorithm (incl. amsgrad, maximize, L2 weight decay) in one fused pass."""
+    """torch.optim.Adam's algorithm (incl. amsgrad, maximize, L2 weight decay) in one fused pass.
+    Beyond torch's arguments: master_weights, rounding and seed (see the module docstring)."""
 
     def __init__(
         self,
@@ -271,8 +321,12 @@ class Adam(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        master_weights: bool = True,
+        rounding: str = "nearest",
+        seed: int | None = None,
     ) -> None:
         _check_lr(lr)
+        _check_precision_options(master_weights, rounding)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not 0.0 <= betas[0] < 1.0:
@@ -286,6 +340,8 @@ class Adam(FusedOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,
             differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay,
+            master_weights=master_weights, rounding=rounding,
+            seed=_default_seed() if seed is None else int(seed),
         )
         super().__init__(params, defaults)
 
@@ -299,7 +355,7 @@ class Adam(FusedOptimizer):
             batch.params, batch.grads,
             [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-            self._masters(batch), [s["step"] for s in states],
+            steps=[s["step"] for s in states], **self._weight_kwargs(batch, group),
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled_weight_decay=group.get("decoupled_weight_decay", False),
             maximize=group["maximize"], inv_scale=inv_scale, clip_coef=clip_coef, found_inf=found_inf,
@@ -323,16 +379,20 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = True,
+        rounding: str = "nearest",
+        seed: int | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=True,
+            decoupled_weight_decay=True, master_weights=master_weights, rounding=rounding, seed=seed,
         )
 
 
 class SGD(FusedOptimizer):
-    """torch.optim.SGD (momentum, dampening, nesterov, weight decay, maximize) in one fused pass."""
+    """torch.optim.SGD (momentum, dampening, nesterov, weight decay, maximize) in one fused pass.
+    Beyond torch's arguments: master_weights, rounding and seed (see the module docstring)."""
 
     def __init__(
         self,
@@ -347,8 +407,12 @@ class SGD(FusedOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = True,
+        rounding: str = "nearest",
+        seed: int | None = None,
     ) -> None:
         _check_lr(lr)
+        _check_precision_options(master_weights, rounding)
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
         if weight_decay < 0.0:
@@ -359,22 +423,22 @@ class SGD(FusedOptimizer):
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
-            fused=fused,
+            fused=fused, master_weights=master_weights, rounding=rounding,
+            seed=_default_seed() if seed is None else int(seed),
         )
         super().__init__(params, defaults)
 
     def _fp32_state_keys_for(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _init_state(self, p, group) -> None:
-        if group["momentum"] == 0:  # torch keeps no state then; masters only for fp16/bf16
-            if p.dtype in _LOW_PRECISION and "master_param" not in self.state[p]:
-                self.state[p]["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(p.detach())
-            return
-        super()._init_state(p, group)
+    def _needs_step(self, p, group) -> bool:
+        # torch's SGD keeps no step; ours counts steps for the momentum buffer's first step and
+        # for the stochastic-rounding stream.
+        stochastic = p.dtype in _LOW_PRECISION and not group["master_weights"] and group["rounding"] == "stochastic"
+        return group["momentum"] != 0 or stochastic
 
-    def _complete_loaded_state(self, p, state) -> None:
-        super()._complete_loaded_state(p, state)
+    def _complete_loaded_state(self, p, group, state) -> None:
+        super()._complete_loaded_state(p, group, state)
         if state.get("momentum_buffer") is None:
             state.pop("momentum_buffer", None)
         elif "step" not in state:  # a torch checkpoint: an existing buffer is past its first step
@@ -386,7 +450,8 @@ class SGD(FusedOptimizer):
         ops.sgd_step_(
             batch.params, batch.grads,
             [s["momentum_buffer"] for s in states] if has_momentum else [],
-            self._masters(batch), [s["step"] for s in states] if has_momentum else [],
+            steps=[s["step"] for s in states] if "step" in states[0] else [],
+            **self._weight_kwargs(batch, group),
             lr=lr, momentum=group["momentum"], dampening=group["dampening"],
             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
             maximize=group["maximize"], inv_scale=inv_scale, clip_coef=clip_coef, found_inf=found_inf,

@@ -49,6 +49,19 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         fp32 = lambda: [torch.zeros_like(p, dtype=torch.float32) for p in params]  # noqa: E731
         masters = [p.float() for p in params] if dtype != torch.float32 else []
         steps = [torch.zeros((), device=dev) for _ in params]
+        if dtype != torch.float32:  # no master weights: stochastic and Kahan rounding
+            comps = [torch.zeros_like(p) for p in params]
+            ops.adam_step_(params, grads, fp32(), fp32(), [], [], steps, lr=1e-3, beta1=0.9, beta2=0.999,
+                           eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True, maximize=False,
+                           rounding="stochastic", seed=7)
+            ops.adam_step_(params, grads, fp32(), fp32(), [], [], steps, lr=1e-3, beta1=0.9, beta2=0.999,
+                           eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True, maximize=False,
+                           compensations=comps, rounding="kahan")
+            ops.sgd_step_(params, grads, [], [], steps, lr=0.1, momentum=0.0, dampening=0.0,
+                          weight_decay=0.0, nesterov=False, maximize=False, compensations=comps,
+                          rounding="kahan")
+            ops.sgd_step_(params, grads, fp32(), [], steps, lr=0.1, momentum=0.9, dampening=0.0,
+                          weight_decay=0.0, nesterov=False, maximize=False, rounding="stochastic", seed=3)
         for found in (0.0, 1.0):
             ops.adam_step_(params, grads, fp32(), fp32(), fp32(), masters, steps, lr=1e-3, beta1=0.9,
                            beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True,

@@ -495,8 +495,12 @@ def test_op_rejects_bad_lists_before_writing(device):
         ops.adam_step_(p, g, m, [torch.zeros(4, device=device, dtype=torch.float16)], [], [], s, **kw)
     with pytest.raises(RuntimeError, match="got 1 params but 2 grads"):
         ops.adam_step_(p, g + g, m, v, [], [], s, **kw)
-    with pytest.raises(RuntimeError, match="need one float32 master_params"):
-        ops.adam_step_([p[0].half()], [g[0].half()], m, v, [], [], s, **kw)
+    with pytest.raises(RuntimeError, match="needs one compensation tensor per param"):
+        ops.adam_step_([p[0].half()], [g[0].half()], m, v, [], [], s, rounding="kahan", **kw)
+    with pytest.raises(RuntimeError, match="float32 params take no master_params"):
+        ops.adam_step_(p, g, m, v, [], [p[0].clone()], s, **kw)
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        ops.adam_step_(p, g, m, v, [], [], s, rounding="up", **kw)
     with pytest.raises(RuntimeError, match="shape and strides"):
         ops.adam_step_(p, [torch.ones(5, device=device)], m, v, [], [], s, **kw)
     assert p[0].abs().sum().item() == 0 and s[0].item() == 0 and m[0].abs().sum().item() == 0
@@ -526,14 +530,21 @@ def _op_samples(device):
     steps = [torch.full((), 3.0, device=device) for _ in p]
     scalar = lambda v: torch.full((), v, device=device)  # noqa: E731
     yield torch.ops.mixprec.adam_step_.default, (
-        p, g, state(), state(), state(), [], steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, True, False,
-        scalar(0.5), scalar(0.9), scalar(0.0))
+        p, g, state(), state(), state(), [], [], steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, True, False,
+        scalar(0.5), scalar(0.9), scalar(0.0), 0, 0)
     half = [t.half() for t in p]
     yield torch.ops.mixprec.adam_step_.default, (
-        half, [t.half() for t in g], state(), state(), [], [t.float() for t in half], steps, 0.0,
-        scalar(1e-3), 0.9, 0.999, 1e-8, 0.0, False, True, None, None, None)
+        half, [t.half() for t in g], state(), state(), [], [t.float() for t in half], [], steps, 0.0,
+        scalar(1e-3), 0.9, 0.999, 1e-8, 0.0, False, True, None, None, None, 0, 0)
+    bf16 = [t.bfloat16() for t in p]
+    yield torch.ops.mixprec.adam_step_.default, (
+        bf16, [t.bfloat16() for t in g], state(), state(), [], [], [torch.zeros_like(t) for t in bf16],
+        steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.1, True, False, None, None, None, 2, 0)
     yield torch.ops.mixprec.sgd_step_.default, (
-        p, g, state(), [], steps, 0.1, None, 0.9, 0.0, 0.0, True, False, None, None, scalar(0.0))
+        p, g, state(), [], [], steps, 0.1, None, 0.9, 0.0, 0.0, True, False, None, None, scalar(0.0), 0, 0)
+    yield torch.ops.mixprec.sgd_step_.default, (
+        bf16, [t.bfloat16() for t in g], [], [], [], steps, 0.1, None, 0.0, 0.0, 0.0, False, False,
+        None, None, None, 1, 1234)
     yield torch.ops.mixprec.grad_norm.default, (g, scalar(0.0), scalar(0.5), 2.0)
 
 
@@ -608,8 +619,12 @@ def test_training_loop_never_synchronises(dtype):
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_whole_step_captured_in_a_cuda_graph_equals_eager(dtype):
+@pytest.mark.parametrize("dtype,options", [
+    (torch.float32, {}), (torch.float16, {}),
+    (torch.bfloat16, {"master_weights": False, "rounding": "stochastic", "seed": 3}),
+    (torch.bfloat16, {"master_weights": False, "rounding": "kahan"}),
+])
+def test_whole_step_captured_in_a_cuda_graph_equals_eager(dtype, options):
     """The full step (incl. an overflowing batch, skipped on the device) captured once in a CUDA
     graph and replayed gives the same params, moments, step counts and scale as running eagerly."""
     batches = [(torch.randn(32, 16, device="cuda", dtype=dtype), torch.randn(32, 4, device="cuda"))
@@ -618,7 +633,7 @@ def test_whole_step_captured_in_a_cuda_graph_equals_eager(dtype):
     runs = []
     for graphed in (False, True):
         model = mlp("cuda", dtype)
-        opt = optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        opt = optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, **options)
         scaler = mixprec.GradScaler("cuda", init_scale=2.0**12, growth_interval=3)
         static_x, static_y = (t.clone() for t in batches[0])
         if not graphed:

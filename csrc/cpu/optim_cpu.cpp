@@ -45,6 +45,32 @@ StepInputs read_step_inputs(const char* op, at::TensorList params, double lr,
   return in;
 }
 
+uint32_t step_of(at::TensorList steps, size_t t) {
+  return steps.empty() ? 0u : static_cast<uint32_t>(*steps[t].data_ptr<float>());
+}
+
+// The random word of element i for stochastic rounding: one Philox call per 4 elements (the
+// same words the CUDA kernel draws for them), none unless rounding is stochastic.
+template <typename T>
+struct RandomWords {
+  bool active;
+  RandomStream stream;
+  int64_t block = -1;
+  uint32_t words[4] = {0, 0, 0, 0};
+
+  RandomWords(const WeightIO<T>& io, RandomStream s)
+      : active(!std::is_same_v<T, float> && io.rounding == Rounding::kStochastic), stream(s) {}
+
+  uint32_t operator()(int64_t i) {
+    if (!active) return 0;
+    if (i / 4 != block) {
+      block = i / 4;
+      stream.block(block, words);
+    }
+    return words[i % 4];
+  }
+};
+
 std::vector<int64_t> numels_of(at::TensorList params) {
   std::vector<int64_t> n;
   for (const at::Tensor& p : params) n.push_back(p.numel());
@@ -55,17 +81,19 @@ std::vector<int64_t> numels_of(at::TensorList params) {
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                   at::TensorList master_params, at::TensorList steps, double lr,
-                   const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-                   double eps, double weight_decay, bool decoupled_weight_decay, bool maximize,
+                   at::TensorList master_params, at::TensorList compensations,
+                   at::TensorList steps, double lr, const c10::optional<at::Tensor>& lr_tensor,
+                   double beta1, double beta2, double eps, double weight_decay,
+                   bool decoupled_weight_decay, bool maximize,
                    const c10::optional<at::Tensor>& inv_scale,
                    const c10::optional<at::Tensor>& clip_coef,
-                   const c10::optional<at::Tensor>& found_inf) {
+                   const c10::optional<at::Tensor>& found_inf, int64_t rounding, int64_t seed) {
   const char* op = "mixprec.adam_step_";
   check_optim_args(op, params, grads,
                    {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true},
                     {"max_exp_avg_sqs", max_exp_avg_sqs, false}},
-                   master_params, steps, true, lr_tensor, inv_scale, clip_coef, found_inf);
+                   master_params, compensations, rounding, steps, true, lr_tensor, inv_scale,
+                   clip_coef, found_inf);
   if (params.empty()) return;
   const StepInputs in =
       read_step_inputs(op, params, lr, lr_tensor, inv_scale, clip_coef, found_inf, maximize);
@@ -78,6 +106,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     scalars.push_back(adam_step_scalars(config, in.lr, *f32(s)));
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_cpu", [&] {
+    const WeightIO<scalar_t> io{static_cast<Rounding>(rounding)};
     parallel_over_tensors(numels_of(params), kGrain, [&](size_t t, int64_t begin, int64_t end) {
       scalar_t* param = params[t].data_ptr<scalar_t>();
       const scalar_t* grad = grads[t].data_ptr<scalar_t>();
@@ -85,28 +114,31 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       float* v = f32(exp_avg_sqs[t]);
       float* v_max = ptr_or_null<float>(max_exp_avg_sqs, t);
       float* master = ptr_or_null<float>(master_params, t);
+      scalar_t* comp = ptr_or_null<scalar_t>(compensations, t);
+      RandomWords random(io, RandomStream{static_cast<uint64_t>(seed), step_of(steps, t), static_cast<uint32_t>(t)});
       for (int64_t i = begin; i < end; ++i) {
-        float p = master ? master[i] : static_cast<float>(param[i]);
+        float p = io.load(param[i], master ? master + i : nullptr, comp ? comp + i : nullptr);
         adam_element<CpuOrder>(scalars[t], in.transform(static_cast<float>(grad[i])), p, m[i], v[i],
-                     v_max ? v_max + i : nullptr);
-        if (master) master[i] = p;
-        param[i] = static_cast<scalar_t>(p);
+                               v_max ? v_max + i : nullptr);
+        io.store(p, param[i], master ? master + i : nullptr, comp ? comp + i : nullptr, random(i));
       }
     });
   });
 }
 
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                  at::TensorList master_params, at::TensorList steps, double lr,
-                  const c10::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
-                  double weight_decay, bool nesterov, bool maximize,
+                  at::TensorList master_params, at::TensorList compensations, at::TensorList steps,
+                  double lr, const c10::optional<at::Tensor>& lr_tensor, double momentum,
+                  double dampening, double weight_decay, bool nesterov, bool maximize,
                   const c10::optional<at::Tensor>& inv_scale,
                   const c10::optional<at::Tensor>& clip_coef,
-                  const c10::optional<at::Tensor>& found_inf) {
+                  const c10::optional<at::Tensor>& found_inf, int64_t rounding, int64_t seed) {
   const char* op = "mixprec.sgd_step_";
   const bool has_momentum = !momentum_buffers.empty();
   check_optim_args(op, params, grads, {{"momentum_buffers", momentum_buffers, false}},
-                   master_params, steps, has_momentum, lr_tensor, inv_scale, clip_coef, found_inf);
+                   master_params, compensations, rounding, steps,
+                   sgd_needs_steps(params, momentum_buffers, master_params, rounding), lr_tensor,
+                   inv_scale, clip_coef, found_inf);
   if (params.empty()) return;
   const StepInputs in =
       read_step_inputs(op, params, lr, lr_tensor, inv_scale, clip_coef, found_inf, maximize);
@@ -119,17 +151,19 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     first[t] = *f32(steps[t]) == 1.0f;  // the momentum buffer starts as a copy of the grad
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_cpu", [&] {
+    const WeightIO<scalar_t> io{static_cast<Rounding>(rounding)};
     parallel_over_tensors(numels_of(params), kGrain, [&](size_t t, int64_t begin, int64_t end) {
       scalar_t* param = params[t].data_ptr<scalar_t>();
       const scalar_t* grad = grads[t].data_ptr<scalar_t>();
       float* buf = ptr_or_null<float>(momentum_buffers, t);
       float* master = ptr_or_null<float>(master_params, t);
+      scalar_t* comp = ptr_or_null<scalar_t>(compensations, t);
+      RandomWords random(io, RandomStream{static_cast<uint64_t>(seed), step_of(steps, t), static_cast<uint32_t>(t)});
       for (int64_t i = begin; i < end; ++i) {
-        float p = master ? master[i] : static_cast<float>(param[i]);
+        float p = io.load(param[i], master ? master + i : nullptr, comp ? comp + i : nullptr);
         sgd_element(scalars, in.transform(static_cast<float>(grad[i])), p,
                     buf ? buf + i : nullptr, first[t] != 0);
-        if (master) master[i] = p;
-        param[i] = static_cast<scalar_t>(p);
+        io.store(p, param[i], master ? master + i : nullptr, comp ? comp + i : nullptr, random(i));
       }
     });
   });

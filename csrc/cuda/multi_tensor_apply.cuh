@@ -93,13 +93,14 @@ int64_t launch_count(const std::vector<int64_t>& numels) {
 
 struct NoPerLaunch {
   template <typename F>
-  void operator()(F&, int) const {}
+  void operator()(F&, int, int64_t) const {}
 };
 
 // Launches `functor` over tensors[i] = {ptrs[i][0..Depth)} of numels[i] elements each.
 // elem_chunk_bytes sets the chunk size: every chunk is chunk_bytes() / elem_chunk_bytes elements.
-// per_launch(functor_copy, launch_index) may adjust the functor for each launch (e.g. where a
-// reduction writes its partial results).
+// per_launch(functor_copy, launch_index, first_tensor) may adjust the functor for each launch
+// (e.g. where a reduction writes its partial results); first_tensor is the index in `ptrs` of
+// the launch's first tensor, so first_tensor + t is distinct for every tensor of the call.
 template <int Depth, typename Functor, typename PerLaunch = NoPerLaunch>
 void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
                         const std::vector<int64_t>& numels, int64_t elem_chunk_bytes,
@@ -112,6 +113,7 @@ void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
   size_t i = 0;
   int launch = 0;
   while (i < ptrs.size()) {
+    const int64_t first_tensor = static_cast<int64_t>(i);
     int n = 0;
     meta.chunk_begin[0] = 0;
     for (; i < ptrs.size() && n < Meta::kMaxTensors; ++i) {
@@ -127,7 +129,7 @@ void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
     const int64_t chunks = meta.chunk_begin[n];
     const int grid = static_cast<int>(chunks < max_blocks ? chunks : max_blocks);
     Functor f = functor;
-    per_launch(f, launch++);
+    per_launch(f, launch++, first_tensor);
     multi_tensor_apply_kernel<Depth, Functor><<<grid, kBlockThreads, 0, stream>>>(meta, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

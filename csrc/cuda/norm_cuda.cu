@@ -120,7 +120,7 @@ void launch_norm_stage1(const std::vector<Span>& list, const NormFunctor<T, K>& 
     numels.push_back(s.numel);
   }
   multi_tensor_apply<1>(ptrs, numels, sizeof(T), f, device, stream,
-                        [&](NormFunctor<T, K>& g, int launch) {
+                        [&](NormFunctor<T, K>& g, int launch, int64_t) {
                           g.partials = partials + launch * slot_stride;
                         });
 }

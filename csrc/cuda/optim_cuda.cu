@@ -1,7 +1,7 @@
 // CUDA kernels of mixprec::adam_step_ and mixprec::sgd_step_. One multi-tensor pass per batch
 // of tensors reads each grad once, unscales and clips it in registers, updates fp32 master
 // weights and moments and writes the model weight (rounded to fp16/bf16 when there is a master
-// copy). found_inf, inv_scale, clip_coef, lr and the step counts are read on the device, so
+// copy; without one, rounded to nearest, stochastically, or with a Kahan compensation). found_inf, inv_scale, clip_coef, lr and the step counts are read on the device, so
 // nothing synchronises and the whole step can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -59,18 +59,66 @@ struct IncrementStepFunctor {
   __device__ void finish() {}
 };
 
+// The per-element weight storage of one tensor: param (+ master or compensation) and the random
+// words for stochastic rounding, with 4-element vector accesses when every pointer allows.
+template <typename T>
+struct WeightSlots {
+  T* param;
+  float* master;  // or null
+  T* comp;        // or null
+
+  __device__ bool aligned() const {
+    return aligned_for_pack(param) && aligned_for_pack(master) && aligned_for_pack(comp);
+  }
+  __device__ void load4(int64_t j, const WeightIO<T>& io, Pack<float, kVec>& p32,
+                        Pack<T, kVec>& p_low, Pack<T, kVec>& c) const {
+    if (master) {
+      p32 = load_pack(master, j);
+      return;
+    }
+    p_low = load_pack(param, j);
+    if (comp) c = load_pack(comp, j);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) p32.v[k] = io.load(p_low.v[k], nullptr, comp ? &c.v[k] : nullptr);
+  }
+  __device__ void store4(int64_t j, const WeightIO<T>& io, Pack<float, kVec>& p32,
+                         Pack<T, kVec>& p_low, Pack<T, kVec>& c, const uint32_t* random) const {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      io.store(p32.v[k], p_low.v[k], master ? &p32.v[k] : nullptr, comp ? &c.v[k] : nullptr, random[k]);
+    }
+    if (master) store_pack(master, j, p32);
+    if (comp) store_pack(comp, j, c);
+    store_pack(param, j, p_low);
+  }
+};
+
+// Random words for elements [4 * block, 4 * block + 4) (zeros unless rounding is stochastic).
+template <typename T>
+__device__ __forceinline__ void random_block(const WeightIO<T>& io, const RandomStream& rs,
+                                             int64_t block, uint32_t out[4]) {
+  if (!std::is_same_v<T, float> && io.rounding == Rounding::kStochastic) {
+    rs.block(block, out);
+  } else {
+    out[0] = out[1] = out[2] = out[3] = 0;
+  }
+}
+
 // Lists: 0 grad, 1 param, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq (or null), 5 master (or
-// null), 6 step.
+// null), 6 step, 7 compensation (or null).
 template <typename T>
 struct AdamFunctor {
-  static constexpr bool kMaster = !std::is_same_v<T, float>;
   AdamConfig config;
   DeviceScalars in;
+  WeightIO<T> io;
+  uint64_t seed;
+  int64_t first_tensor;  // set per launch: first_tensor + t names the tensor in the call
   bool skip;
   double lr;
   GradTransform transform;
   int scalars_of;  // the tensor `s` was computed for (bias corrections depend on its step)
   AdamStepScalars s;
+  RandomStream rs;
 
   __device__ void init() {
     skip = in.skip();
@@ -79,66 +127,69 @@ struct AdamFunctor {
     scalars_of = -1;
   }
 
-  __device__ void chunk(const TensorListMeta<7>& meta, int t, int64_t start, int64_t n) {
+  __device__ void chunk(const TensorListMeta<8>& meta, int t, int64_t start, int64_t n) {
     if (skip) return;
     if (t != scalars_of) {
-      s = adam_step_scalars(config, lr, *static_cast<const float*>(meta.ptrs[6][t]));
+      const float step = *static_cast<const float*>(meta.ptrs[6][t]);
+      s = adam_step_scalars(config, lr, step);
+      rs = RandomStream{seed, static_cast<uint32_t>(step), static_cast<uint32_t>(first_tensor + t)};
       scalars_of = t;
     }
     const T* grad = static_cast<const T*>(meta.ptrs[0][t]) + start;
-    T* param = static_cast<T*>(meta.ptrs[1][t]) + start;
     float* m = static_cast<float*>(meta.ptrs[2][t]) + start;
     float* v = static_cast<float*>(meta.ptrs[3][t]) + start;
     float* v_max = meta.ptrs[4][t] ? static_cast<float*>(meta.ptrs[4][t]) + start : nullptr;
-    float* master = kMaster ? static_cast<float*>(meta.ptrs[5][t]) + start : nullptr;
+    const WeightSlots<T> w{static_cast<T*>(meta.ptrs[1][t]) + start,
+                           meta.ptrs[5][t] ? static_cast<float*>(meta.ptrs[5][t]) + start : nullptr,
+                           meta.ptrs[7][t] ? static_cast<T*>(meta.ptrs[7][t]) + start : nullptr};
     int64_t first_scalar = 0;
-    if (aligned_for_pack(grad) && aligned_for_pack(param) && aligned_for_pack(m) &&
-        aligned_for_pack(v) && aligned_for_pack(v_max) && aligned_for_pack(master)) {
+    if (w.aligned() && aligned_for_pack(grad) && aligned_for_pack(m) && aligned_for_pack(v) &&
+        aligned_for_pack(v_max)) {
       const int64_t nvec = n / kVec;
       for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
         const Pack<T, kVec> g = load_pack(grad, j);
         Pack<float, kVec> mm = load_pack(m, j), vv = load_pack(v, j), vm, p32;
         if (v_max) vm = load_pack(v_max, j);
-        Pack<T, kVec> p_low;
-        if constexpr (kMaster) {
-          p32 = load_pack(master, j);
-        } else {
-          p_low = load_pack(param, j);
-#pragma unroll
-          for (int k = 0; k < kVec; ++k) p32.v[k] = static_cast<float>(p_low.v[k]);
-        }
+        Pack<T, kVec> p_low, c;
+        w.load4(j, io, p32, p_low, c);
+        uint32_t random[4];
+        random_block(io, rs, start / kVec + j, random);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
-          adam_element<CudaOrder>(s, transform(static_cast<float>(g.v[k])), p32.v[k], mm.v[k], vv.v[k],
-                       v_max ? &vm.v[k] : nullptr);
-          p_low.v[k] = static_cast<T>(p32.v[k]);
+          adam_element<CudaOrder>(s, transform(static_cast<float>(g.v[k])), p32.v[k], mm.v[k],
+                                  vv.v[k], v_max ? &vm.v[k] : nullptr);
         }
         store_pack(m, j, mm);
         store_pack(v, j, vv);
         if (v_max) store_pack(v_max, j, vm);
-        if constexpr (kMaster) store_pack(master, j, p32);
-        store_pack(param, j, p_low);
+        w.store4(j, io, p32, p_low, c, random);
       }
       first_scalar = nvec * kVec;
     }
     for (int64_t i = first_scalar + threadIdx.x; i < n; i += blockDim.x) {
-      float p = kMaster ? master[i] : static_cast<float>(param[i]);
+      float* master = w.master ? w.master + i : nullptr;
+      T* comp = w.comp ? w.comp + i : nullptr;
+      float p = io.load(w.param[i], master, comp);
       adam_element<CudaOrder>(s, transform(static_cast<float>(grad[i])), p, m[i], v[i],
-                   v_max ? v_max + i : nullptr);
-      if constexpr (kMaster) master[i] = p;
-      param[i] = static_cast<T>(p);
+                              v_max ? v_max + i : nullptr);
+      uint32_t random[4];
+      random_block(io, rs, (start + i) / kVec, random);
+      io.store(p, w.param[i], master, comp, random[(start + i) % kVec]);
     }
   }
 
   __device__ void finish() {}
 };
 
-// Lists: 0 grad, 1 param, 2 momentum buffer (or null), 3 master (or null), 4 step (or null).
+// Lists: 0 grad, 1 param, 2 momentum buffer (or null), 3 master (or null), 4 step (or null),
+// 5 compensation (or null).
 template <typename T>
 struct SgdFunctor {
-  static constexpr bool kMaster = !std::is_same_v<T, float>;
   SgdConfig config;
   DeviceScalars in;
+  WeightIO<T> io;
+  uint64_t seed;
+  int64_t first_tensor;
   bool skip;
   GradTransform transform;
   SgdStepScalars s;
@@ -149,46 +200,45 @@ struct SgdFunctor {
     s = sgd_step_scalars(config, in.learning_rate());
   }
 
-  __device__ void chunk(const TensorListMeta<5>& meta, int t, int64_t start, int64_t n) {
+  __device__ void chunk(const TensorListMeta<6>& meta, int t, int64_t start, int64_t n) {
     if (skip) return;
     const T* grad = static_cast<const T*>(meta.ptrs[0][t]) + start;
-    T* param = static_cast<T*>(meta.ptrs[1][t]) + start;
     float* buf = meta.ptrs[2][t] ? static_cast<float*>(meta.ptrs[2][t]) + start : nullptr;
-    float* master = kMaster ? static_cast<float*>(meta.ptrs[3][t]) + start : nullptr;
-    const bool first = meta.ptrs[4][t] && *static_cast<const float*>(meta.ptrs[4][t]) == 1.0f;
+    const float step = meta.ptrs[4][t] ? *static_cast<const float*>(meta.ptrs[4][t]) : 0.0f;
+    const bool first = step == 1.0f;
+    const RandomStream rs{seed, static_cast<uint32_t>(step), static_cast<uint32_t>(first_tensor + t)};
+    const WeightSlots<T> w{static_cast<T*>(meta.ptrs[1][t]) + start,
+                           meta.ptrs[3][t] ? static_cast<float*>(meta.ptrs[3][t]) + start : nullptr,
+                           meta.ptrs[5][t] ? static_cast<T*>(meta.ptrs[5][t]) + start : nullptr};
     int64_t first_scalar = 0;
-    if (aligned_for_pack(grad) && aligned_for_pack(param) && aligned_for_pack(buf) &&
-        aligned_for_pack(master)) {
+    if (w.aligned() && aligned_for_pack(grad) && aligned_for_pack(buf)) {
       const int64_t nvec = n / kVec;
       for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
         const Pack<T, kVec> g = load_pack(grad, j);
         Pack<float, kVec> b, p32;
         if (buf && !first) b = load_pack(buf, j);
-        Pack<T, kVec> p_low;
-        if constexpr (kMaster) {
-          p32 = load_pack(master, j);
-        } else {
-          p_low = load_pack(param, j);
-#pragma unroll
-          for (int k = 0; k < kVec; ++k) p32.v[k] = static_cast<float>(p_low.v[k]);
-        }
+        Pack<T, kVec> p_low, c;
+        w.load4(j, io, p32, p_low, c);
+        uint32_t random[4];
+        random_block(io, rs, start / kVec + j, random);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
           sgd_element(s, transform(static_cast<float>(g.v[k])), p32.v[k], buf ? &b.v[k] : nullptr,
                       first);
-          p_low.v[k] = static_cast<T>(p32.v[k]);
         }
         if (buf) store_pack(buf, j, b);
-        if constexpr (kMaster) store_pack(master, j, p32);
-        store_pack(param, j, p_low);
+        w.store4(j, io, p32, p_low, c, random);
       }
       first_scalar = nvec * kVec;
     }
     for (int64_t i = first_scalar + threadIdx.x; i < n; i += blockDim.x) {
-      float p = kMaster ? master[i] : static_cast<float>(param[i]);
+      float* master = w.master ? w.master + i : nullptr;
+      T* comp = w.comp ? w.comp + i : nullptr;
+      float p = io.load(w.param[i], master, comp);
       sgd_element(s, transform(static_cast<float>(grad[i])), p, buf ? buf + i : nullptr, first);
-      if constexpr (kMaster) master[i] = p;
-      param[i] = static_cast<T>(p);
+      uint32_t random[4];
+      random_block(io, rs, (start + i) / kVec, random);
+      io.store(p, w.param[i], master, comp, random[(start + i) % kVec]);
     }
   }
 
@@ -227,28 +277,31 @@ void check_on_cuda(const char* op, at::TensorList params) {
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                    at::TensorList master_params, at::TensorList steps, double lr,
-                    const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-                    double eps, double weight_decay, bool decoupled_weight_decay, bool maximize,
+                    at::TensorList master_params, at::TensorList compensations,
+                    at::TensorList steps, double lr, const c10::optional<at::Tensor>& lr_tensor,
+                    double beta1, double beta2, double eps, double weight_decay,
+                    bool decoupled_weight_decay, bool maximize,
                     const c10::optional<at::Tensor>& inv_scale,
                     const c10::optional<at::Tensor>& clip_coef,
-                    const c10::optional<at::Tensor>& found_inf) {
+                    const c10::optional<at::Tensor>& found_inf, int64_t rounding, int64_t seed) {
   const char* op = "mixprec.adam_step_";
   check_optim_args(op, params, grads,
                    {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true},
                     {"max_exp_avg_sqs", max_exp_avg_sqs, false}},
-                   master_params, steps, true, lr_tensor, inv_scale, clip_coef, found_inf);
+                   master_params, compensations, rounding, steps, true, lr_tensor, inv_scale,
+                   clip_coef, found_inf);
   if (params.empty()) return;
   check_on_cuda(op, params);
   c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = params[0].get_device();
   increment_steps(steps, scalar_ptr(found_inf), device, stream);
-  std::vector<std::array<void*, 7>> ptrs;
+  std::vector<std::array<void*, 8>> ptrs;
   for (size_t i = 0; i < params.size(); ++i) {
     ptrs.push_back({grads[i].data_ptr(), params[i].data_ptr(), exp_avgs[i].data_ptr(),
                     exp_avg_sqs[i].data_ptr(), ptr_or_null(max_exp_avg_sqs, i),
-                    ptr_or_null(master_params, i), steps[i].data_ptr()});
+                    ptr_or_null(master_params, i), steps[i].data_ptr(),
+                    ptr_or_null(compensations, i)});
   }
   const AdamConfig config{beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                           !max_exp_avg_sqs.empty()};
@@ -256,42 +309,48 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                          scalar_ptr(found_inf), maximize};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      AdamFunctor<scalar_t> f{config, in};
+      AdamFunctor<scalar_t> f{config, in, WeightIO<scalar_t>{static_cast<Rounding>(rounding)},
+                              static_cast<uint64_t>(seed)};
       // Chunks sized by the fp32 state, the bulk of the traffic.
-      multi_tensor_apply<7>(ptrs, numels_of(params), sizeof(float), f, device, stream);
+      multi_tensor_apply<8>(ptrs, numels_of(params), sizeof(float), f, device, stream,
+                            [](AdamFunctor<scalar_t>& g, int, int64_t first) { g.first_tensor = first; });
     }
   });
 }
 
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                   at::TensorList master_params, at::TensorList steps, double lr,
-                   const c10::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
-                   double weight_decay, bool nesterov, bool maximize,
-                   const c10::optional<at::Tensor>& inv_scale,
+                   at::TensorList master_params, at::TensorList compensations,
+                   at::TensorList steps, double lr, const c10::optional<at::Tensor>& lr_tensor,
+                   double momentum, double dampening, double weight_decay, bool nesterov,
+                   bool maximize, const c10::optional<at::Tensor>& inv_scale,
                    const c10::optional<at::Tensor>& clip_coef,
-                   const c10::optional<at::Tensor>& found_inf) {
+                   const c10::optional<at::Tensor>& found_inf, int64_t rounding, int64_t seed) {
   const char* op = "mixprec.sgd_step_";
-  const bool has_momentum = !momentum_buffers.empty();
   check_optim_args(op, params, grads, {{"momentum_buffers", momentum_buffers, false}},
-                   master_params, steps, has_momentum, lr_tensor, inv_scale, clip_coef, found_inf);
+                   master_params, compensations, rounding, steps,
+                   sgd_needs_steps(params, momentum_buffers, master_params, rounding), lr_tensor,
+                   inv_scale, clip_coef, found_inf);
   if (params.empty()) return;
   check_on_cuda(op, params);
   c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = params[0].get_device();
   increment_steps(steps, scalar_ptr(found_inf), device, stream);
-  std::vector<std::array<void*, 5>> ptrs;
+  std::vector<std::array<void*, 6>> ptrs;
   for (size_t i = 0; i < params.size(); ++i) {
     ptrs.push_back({grads[i].data_ptr(), params[i].data_ptr(), ptr_or_null(momentum_buffers, i),
-                    ptr_or_null(master_params, i), ptr_or_null(steps, i)});
+                    ptr_or_null(master_params, i), ptr_or_null(steps, i),
+                    ptr_or_null(compensations, i)});
   }
   const SgdConfig config{momentum, dampening, weight_decay, nesterov};
   const DeviceScalars in{scalar_ptr(lr_tensor), lr, scalar_ptr(inv_scale), scalar_ptr(clip_coef),
                          scalar_ptr(found_inf), maximize};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      SgdFunctor<scalar_t> f{config, in};
-      multi_tensor_apply<5>(ptrs, numels_of(params), sizeof(float), f, device, stream);
+      SgdFunctor<scalar_t> f{config, in, WeightIO<scalar_t>{static_cast<Rounding>(rounding)},
+                             static_cast<uint64_t>(seed)};
+      multi_tensor_apply<6>(ptrs, numels_of(params), sizeof(float), f, device, stream,
+                            [](SgdFunctor<scalar_t>& g, int, int64_t first) { g.first_tensor = first; });
     }
   });
 }

@@ -51,11 +51,13 @@ inline void check_same_layout(const at::Tensor& t, const at::Tensor& p, const ch
 }
 
 // Checks one fused-optimizer call. Params: one dtype (fp32, fp16 or bf16), one device, dense.
-// fp16/bf16 params need fp32 master_params; fp32 params have none.
+// fp16/bf16 params either have fp32 master_params, or are updated directly with `rounding`
+// (0 nearest, 1 stochastic, 2 kahan: then one compensation per param, in the params' dtype).
+// fp32 params take neither.
 inline void check_optim_args(const char* op, at::TensorList params, at::TensorList grads,
                              const std::vector<ParallelList>& states, at::TensorList masters,
-                             at::TensorList steps, bool steps_required,
-                             const c10::optional<at::Tensor>& lr_tensor,
+                             at::TensorList compensations, int64_t rounding, at::TensorList steps,
+                             bool steps_required, const c10::optional<at::Tensor>& lr_tensor,
                              const c10::optional<at::Tensor>& inv_scale,
                              const c10::optional<at::Tensor>& clip_coef,
                              const c10::optional<at::Tensor>& found_inf) {
@@ -68,6 +70,9 @@ inline void check_optim_args(const char* op, at::TensorList params, at::TensorLi
   }
   TORCH_CHECK(steps.size() == n || (!steps_required && steps.empty()), op, ": got ",
               std::to_string(n), " params but ", std::to_string(steps.size()), " steps");
+  TORCH_CHECK(rounding >= 0 && rounding <= 2, op,
+              ": rounding must be 0 (nearest), 1 (stochastic) or 2 (kahan), got ",
+              std::to_string(rounding));
   if (n == 0) return;
   const at::Tensor& p0 = params[0];
   const at::ScalarType dtype = p0.scalar_type();
@@ -75,10 +80,17 @@ inline void check_optim_args(const char* op, at::TensorList params, at::TensorLi
               ": params must be float32, float16 or bfloat16, got ", dtype,
               (p0.is_complex() ? " (complex params are not supported; use torch.optim)" : ""));
   const bool low_precision = dtype != at::kFloat;
-  TORCH_CHECK(masters.size() == (low_precision ? n : 0), op, ": ",
-              (low_precision ? "float16/bfloat16 params need one float32 master_params entry each"
+  const bool with_masters = !masters.empty();
+  TORCH_CHECK(!with_masters || (low_precision && masters.size() == n), op, ": ",
+              (low_precision ? "give one float32 master_params entry per param (or none)"
                              : "float32 params take no master_params"),
               "; got ", std::to_string(masters.size()), " for ", std::to_string(n), " params");
+  const bool kahan = low_precision && !with_masters && rounding == 2;
+  TORCH_CHECK(compensations.size() == (kahan ? n : 0), op, ": ",
+              (kahan ? "rounding=kahan needs one compensation tensor per param"
+                     : "compensations are only used by fp16/bf16 params with rounding=kahan and "
+                       "no master_params"),
+              "; got ", std::to_string(compensations.size()), " for ", std::to_string(n), " params");
   check_optional_scalar(lr_tensor, p0, op, "lr");
   check_optional_scalar(inv_scale, p0, op, "inv_scale");
   check_optional_scalar(clip_coef, p0, op, "clip_coef");
@@ -105,15 +117,30 @@ inline void check_optim_args(const char* op, at::TensorList params, at::TensorLi
                   " must be float32 (optimizer state is kept in fp32), got ",
                   s.tensors[i].scalar_type());
     }
-    if (low_precision) {
+    if (with_masters) {
       const std::string name = item_name("master_params", i);
       check_same_layout(masters[i], p, op, name, pname);
       TORCH_CHECK(masters[i].scalar_type() == at::kFloat, op, ": ", name,
                   " must be float32, got ", masters[i].scalar_type());
     }
+    if (kahan) {
+      const std::string name = item_name("compensations", i);
+      check_same_layout(compensations[i], p, op, name, pname);
+      TORCH_CHECK(compensations[i].scalar_type() == dtype, op, ": ", name, " must be ", dtype,
+                  " like the params, got ", compensations[i].scalar_type());
+    }
     if (!steps.empty()) check_scalar_tensor(steps[i], op, item_name("steps", i).c_str(), at::kFloat);
     if (!steps.empty()) check_same_device(steps[i], p, op, item_name("steps", i), pname.c_str());
   }
+}
+
+// SGD keeps step counts when momentum buffers need a first-step flag, or when stochastic
+// rounding (1) keys its random stream on the step.
+inline bool sgd_needs_steps(at::TensorList params, at::TensorList momentum_buffers,
+                            at::TensorList master_params, int64_t rounding) {
+  const bool direct_low_precision =
+      !params.empty() && params[0].scalar_type() != at::kFloat && master_params.empty();
+  return !momentum_buffers.empty() || (direct_low_precision && rounding == 1);
 }
 
 inline void check_grad_norm_args(at::TensorList grads, const at::Tensor& found_inf,

@@ -1,0 +1,85 @@
+"""Does bf16 training without fp32 master weights keep up? Trains the same small GPT on the same
+Markov-chain tokens under each mode and prints loss curves' end points:
+
+  bf16-mixed       fp32 weights, bf16 autocast, AdamW                      (the reference)
+  bf16-master      bf16 weights, fp32 master weights in the optimizer
+  bf16-stochastic  bf16 weights only, stochastic rounding of each update
+  bf16-kahan       bf16 weights + a bf16 compensation buffer
+  bf16-nearest     bf16 weights only, round to nearest (updates below half an ulp are lost)
+
+  python benchmarks/convergence_bf16.py --device cpu --size tiny     # what CI's test runs
+  python benchmarks/convergence_bf16.py --device cuda --size small   # the GPU-sized run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+import mixprec
+from mixprec.models import GPT, MarkovText
+
+MODES = ["bf16-mixed", "bf16-master", "bf16-stochastic", "bf16-kahan", "bf16-nearest"]
+# layers, d, heads, vocab, ctx, batch, steps, lr (cosine to lr/10: the late small updates are
+# where round-to-nearest loses them)
+SIZES = {"tiny": (2, 64, 4, 64, 32, 16, 300, 1e-3), "small": (6, 384, 6, 512, 128, 32, 1500, 1e-3)}
+
+
+def run(mode: str, device: str, size: str = "tiny", seed: int = 0, log_every: int = 50) -> dict:
+    layers, d, heads, vocab, ctx, batch, steps, lr = SIZES[size]
+    torch.manual_seed(seed)
+    model = GPT(vocab, ctx, layers, d, heads).to(device)
+    data = MarkovText(vocab, seed=seed)
+    eval_x, eval_y = data.batch(64, ctx, device)
+    if mode != "bf16-mixed":
+        model = model.bfloat16()
+    rounding = mode.removeprefix("bf16-")
+    options = {} if mode in ("bf16-mixed", "bf16-master") else {"master_weights": False, "rounding": rounding}
+    opt = mixprec.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, seed=seed, **options)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr / 10)
+
+    def loss_of(x, y):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mode == "bf16-mixed"):
+            logits = model(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    curve, start = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        x, y = data.batch(batch, ctx, device)
+        loss_of(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        if step % log_every == 0 or step == steps:
+            with torch.no_grad():
+                curve.append((step, float(loss_of(eval_x, eval_y))))
+    return {"mode": mode, "size": size, "device": device, "steps": steps, "final_loss": curve[-1][1],
+            "curve": curve, "entropy_floor": data.entropy(), "seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", default="tiny", choices=list(SIZES))
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    rows = [run(mode, args.device, args.size) for mode in args.modes.split(",")]
+    reference = next((r["final_loss"] for r in rows if r["mode"] == "bf16-mixed"), None)
+    for r in rows:
+        r["vs_mixed"] = r["final_loss"] / reference if reference else None
+        print(json.dumps(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    print(f"\n{'mode':>16}  {'final loss':>10}  {'vs mixed':>8}  {'seconds':>7}   (floor {rows[0]['entropy_floor']:.3f})")
+    for r in rows:
+        ratio = f"{r['vs_mixed']:.3f}" if r["vs_mixed"] else "-"
+        print(f"{r['mode']:>16}  {r['final_loss']:10.4f}  {ratio:>8}  {r['seconds']:7.1f}")
+
+
+if __name__ == "__main__":
+    main()

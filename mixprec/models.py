@@ -1,0 +1,80 @@
+"""Small built-in models and synthetic data for demos, benchmarks and convergence tests: a GPT
+(decoder-only transformer) and the token stream of a fixed random Markov chain, whose entropy is
+the best loss any model can reach, so "how close to the floor" is measurable."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.fc_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.attn(self.ln_1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc_proj(F.gelu(self.fc(self.ln_2(x))))
+
+
+class GPT(nn.Module):
+    """GPT-2's architecture at any size: GPT(50257, 1024, 12, 768, 12) is GPT-2 124M."""
+
+    def __init__(self, vocab: int, ctx: int, layers: int, d: int, heads: int) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        for name, p in self.named_parameters():  # GPT-2's initialisation
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * layers) if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(p, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+class MarkovText:
+    """Token sequences from a fixed random Markov chain over `vocab` tokens, each token having
+    `branching` likely successors. entropy() is the lowest achievable cross-entropy (nats)."""
+
+    def __init__(self, vocab: int, branching: int = 4, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.full((vocab, vocab), -8.0)
+        for row in range(vocab):
+            logits[row, torch.randperm(vocab, generator=gen)[:branching]] = torch.randn(branching, generator=gen)
+        self.probs = logits.softmax(dim=1)
+        self.vocab = vocab
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    def entropy(self) -> float:
+        stationary = torch.full((self.vocab,), 1.0 / self.vocab)
+        for _ in range(200):
+            stationary = stationary @ self.probs
+        per_row = -(self.probs * self.probs.clamp_min(1e-30).log()).sum(dim=1)
+        return float((stationary * per_row).sum())
+
+    def batch(self, batch: int, length: int, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+        """(inputs, targets): targets are inputs shifted by one token."""
+        tokens = torch.empty(batch, length + 1, dtype=torch.long)
+        tokens[:, 0] = torch.randint(self.vocab, (batch,), generator=self.gen)
+        for i in range(length):
+            tokens[:, i + 1] = torch.multinomial(self.probs[tokens[:, i]], 1, generator=self.gen).squeeze(1)
+        tokens = tokens.to(device)
+        return tokens[:, :-1], tokens[:, 1:]
