@@ -25,15 +25,15 @@ from mixprec.models import GPT, MarkovText
 MODES = ["bf16-mixed", "bf16-master", "bf16-stochastic", "bf16-kahan", "bf16-nearest"]
 # layers, d, heads, vocab, ctx, batch, steps, lr (cosine to lr/10: the late small updates are
 # where round-to-nearest loses them)
-SIZES = {"tiny": (2, 64, 4, 64, 32, 16, 300, 1e-3), "small": (6, 384, 6, 512, 128, 32, 1500, 1e-3)}
+SIZES = {"tiny": (2, 64, 4, 64, 32, 16, 300, 1e-3), "small": (6, 384, 6, 512, 128, 32, 1000, 1e-3)}
 
 
 def run(mode: str, device: str, size: str = "tiny", seed: int = 0, log_every: int = 50) -> dict:
     layers, d, heads, vocab, ctx, batch, steps, lr = SIZES[size]
     torch.manual_seed(seed)
     model = GPT(vocab, ctx, layers, d, heads).to(device)
-    data = MarkovText(vocab, seed=seed)
-    eval_x, eval_y = data.batch(64, ctx, device)
+    data = MarkovText(vocab, seed=seed, device=device)
+    eval_x, eval_y = data.batch(64, ctx)
     if mode != "bf16-mixed":
         model = model.bfloat16()
     rounding = mode.removeprefix("bf16-")
@@ -48,7 +48,7 @@ def run(mode: str, device: str, size: str = "tiny", seed: int = 0, log_every: in
 
     curve, start = [], time.perf_counter()
     for step in range(1, steps + 1):
-        x, y = data.batch(batch, ctx, device)
+        x, y = data.batch(batch, ctx)
         loss_of(x, y).backward()
         opt.step()
         opt.zero_grad()
@@ -67,7 +67,10 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    rows = [run(mode, args.device, args.size) for mode in args.modes.split(",")]
+    rows = []
+    for mode in args.modes.split(","):
+        rows.append(run(mode, args.device, args.size))
+        print(f"# {mode}: final loss {rows[-1]['final_loss']:.4f} in {rows[-1]['seconds']:.1f} s", flush=True)
     reference = next((r["final_loss"] for r in rows if r["mode"] == "bf16-mixed"), None)
     for r in rows:
         r["vs_mixed"] = r["final_loss"] / reference if reference else None

@@ -54,27 +54,28 @@ class MarkovText:
     """Token sequences from a fixed random Markov chain over `vocab` tokens, each token having
     `branching` likely successors. entropy() is the lowest achievable cross-entropy (nats)."""
 
-    def __init__(self, vocab: int, branching: int = 4, seed: int = 0) -> None:
+    def __init__(self, vocab: int, branching: int = 4, seed: int = 0, device: str | torch.device = "cpu") -> None:
         gen = torch.Generator().manual_seed(seed)
         logits = torch.full((vocab, vocab), -8.0)
         for row in range(vocab):
             logits[row, torch.randperm(vocab, generator=gen)[:branching]] = torch.randn(branching, generator=gen)
-        self.probs = logits.softmax(dim=1)
+        self.probs = logits.softmax(dim=1).to(device)  # sampled where the model trains: no copies
         self.vocab = vocab
-        self.gen = torch.Generator().manual_seed(seed + 1)
+        self.device = torch.device(device)
+        self.gen = torch.Generator(device=self.device).manual_seed(seed + 1)
 
     def entropy(self) -> float:
-        stationary = torch.full((self.vocab,), 1.0 / self.vocab)
+        probs = self.probs.double().cpu()
+        stationary = torch.full((self.vocab,), 1.0 / self.vocab, dtype=torch.float64)
         for _ in range(200):
-            stationary = stationary @ self.probs
-        per_row = -(self.probs * self.probs.clamp_min(1e-30).log()).sum(dim=1)
+            stationary = stationary @ probs
+        per_row = -(probs * probs.clamp_min(1e-30).log()).sum(dim=1)
         return float((stationary * per_row).sum())
 
-    def batch(self, batch: int, length: int, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
-        """(inputs, targets): targets are inputs shifted by one token."""
-        tokens = torch.empty(batch, length + 1, dtype=torch.long)
-        tokens[:, 0] = torch.randint(self.vocab, (batch,), generator=self.gen)
+    def batch(self, batch: int, length: int) -> tuple[Tensor, Tensor]:
+        """(inputs, targets) on the chain's device: targets are inputs shifted by one token."""
+        tokens = torch.empty(batch, length + 1, dtype=torch.long, device=self.device)
+        tokens[:, 0] = torch.randint(self.vocab, (batch,), generator=self.gen, device=self.device)
         for i in range(length):
             tokens[:, i + 1] = torch.multinomial(self.probs[tokens[:, i]], 1, generator=self.gen).squeeze(1)
-        tokens = tokens.to(device)
         return tokens[:, :-1], tokens[:, 1:]

@@ -70,26 +70,50 @@ struct WeightSlots {
   __device__ bool aligned() const {
     return aligned_for_pack(param) && aligned_for_pack(master) && aligned_for_pack(comp);
   }
-  __device__ void load4(int64_t j, const WeightIO<T>& io, Pack<float, kVec>& p32,
-                        Pack<T, kVec>& p_low, Pack<T, kVec>& c) const {
+  // Whole-pack loads and stores, written out per storage scheme (no pointers into the packs, so
+  // they stay in registers).
+  __device__ void load4(int64_t j, Pack<float, kVec>& p32, Pack<T, kVec>& p_low, Pack<T, kVec>& c) const {
     if (master) {
       p32 = load_pack(master, j);
       return;
     }
     p_low = load_pack(param, j);
-    if (comp) c = load_pack(comp, j);
+    if (comp) {
+      c = load_pack(comp, j);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) p32.v[k] = io.load(p_low.v[k], nullptr, comp ? &c.v[k] : nullptr);
-  }
-  __device__ void store4(int64_t j, const WeightIO<T>& io, Pack<float, kVec>& p32,
-                         Pack<T, kVec>& p_low, Pack<T, kVec>& c, const uint32_t* random) const {
+      for (int k = 0; k < kVec; ++k) p32.v[k] = static_cast<float>(p_low.v[k]) + static_cast<float>(c.v[k]);
+    } else {
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      io.store(p32.v[k], p_low.v[k], master ? &p32.v[k] : nullptr, comp ? &c.v[k] : nullptr, random[k]);
+      for (int k = 0; k < kVec; ++k) p32.v[k] = static_cast<float>(p_low.v[k]);
     }
-    if (master) store_pack(master, j, p32);
-    if (comp) store_pack(comp, j, c);
-    store_pack(param, j, p_low);
+  }
+  __device__ void store4(int64_t j, const WeightIO<T>& io, const Pack<float, kVec>& p32,
+                         const uint32_t* random) const {
+    Pack<T, kVec> out;
+    if constexpr (std::is_same_v<T, float>) {
+      out = p32;
+    } else {
+      if (master) {
+        store_pack(master, j, p32);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) out.v[k] = static_cast<T>(p32.v[k]);
+      } else if (comp) {
+        Pack<T, kVec> c;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          out.v[k] = static_cast<T>(p32.v[k]);
+          c.v[k] = static_cast<T>(p32.v[k] - static_cast<float>(out.v[k]));
+        }
+        store_pack(comp, j, c);
+      } else if (io.rounding == Rounding::kStochastic) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) out.v[k] = round_stochastic<T>(p32.v[k], random[k]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) out.v[k] = static_cast<T>(p32.v[k]);
+      }
+    }
+    store_pack(param, j, out);
   }
 };
 
@@ -151,7 +175,7 @@ struct AdamFunctor {
         Pack<float, kVec> mm = load_pack(m, j), vv = load_pack(v, j), vm, p32;
         if (v_max) vm = load_pack(v_max, j);
         Pack<T, kVec> p_low, c;
-        w.load4(j, io, p32, p_low, c);
+        w.load4(j, p32, p_low, c);
         uint32_t random[4];
         random_block(io, rs, start / kVec + j, random);
 #pragma unroll
@@ -162,7 +186,7 @@ struct AdamFunctor {
         store_pack(m, j, mm);
         store_pack(v, j, vv);
         if (v_max) store_pack(v_max, j, vm);
-        w.store4(j, io, p32, p_low, c, random);
+        w.store4(j, io, p32, random);
       }
       first_scalar = nvec * kVec;
     }
@@ -218,7 +242,7 @@ struct SgdFunctor {
         Pack<float, kVec> b, p32;
         if (buf && !first) b = load_pack(buf, j);
         Pack<T, kVec> p_low, c;
-        w.load4(j, io, p32, p_low, c);
+        w.load4(j, p32, p_low, c);
         uint32_t random[4];
         random_block(io, rs, start / kVec + j, random);
 #pragma unroll
@@ -227,7 +251,7 @@ struct SgdFunctor {
                       first);
         }
         if (buf) store_pack(buf, j, b);
-        w.store4(j, io, p32, p_low, c, random);
+        w.store4(j, io, p32, random);
       }
       first_scalar = nvec * kVec;
     }
