@@ -25,7 +25,7 @@ from mixprec.models import GPT, MarkovText
 MODES = ["bf16-mixed", "bf16-master", "bf16-stochastic", "bf16-kahan", "bf16-nearest"]
 # layers, d, heads, vocab, ctx, batch, steps, lr (cosine to lr/10: the late small updates are
 # where round-to-nearest loses them)
-SIZES = {"tiny": (2, 64, 4, 64, 32, 16, 300, 1e-3), "small": (6, 384, 6, 512, 128, 32, 1000, 1e-3)}
+SIZES = {"tiny": (2, 64, 4, 64, 32, 16, 300, 1e-3), "small": (6, 384, 6, 512, 128, 32, 1000, 3e-4)}
 
 
 def run(mode: str, device: str, size: str = "tiny", seed: int = 0, log_every: int = 50) -> dict:

@@ -17,7 +17,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         for inv in (0.5, 1.0):
             found = torch.zeros((), device=dev)
             ops.non_finite_check_and_unscale_(grads, found, torch.full((), inv, device=dev))
-many = [torch.randn(k % 37 + 1, device=dev).half() for k in range(700)]  # several launches
+many = [torch.randn(k % 37 + 1, device=dev).half() for k in range(3000)]  # several launches
 ops.non_finite_check_and_unscale_(many, torch.zeros((), device=dev), torch.full((), 0.5, device=dev))
 state = [torch.full((), 4.0, device=dev), torch.zeros((), dtype=torch.int32, device=dev),
          torch.ones((), dtype=torch.int32, device=dev), torch.zeros(2, dtype=torch.int64, device=dev)]
@@ -39,7 +39,7 @@ for norm_type in (2.0, 1.0, math.inf, 3.0):
 # Fused optimizers: fp32 and master-weight params, aligned and misaligned (offset views), sizes
 # around vector and chunk edges, amsgrad, momentum, and enough tensors for several launches.
 def tensors(dtype, offset):
-    sizes = [1, 3, 4, 5, 4095, 4097, 8193, 100_003] + [k % 29 + 1 for k in range(130)]
+    sizes = [1, 3, 4, 5, 4095, 4097, 8193, 100_003] + [k % 29 + 1 for k in range(900)]
     return [torch.randn(n + offset, device=dev).to(dtype)[offset:] for n in sizes]
 
 for dtype in (torch.float32, torch.float16, torch.bfloat16):

@@ -662,3 +662,18 @@ def test_whole_step_captured_in_a_cuda_graph_equals_eager(dtype, options):
         assert o_eager.state[pe]["step"].item() == o_graph.state[pg]["step"].item() == 7
         torch.testing.assert_close(pg, pe, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(o_graph.state[pg]["exp_avg"], o_eager.state[pe]["exp_avg"], rtol=1e-6, atol=1e-9)
+
+
+def test_more_tensors_than_one_launch_holds(device):
+    """Over a thousand params (several kernel launches on CUDA): every one is updated like torch's."""
+    gen, ours, ref = make_twins([(k % 7 + 1,) for k in range(1200)], torch.float32, device, 0)
+    o_opt, r_opt = optim.AdamW(ours, lr=0.1), torch.optim.AdamW(ref, lr=0.1, foreach=True)
+    set_grads(gen, ours, ref)
+    o_opt.step()
+    r_opt.step()
+    for po, pr in zip(ours, ref):
+        torch.testing.assert_close(po, pr, rtol=1e-6, atol=1e-7)
+    grads = [p.grad for p in ours] * 3
+    norm = ops.grad_norm(grads, torch.zeros((), device=device), torch.ones((), device=device), 2.0)
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]).double())
+    torch.testing.assert_close(norm.double(), expected, rtol=1e-5, atol=0)
