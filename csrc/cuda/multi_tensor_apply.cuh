@@ -31,7 +31,8 @@ inline int64_t chunk_bytes() {
 
 // Bytes of kernel parameters the tensor table may use: the classic 4 KiB limit, portable to
 // every toolkit. (CUDA 12.1+ allows 32 KiB, i.e. a whole model in one launch; measured on an
-// H100 it gained ~1 % on the GPT-2 124M Adam step and cost ~3 % on unscale, so we stay at 4 KiB.)
+// H100 (one run each) it gained ~1 % on the GPT-2 124M Adam step and cost ~3 % on unscale, so
+// we stay at 4 KiB.)
 constexpr int kTableBytes = 3800;
 
 template <int Depth>
