@@ -166,8 +166,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for p in batch.params:
                     self._init_state(p, group)
                 lr = group["lr"]
-                if isinstance(lr, Tensor):
-                    lr = on(device, "lr", lr)
+                if isinstance(lr, Tensor):  # per group: not shared through `on`'s cache
+                    lr = lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
                 self._update(
                     group, batch, lr=lr,
                     inv_scale=on(device, "inv_scale", inv_scale),

@@ -373,6 +373,20 @@ def test_tensor_lr_equals_float_lr_and_schedulers_work(device):
     assert opt_a.param_groups[0]["lr"] == 2.0**-9
 
 
+def test_tensor_lrs_of_different_groups_stay_apart(device):
+    a, b = mlp(device), mlp(device)
+    groups = lambda m, lrs: [{"params": m[0].parameters(), "lr": lrs[0]},  # noqa: E731
+                             {"params": m[2].parameters(), "lr": lrs[1]}]
+    ours = optim.SGD(groups(a, [torch.tensor(0.5, device=device), torch.tensor(0.25, device=device)]))
+    ref = torch.optim.SGD(groups(b, [0.5, 0.25]), foreach=True)
+    x = torch.randn(8, 16, device=device)
+    for model, opt in [(a, ours), (b, ref)]:
+        model(x).square().mean().backward()
+        opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
 def test_state_dict_round_trips_with_torch(device):
     """A torch.optim.AdamW checkpoint loads into ours (and ours into torch) and training
     continues as if it had never stopped."""
