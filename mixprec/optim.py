@@ -292,6 +292,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                     state[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
             self._complete_loaded_state(p, group_of[id(p)], state)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Groups loaded from torch.optim checkpoints lack our options (master_weights, rounding,
+        # seed, ...): give them this optimizer's defaults, as torch's optimizers do for theirs.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
     def _complete_loaded_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         self._init_weight_state(p, group, state)
 

@@ -429,6 +429,21 @@ def test_sgd_loads_torch_momentum_checkpoint(device):
         opt.step()
     for po, pt in zip(our_model.parameters(), torch_model.parameters()):
         torch.testing.assert_close(po, pt, rtol=1e-6, atol=1e-7)
+    assert o_opt.param_groups[0]["master_weights"] is True  # our options get their defaults
+
+
+def test_torch_checkpoint_with_params_never_stepped(device):
+    """A torch checkpoint where some params have no state yet (no grad so far) loads, and those
+    params start their state on their first step."""
+    torch_model, our_model = mlp(device), mlp(device)
+    t_opt = torch.optim.SGD(torch_model.parameters(), lr=0.1, momentum=0.9, foreach=True)
+    torch_model[2](torch.randn(8, 32, device=device)).sum().backward()  # only the last layer
+    t_opt.step()
+    o_opt = optim.SGD(our_model.parameters(), lr=0.1, momentum=0.9)
+    o_opt.load_state_dict(t_opt.state_dict())
+    our_model(torch.randn(8, 16, device=device)).sum().backward()
+    o_opt.step()
+    assert all(o_opt.state[p]["step"].item() >= 1 for p in our_model.parameters())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
