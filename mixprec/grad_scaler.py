@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mixprec.distributed import agree_found_inf, local, shard_group
 from mixprec.loss_scaler import DynamicLossScaler
 
 
@@ -57,7 +58,9 @@ class GradScaler:
 
     Extra keyword-only options (torch's behaviour with their defaults): ``hysteresis`` (back off
     only after that many consecutive overflows), ``min_scale`` (an overflow at this scale raises
-    MinScaleOverflowError, a step or two later on CUDA, without synchronising) and ``max_scale``.
+    MinScaleOverflowError, a step or two later on CUDA, without synchronising), ``max_scale`` and
+    ``process_group`` (for sharded grads: the group every rank agrees found_inf and the clip norm
+    over; by default the device mesh of FSDP2's DTensor grads, so FSDP2 needs no argument).
     """
 
     def __init__(
@@ -72,8 +75,12 @@ class GradScaler:
         hysteresis: int = 1,
         min_scale: float | None = None,
         max_scale: float | None = None,
+        process_group: Any = None,
     ) -> None:
         self._device = device
+        # Sharded grads: found_inf and the clip norm are agreed over this group (default: the
+        # mesh of FSDP2's DTensor grads; replicated grads need nothing), like ShardedGradScaler.
+        self._process_group = process_group
         self._enabled = enabled
         if self._device == "cuda" and enabled and not torch.cuda.is_available():
             warnings.warn(
@@ -139,6 +146,7 @@ class GradScaler:
     def _unscale_grads_(self, optimizer, inv_scale: Tensor, allow_fp16: bool) -> dict[torch.device, Tensor]:
         """Unscale every grad of `optimizer` in place; one found_inf tensor per device."""
         grads: list[Tensor] = []
+        originals: list[Tensor] = []
         with torch.no_grad():
             for group in optimizer.param_groups:
                 for param in group["params"]:
@@ -155,8 +163,12 @@ class GradScaler:
                             param.grad = param.grad.coalesce()
                         grads.append(param.grad._values())
                     else:
-                        grads.append(param.grad)
-            return self._scaler.unscale_(grads, inv_scale)
+                        originals.append(param.grad)
+                        grads.append(local(param.grad))  # FSDP2: this rank's shard
+            found = self._scaler.unscale_(grads, inv_scale)
+            # Shards: an overflow in one rank's shard must skip the step on every rank.
+            agree_found_inf(found, shard_group(originals, self._process_group))
+            return found
 
     def unscale_(self, optimizer) -> None:
         """Divide `optimizer`'s grads by the scale (in place), once per iteration, e.g. before
@@ -182,7 +194,7 @@ class GradScaler:
         fused = hasattr(optimizer, "_clip")
         if not self._enabled:
             if fused:
-                return optimizer.clip_grad_norm_(max_norm, norm_type)
+                return optimizer.clip_grad_norm_(max_norm, norm_type, process_group=self._process_group)
             return torch.nn.utils.clip_grad_norm_(_params_with_grad(optimizer), max_norm, norm_type)
         self._check_scale_growth_tracker("clip_grad_norm_")
         optimizer_state = self._per_optimizer_states[id(optimizer)]
@@ -195,8 +207,9 @@ class GradScaler:
                 self.unscale_(optimizer)
             return torch.nn.utils.clip_grad_norm_(_params_with_grad(optimizer), max_norm, norm_type)
         if optimizer_state["stage"] is OptState.UNSCALED:  # unscale_ already ran and checked
-            return optimizer.clip_grad_norm_(max_norm, norm_type)
-        norm, found = optimizer._clip(max_norm, norm_type, inv_scale=self._scaler.inv_scale())
+            return optimizer.clip_grad_norm_(max_norm, norm_type, process_group=self._process_group)
+        norm, found = optimizer._clip(max_norm, norm_type, inv_scale=self._scaler.inv_scale(),
+                                      process_group=self._process_group)
         optimizer_state["found_inf_per_device"] = found
         optimizer_state["stage"] = OptState.UNSCALED
         optimizer_state["deferred_unscale"] = True
@@ -359,6 +372,7 @@ class GradScaler:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
+        state["_process_group"] = None  # process groups are per process: not picklable
         if self._enabled and len(self._per_optimizer_states) != 0:
             raise AssertionError(
                 "A GradScaler instance may only be pickled at the beginning "

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from mixprec import ops
+from mixprec.distributed import agree_norm, local, shard_group
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _SUPPORTED = (torch.float32,) + _LOW_PRECISION
@@ -65,10 +66,13 @@ def _ignored_torch_flags(differentiable: bool) -> None:
 
 
 class _Batch:
-    """The params of one param group that share a device and dtype: one kernel call."""
+    """The params of one param group that share a device and dtype: one kernel call. `params`
+    key the optimizer state; `tensors` and `grads` are what the kernel updates and reads (the
+    local shards of DTensors, e.g. under FSDP2)."""
 
     def __init__(self) -> None:
         self.params: list[Tensor] = []
+        self.tensors: list[Tensor] = []
         self.grads: list[Tensor] = []
 
 
@@ -117,12 +121,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             self._check_one_device(group, index)
             batches: dict[tuple[torch.device, torch.dtype], _Batch] = defaultdict(_Batch)
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
+            for param in group["params"]:
+                if param.grad is None:
                     continue
-                if g.is_sparse or g.layout != torch.strided:
+                if param.grad.is_sparse or param.grad.layout != torch.strided:
                     raise RuntimeError(f"{name} does not support sparse gradients")
+                p, g = local(param), local(param.grad)
                 if g.dtype != p.dtype or g.shape != p.shape:
                     raise RuntimeError(
                         f"{name}: a grad of dtype {g.dtype} and shape {tuple(g.shape)} belongs to a "
@@ -133,7 +137,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if g.stride() != p.stride():
                     g = torch.empty_like(p).copy_(g)  # the kernel walks param and grad in step
                 batch = batches[(p.device, p.dtype)]
-                batch.params.append(p)
+                batch.params.append(param)
+                batch.tensors.append(p)
                 batch.grads.append(g)
             work.append((group, list(batches.values())))
         return work
@@ -162,7 +167,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         for group, batches in work:
             for batch in batches:
-                device = batch.params[0].device
+                device = batch.tensors[0].device
                 for p in batch.params:
                     self._init_state(p, group)
                 lr = group["lr"]
@@ -205,7 +210,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _masters(self, batch: _Batch, group: dict[str, Any]) -> list[Tensor]:
         if batch.params[0].dtype not in _LOW_PRECISION or not group.get("master_weights", True):
             return []
-        return [self.state[p]["master_param"] for p in batch.params]
+        return [local(self.state[p]["master_param"]) for p in batch.params]
+
+    def _states(self, batch: _Batch, key: str) -> list[Tensor]:
+        """One state tensor per param of the batch, as the kernel sees it (local shards)."""
+        return [local(self.state[p][key]) for p in batch.params]
 
     def _weight_kwargs(self, batch: _Batch, group: dict[str, Any]) -> dict[str, Any]:
         """The op arguments that say how the weights are stored and rounded."""
@@ -213,7 +222,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         rounding = group.get("rounding", "nearest") if direct else "nearest"
         return {
             "master_params": self._masters(batch, group),
-            "compensations": [self.state[p]["compensation"] for p in batch.params] if rounding == "kahan" else [],
+            "compensations": self._states(batch, "compensation") if rounding == "kahan" else [],
             "rounding": rounding,
             "seed": group.get("seed", 0),
         }
@@ -223,27 +232,33 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- clipping ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, process_group: Any = None) -> Tensor:
         """Like torch.nn.utils.clip_grad_norm_ over this optimizer's params: returns the total
         norm (a device tensor). The grads are not rewritten: the next step() applies the clip
-        coefficient inside its kernel."""
-        return self._clip(max_norm, norm_type, inv_scale=None)[0]
+        coefficient inside its kernel. Sharded grads (FSDP2 DTensors, or `process_group` given)
+        are clipped by the global norm, agreed with one all-reduce."""
+        return self._clip(max_norm, norm_type, inv_scale=None, process_group=process_group)[0]
 
-    def _clip(self, max_norm: float, norm_type: float, inv_scale: Tensor | None
-              ) -> tuple[Tensor, dict[torch.device, Tensor]]:
+    def _clip(self, max_norm: float, norm_type: float, inv_scale: Tensor | None,
+              process_group: Any = None) -> tuple[Tensor, dict[torch.device, Tensor]]:
         """The norm of grads * inv_scale and the found_inf per device of the same read."""
         norm_type = float(norm_type)
         if not (norm_type > 0):
             raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
         per_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        all_grads = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     if p.grad.is_sparse:
                         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                    per_device[p.grad.device].append(p.grad)
+                    all_grads.append(p.grad)
+                    per_device[local(p.grad).device].append(local(p.grad))
         if not per_device:
             return torch.tensor(0.0), {}
+        sharded_over = shard_group(all_grads, process_group)
+        if sharded_over is not None and len(per_device) > 1:
+            raise ValueError("sharded gradients must be on one device per rank")
         norms, found = [], {}
         for device, grads in per_device.items():
             found[device] = torch.zeros((), dtype=torch.float32, device=device)
@@ -251,6 +266,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                    else inv_scale.to(device, non_blocking=True))
             norms.append(ops.grad_norm(grads, found[device], inv, norm_type))
         first = next(iter(per_device))
+        if sharded_over is not None:  # every rank holds a shard: agree on the global norm
+            norms[0], found[first] = agree_norm(norms[0], found[first], norm_type, sharded_over)
         total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
             torch.stack([n.to(first, non_blocking=True) for n in norms]), norm_type)
         # torch's formula and clamp, on the device.
@@ -360,9 +377,8 @@ class Adam(FusedOptimizer):
         states = [self.state[p] for p in batch.params]
         beta1, beta2 = group["betas"]
         ops.adam_step_(
-            batch.params, batch.grads,
-            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+            batch.tensors, batch.grads, self._states(batch, "exp_avg"), self._states(batch, "exp_avg_sq"),
+            self._states(batch, "max_exp_avg_sq") if group["amsgrad"] else [],
             steps=[s["step"] for s in states], **self._weight_kwargs(batch, group),
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled_weight_decay=group.get("decoupled_weight_decay", False),
@@ -456,8 +472,7 @@ class SGD(FusedOptimizer):
         states = [self.state[p] for p in batch.params]
         has_momentum = group["momentum"] != 0
         ops.sgd_step_(
-            batch.params, batch.grads,
-            [s["momentum_buffer"] for s in states] if has_momentum else [],
+            batch.tensors, batch.grads, self._states(batch, "momentum_buffer") if has_momentum else [],
             steps=[s["step"] for s in states] if "step" in states[0] else [],
             **self._weight_kwargs(batch, group),
             lr=lr, momentum=group["momentum"], dampening=group["dampening"],
