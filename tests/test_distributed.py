@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mixprec
+import mixprec.distributed
 
 STEPS, OVERFLOW_STEP, WORLD = 6, 2, 2
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
@@ -76,6 +77,14 @@ def worker(rank, port, mode, backend, out):
             return x
 
         norms = train(wrapped, opt, scaler, batches, rank, WORLD, inject)
+        # The optimizer's checkpoint (DTensor state under FSDP2) loads into a fresh optimizer.
+        reloaded = mixprec.optim.AdamW(wrapped.parameters(), lr=1e-2, weight_decay=0.1)
+        reloaded.load_state_dict(opt.state_dict())
+        for p in wrapped.parameters():
+            for key, value in opt.state[p].items():
+                assert type(reloaded.state[p][key]) is type(value), key
+                assert torch.equal(mixprec.distributed.local(reloaded.state[p][key]),
+                                   mixprec.distributed.local(value)), key
         params = [(p.full_tensor() if hasattr(p, "full_tensor") else p.detach()).cpu() for p in wrapped.parameters()]
         state = scaler.state_dict()
         shared = [state]
