@@ -11,7 +11,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--device", choices=["cpu", "cuda"], default=None,
                       help="default: cuda if available, else cpu")
+    commands.add_parser("doctor", help="what this machine supports and which precision to use")
     args = parser.parse_args(argv)
+    if args.command == "doctor":
+        from mixprec.doctor import main as doctor
+
+        doctor()
     if args.command == "demo":
         from mixprec.demo import run_demo
 
