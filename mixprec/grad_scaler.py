@@ -232,6 +232,11 @@ class GradScaler:
         self._check_scale_growth_tracker("step")
         optimizer_state = self._per_optimizer_states[id(optimizer)]
         if optimizer_state["stage"] is OptState.STEPPED:
+            # torch's exception (a drop-in raises the same), preceded by a warning naming the fix.
+            self._warn_mistake("step-twice", (
+                "GradScaler.step(optimizer) was called twice without update() in between: call "
+                "scaler.update() once after each iteration's scaler.step() calls "
+                "(mixprec.Precision.step(optimizer) does both)"))
             raise RuntimeError("step() has already been called since the last update().")
 
         if getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -312,6 +317,13 @@ class GradScaler:
                 found_inf_combined += other
             self._scaler.update(found_inf_combined)
         self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+
+    def _warn_mistake(self, key: str, message: str) -> None:
+        """One warning per scaler and mistake, naming the fix (stacklevel: the caller of step())."""
+        warned = self.__dict__.setdefault("_warned", set())
+        if key not in warned:
+            warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=3)
 
     def _get_scale_async(self) -> Tensor | None:
         return self._scale

@@ -1,0 +1,488 @@
+"""mixprec.Precision: one object that puts a training loop in a precision mode.
+
+    prec = mixprec.Precision("bf16-mixed")        # or Precision() to read $MIXPREC_PRECISION
+    model, opt = prec.setup(model, opt)           # forward runs under the mode; state_dict unchanged
+    prec.backward(loss); prec.clip_grad_norm_(opt, 1.0); prec.step(opt)
+
+Modes (Lightning Fabric's strings): "32-true" (nothing changes), "64-true" (float64 model and
+inputs), "16-mixed" (fp16 autocast + mixprec.GradScaler), "bf16-mixed" (bf16 autocast, no scaler),
+"16-true" / "bf16-true" (fp16/bf16 weights, updated by a mixprec.optim optimizer that keeps fp32
+master weights unless master_weights=False). The mode is validated once, in parse_precision.
+
+Mistakes it detects, each with one warning per Precision that names the fix: loss.backward()
+instead of prec.backward(loss) under 16-mixed (the step then uses the unscaled grads as they
+are), grads rewritten in place between prec.backward() and unscaling (e.g.
+torch.nn.utils.clip_grad_norm_ on scaled grads), and fp16 where it is slow (CPU, GPUs without
+tensor cores).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mixprec import ops
+from mixprec import optim as mixprec_optim
+from mixprec.autocast import autocast
+from mixprec.grad_scaler import GradScaler
+
+ENV_VAR = "MIXPREC_PRECISION"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What a precision string means: the dtype, whether it is autocast ("mixed") or the weights'
+    own dtype ("true"), and whether it needs loss scaling."""
+
+    name: str
+    dtype: torch.dtype
+    mixed: bool
+    scaled: bool
+
+    @property
+    def half_weights(self) -> bool:
+        return not self.mixed and self.dtype in (torch.float16, torch.bfloat16)
+
+
+MODES: dict[str, Mode] = {m.name: m for m in (
+    Mode("32-true", torch.float32, mixed=False, scaled=False),
+    Mode("64-true", torch.float64, mixed=False, scaled=False),
+    Mode("16-mixed", torch.float16, mixed=True, scaled=True),
+    Mode("bf16-mixed", torch.bfloat16, mixed=True, scaled=False),
+    Mode("16-true", torch.float16, mixed=False, scaled=False),
+    Mode("bf16-true", torch.bfloat16, mixed=False, scaled=False),
+)}
+# Fabric's short forms.
+ALIASES: dict[Any, str] = {"32": "32-true", 32: "32-true", "64": "64-true", 64: "64-true",
+                           "16": "16-mixed", 16: "16-mixed", "bf16": "bf16-mixed"}
+
+
+def valid_precisions() -> list[str]:
+    return list(MODES) + [str(a) for a in ALIASES if isinstance(a, str)]
+
+
+def parse_precision(value: str | int | None, source: str = "precision") -> str:
+    """The canonical mode name for a precision string or int; ValueError listing the valid ones."""
+    if isinstance(value, str):
+        value = value.strip()
+    if value in MODES:
+        return value
+    if value in ALIASES and not isinstance(value, bool):
+        return ALIASES[value]
+    raise ValueError(f"{source}={value!r} is not a precision; expected one of "
+                     f"{', '.join(repr(v) for v in valid_precisions())} (or the ints 16, 32, 64)")
+
+
+# -- input/output casting (as Lightning Fabric does) -------------------------------------------
+def cast_floats(data: Any, dtype: torch.dtype) -> Any:
+    """`data` with every floating tensor cast to `dtype`, through dicts, lists, tuples and
+    namedtuples; everything else (ints, bools, index tensors) unchanged."""
+    if isinstance(data, Tensor):
+        return data.to(dtype) if data.is_floating_point() else data
+    if isinstance(data, Mapping):
+        items = {k: cast_floats(v, dtype) for k, v in data.items()}
+        try:
+            return type(data)(items)
+        except TypeError:
+            return items
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return type(data)(*(cast_floats(v, dtype) for v in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(cast_floats(v, dtype) for v in data)
+    return data
+
+
+class default_dtype(contextlib.ContextDecorator):  # noqa: N801 (a context manager, like torch's)
+    """Sets torch's default dtype inside the block, so tensors a forward creates (torch.zeros,
+    torch.arange(...).float()) get the mode's dtype, as Fabric's true modes do."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._previous: list[torch.dtype] = []
+
+    def __enter__(self) -> None:
+        self._previous.append(torch.get_default_dtype())
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_default_dtype(self._previous.pop())
+
+
+# -- the forward wrapper ---------------------------------------------------------------------------
+class _PrecisionForward:
+    """Instance attribute `forward` of a set-up module: casts inputs, runs the module's own
+    forward in the mode's context, casts outputs. The module stays the same object, so its
+    state_dict keys, attributes, hooks and isinstance checks are untouched; picklable and
+    deep-copyable (no closures)."""
+
+    def __init__(self, module: nn.Module, precision: Precision, inner: Any = None) -> None:
+        self.module = module
+        self.precision = precision
+        self.inner = inner  # None: the class's forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        prec = self.precision
+        args, kwargs = prec.convert_input((args, kwargs))
+        with prec.forward_context():
+            if self.inner is None:
+                out = type(self.module).forward(self.module, *args, **kwargs)
+            else:
+                out = self.inner(*args, **kwargs)
+        return prec.convert_output(out)
+
+
+def nonfinite_grad_names(named_params: Iterable[tuple[str, Tensor]]) -> list[str]:
+    """Names of the params whose grad holds an inf or NaN (synchronises: for diagnostics)."""
+    named = [(n, p.grad) for n, p in named_params if p.grad is not None and not p.grad.is_sparse]
+    if not named:
+        return []
+    flags = torch.stack([torch.isfinite(g).all().to("cpu", non_blocking=False) for _, g in named]).tolist()
+    return [n for (n, _), ok in zip(named, flags) if not ok]
+
+
+_TORCH_TO_MIXPREC = {torch.optim.AdamW: mixprec_optim.AdamW, torch.optim.Adam: mixprec_optim.Adam,
+                     torch.optim.SGD: mixprec_optim.SGD}
+
+
+class Precision:
+    """A precision mode for a training loop (see the module docstring for the modes).
+
+    `precision`: a mode string or int; None reads $MIXPREC_PRECISION (set by `mixprec run
+    --precision`), defaulting to "32-true". `device`: where autocast and the scaler run; by default
+    the device of the model given to setup() (before that: cuda if available, else cpu).
+    `master_weights`, `rounding`, `seed`: for 16-true/bf16-true, the options of the mixprec.optim
+    optimizer setup() builds (master_weights=False with rounding="stochastic" keeps no fp32 copy,
+    4 B/param less, and stays unbiased; "nearest" loses updates below half an ulp).
+    `scaler`: a configured mixprec.GradScaler for 16-mixed (default: GradScaler's defaults).
+    `track_overflow_names`: under 16-mixed, read found_inf after each step (one host sync) and,
+    when the step overflowed, record the names of the params whose grads held inf/NaN (stats()).
+    `policy`: passed to mixprec.autocast.
+    """
+
+    def __init__(
+        self,
+        precision: str | int | None = None,
+        *,
+        device: str | torch.device | None = None,
+        master_weights: bool = True,
+        rounding: str = "nearest",
+        seed: int | None = None,
+        scaler: GradScaler | None = None,
+        track_overflow_names: bool = False,
+        policy: Any = None,
+    ) -> None:
+        if precision is None:
+            self.precision = parse_precision(os.environ.get(ENV_VAR, "32-true"), source=f"${ENV_VAR}")
+        else:
+            self.precision = parse_precision(precision)
+        self.mode = MODES[self.precision]
+        if rounding not in ops.ROUNDING:
+            raise ValueError(f"rounding must be one of {sorted(ops.ROUNDING)}, got {rounding!r}")
+        if (not master_weights or rounding != "nearest") and not self.mode.half_weights:
+            raise ValueError(
+                f"master_weights={master_weights!r}, rounding={rounding!r} apply to the weights of "
+                f"'16-true' and 'bf16-true'; precision {self.precision!r} takes the defaults "
+                "(master_weights=True, rounding='nearest')")
+        if master_weights and rounding != "nearest":
+            raise ValueError(f"rounding={rounding!r} applies without fp32 master weights: pass "
+                             "master_weights=False with it (master weights are rounded to nearest)")
+        if scaler is not None and not self.mode.scaled:
+            raise ValueError(f"scaler= is for '16-mixed'; precision {self.precision!r} uses no loss scaling")
+        self.master_weights = master_weights
+        self.rounding = rounding
+        self.seed = seed
+        self.policy = policy
+        self.track_overflow_names = track_overflow_names
+        self._device = torch.device(device) if device is not None else None
+        default_type = self._device.type if self._device is not None else (
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self._scaler: GradScaler | None = None
+        if self.mode.scaled:
+            self._scaler = scaler if scaler is not None else GradScaler(default_type)
+        self._modules: list[nn.Module] = []
+        self._warned: set[str] = set()
+        self._scaled = False  # prec.backward()/scale() ran this iteration
+        self._grad_versions: dict[int, int] | None = None
+        self._checked: bool | None = None  # _check_iteration's verdict this iteration
+        self._overflow_names: list[str] = []
+        if self._device is not None:
+            self._advise_hardware(self._device)
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """The mode's dtype: autocast's for mixed modes, the weights' for true modes."""
+        return self.mode.dtype
+
+    @property
+    def device_type(self) -> str:
+        if self._device is not None:
+            return self._device.type
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def scaler(self) -> GradScaler | None:
+        """The GradScaler of 16-mixed (None otherwise)."""
+        return self._scaler
+
+    def __repr__(self) -> str:
+        return f"Precision({self.precision!r})"
+
+    def _warn_once(self, key: str, message: str, stacklevel: int = 3) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=stacklevel)
+
+    def _advise_hardware(self, device: torch.device) -> None:
+        """Warn where the chosen half type is slow on this hardware."""
+        name = self.precision
+        if self.dtype is torch.float16 and device.type == "cpu":
+            self._warn_once("hardware", f"{name} on CPU is slower than bf16-mixed (CPUs have no fast fp16 "
+                            "arithmetic, and fp16 needs loss scaling): use Precision('bf16-mixed')", 4)
+        elif device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+            major, minor = torch.cuda.get_device_capability(device)
+            if (major, minor) < (7, 0):
+                self._warn_once("hardware", f"{name}: this GPU (compute capability {major}.{minor}) has no tensor "
+                                "cores, so half precision saves memory but not time; use Precision('32-true') "
+                                "for speed", 4)
+            elif self.dtype is torch.bfloat16 and (major, minor) < (8, 0):
+                self._warn_once("hardware", f"{name}: compute capability {major}.{minor} has no bf16 tensor cores "
+                                "(bf16 is emulated and slow); use Precision('16-mixed')", 4)
+
+    # -- setup ------------------------------------------------------------------------------------------
+    def setup(self, model: nn.Module, *optimizers: torch.optim.Optimizer) -> Any:
+        """Put `model` (the same object, patched in place) and its optimizers in this mode.
+
+        True modes cast the model's floating params and buffers to the mode's dtype; for
+        16-true/bf16-true each optimizer becomes a mixprec.optim one with fp32 master weights
+        (seeded with the exact fp32 values the params had). Returns the model, or (model,
+        *optimizers) when optimizers are given. Create LR schedulers after setup()."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"setup(model, ...): model must be a torch.nn.Module, got {type(model).__name__}")
+        tensors = list(model.parameters()) + list(model.buffers())
+        if self._device is None and tensors:
+            self._device = tensors[0].device
+        self._advise_hardware(self._device or torch.device(self.device_type))
+        if self.precision == "64-true":
+            for opt in optimizers:
+                if isinstance(opt, mixprec_optim.FusedOptimizer):
+                    raise ValueError("64-true: mixprec.optim optimizers take fp32/fp16/bf16 params; pass a "
+                                     "torch.optim optimizer for a float64 model")
+        snapshots: dict[int, Tensor] = {}
+        if not self.mode.mixed and self.dtype is not torch.float32:
+            if self.mode.half_weights and self.master_weights:
+                # The fp32 values the masters start from (the old storage: no copy is made).
+                snapshots = {id(p): p.detach() for p in model.parameters() if p.dtype == torch.float32}
+            model.to(dtype=self.dtype)  # Parameters keep their identity: optimizers still hold them
+        converted = tuple(self._setup_optimizer(opt, snapshots) for opt in optimizers)
+        inner = model.__dict__.get("forward")
+        if isinstance(inner, _PrecisionForward):
+            inner = inner.inner
+        model.forward = _PrecisionForward(model, self, inner)
+        if all(m is not model for m in self._modules):
+            self._modules.append(model)
+        return (model, *converted) if optimizers else model
+
+    def _setup_optimizer(self, opt: torch.optim.Optimizer, snapshots: dict[int, Tensor]) -> torch.optim.Optimizer:
+        if not self.mode.half_weights:
+            return opt
+        if isinstance(opt, mixprec_optim.FusedOptimizer):
+            new = opt
+            group = opt.param_groups[0] if opt.param_groups else {}
+            if (group.get("master_weights", True), group.get("rounding", "nearest")) != (self.master_weights, self.rounding):
+                self._warn_once("optimizer-options", (
+                    f"{self.precision}: the {type(opt).__name__} given keeps its own master_weights="
+                    f"{group.get('master_weights')!r}, rounding={group.get('rounding')!r}, not the Precision's "
+                    f"(master_weights={self.master_weights!r}, rounding={self.rounding!r})"), 5)
+        elif type(opt) in _TORCH_TO_MIXPREC:
+            new = self._equivalent_mixprec_optimizer(opt)
+        elif not self.master_weights and self.rounding == "nearest":
+            return opt  # updating the half weights in place, rounded to nearest, is what was asked
+        else:
+            raise TypeError(
+                f"{self.precision}: setup() needs an optimizer with fp32 master weights; it converts "
+                "torch.optim.AdamW, Adam and SGD (and takes mixprec.optim.AdamW, Adam, SGD as they are), "
+                f"got {type(opt).__module__}.{type(opt).__name__}. Pass one of those, or "
+                f"Precision({self.precision!r}, master_weights=False) to let this optimizer update the "
+                "half-precision weights directly (rounded to nearest)")
+        for group in new.param_groups:
+            if not group.get("master_weights", True):
+                continue
+            for p in group["params"]:
+                fp32 = snapshots.get(id(p))
+                if fp32 is None:
+                    continue
+                state = new.state[p]
+                if "master_param" in state:
+                    state["master_param"].copy_(fp32)
+                else:
+                    state["master_param"] = fp32
+        return new
+
+    def _equivalent_mixprec_optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The mixprec.optim optimizer with the same param groups, hyper-parameters and state."""
+        cls = _TORCH_TO_MIXPREC[type(opt)]
+        accepted = inspect.signature(cls.__init__).parameters
+        kwargs = {k: v for k, v in opt.defaults.items() if k in accepted and k != "params"}
+        groups = [dict(g) for g in opt.param_groups]
+        for g in groups:  # torch's per-group implementation flags mean nothing to ours
+            for key in ("fused", "foreach", "capturable"):
+                g.pop(key, None)
+        new = cls(groups, **kwargs, master_weights=self.master_weights, rounding=self.rounding, seed=self.seed)
+        if opt.state:
+            new.load_state_dict(opt.state_dict())
+        return new
+
+    # -- the forward ------------------------------------------------------------------------------------
+    def convert_input(self, data: Any) -> Any:
+        """Floating tensors (nested) to the dtype of a true mode; unchanged otherwise."""
+        if self.mode.mixed or self.dtype is torch.float32:
+            return data
+        return cast_floats(data, self.dtype)
+
+    def convert_output(self, data: Any) -> Any:
+        """Floating outputs back to torch's default dtype (fp32), so loss code written for fp32
+        runs unchanged, as in Fabric. Unchanged under 32-true."""
+        if self.precision == "32-true":
+            return data
+        return cast_floats(data, torch.get_default_dtype())
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """The context a set-up model's forward runs in (autocast for mixed modes)."""
+        return self.autocast()
+
+    def autocast(self, enabled: bool = True) -> contextlib.AbstractContextManager:
+        """mixprec.autocast for mixed modes (e.g. around a loss or a validation loop); the default
+        dtype set to the mode's for true modes; nothing for 32-true."""
+        if self.mode.mixed:
+            return autocast(self.device_type, dtype=self.dtype, enabled=enabled, policy=self.policy)
+        if self.dtype is torch.float32 or not enabled:
+            return contextlib.nullcontext()
+        return default_dtype(self.dtype)
+
+    # -- the step ---------------------------------------------------------------------------------------
+    def _scaling(self) -> bool:
+        return self._scaler is not None and self._scaler.is_enabled()
+
+    def scale(self, loss: Tensor) -> Tensor:
+        """loss times the loss scale (16-mixed); the loss itself otherwise."""
+        if not self._scaling():
+            return loss
+        self._scaled = True
+        return self._scaler.scale(loss)
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """loss.backward(), on the scaled loss under 16-mixed."""
+        if not self._scaling():
+            loss.backward(*args, **kwargs)
+            return
+        self.scale(loss).backward(*args, **kwargs)
+        self._checked = None
+        self._grad_versions = {id(p): p.grad._version for m in self._modules
+                               for p in m.parameters() if p.grad is not None}
+
+    def _check_iteration(self) -> bool:
+        """Before the grads are unscaled: were they scaled, and left alone since? Warns once per
+        mistake; returns False when the loss was not scaled (the grads are true grads)."""
+        if self._checked is None:
+            self._checked = self._check_grads()
+        return self._checked
+
+    def _check_grads(self) -> bool:
+        if not self._scaled:
+            self._warn_once("unscaled-backward", (
+                "16-mixed: the gradients were not produced by prec.backward(loss) (loss.backward() "
+                "called directly?), so they are not scaled and small fp16 gradients may underflow. "
+                "Call prec.backward(loss). This step uses the gradients as they are (skipped if "
+                "they hold inf/NaN)."), 5)
+            return False
+        versions, self._grad_versions = self._grad_versions, None
+        if versions is not None:
+            for m in self._modules:
+                for p in m.parameters():
+                    if p.grad is not None and versions.get(id(p), -1) != p.grad._version:
+                        self._warn_once("modified-scaled-grads", (
+                            "16-mixed: gradients were modified in place after prec.backward() while still "
+                            "scaled (e.g. torch.nn.utils.clip_grad_norm_ on scaled gradients clips against "
+                            "max_norm * scale, i.e. not at all). Use prec.clip_grad_norm_(optimizer, "
+                            "max_norm), or call prec.unscale_(optimizer) before touching gradients."), 5)
+                        return True
+        return True
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide `optimizer`'s grads by the loss scale now (16-mixed; nothing otherwise), for
+        code that reads or edits grads before step()."""
+        if self._scaling() and self._check_iteration():
+            self._scaler.unscale_(optimizer)
+
+    def clip_grad_norm_(self, optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Clip the true (unscaled) gradients of `optimizer` to total norm `max_norm` and return
+        that norm, under every mode (mixprec optimizers apply the clip inside their step)."""
+        if self._scaling() and self._check_iteration():
+            return self._scaler.clip_grad_norm_(optimizer, max_norm, norm_type)
+        if isinstance(optimizer, mixprec_optim.FusedOptimizer):
+            return optimizer.clip_grad_norm_(max_norm, norm_type)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+
+    def step(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Any:
+        """optimizer.step(); under 16-mixed through the scaler (skipped on inf/NaN) followed by
+        scaler.update(), which ends the iteration."""
+        if not self._scaling():
+            return optimizer.step(**kwargs)
+        scaled = self._check_iteration()
+        self._scaled, self._checked, self._grad_versions = False, None, None
+        if not scaled:
+            return self._step_unscaled(optimizer, **kwargs)
+        scaler = self._scaler
+        out = scaler.step(optimizer, **kwargs)
+        if self.track_overflow_names:
+            found = scaler._found_inf_per_device(optimizer)
+            if found and float(sum(v.cpu() for v in found.values())):
+                self._overflow_names = self._named_nonfinite(optimizer)
+        scaler.update()
+        return out
+
+    def _step_unscaled(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Any:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            if self.track_overflow_names:
+                self._overflow_names = self._named_nonfinite(optimizer)
+            return None
+        return optimizer.step(**kwargs)
+
+    def _named_nonfinite(self, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+        wanted = None if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
+        named = [(n, p) for m in self._modules for n, p in m.named_parameters()
+                 if wanted is None or id(p) in wanted]
+        return nonfinite_grad_names(named)
+
+    # -- monitoring and checkpoints --------------------------------------------------------------------
+    def stats(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """precision, scale, skipped_steps (= overflows: every overflow skips its step) and
+        overflow_params: the params whose grads overflowed in the last overflowing step (with
+        track_overflow_names=True), or, when `model` is given, those whose current grads hold
+        inf/NaN. Synchronises: for logging."""
+        scaler = self._scaler.stats() if self._scaling() else {}
+        names = nonfinite_grad_names(model.named_parameters()) if model is not None else list(self._overflow_names)
+        skipped = int(scaler.get("skipped_steps", 0))
+        return {"precision": self.precision, "scale": float(scaler.get("scale", 1.0)),
+                "skipped_steps": skipped, "overflows": skipped, "overflow_params": names}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loss-scaler state (16-mixed; torch.amp.GradScaler's format), else {}."""
+        return self._scaler.state_dict() if self._scaling() else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._scaling():
+            self._scaler.load_state_dict(state_dict)
+        elif state_dict:
+            self._warn_once("ignored-state", f"{self.precision} uses no loss scaler: the loss-scale state in "
+                            "this checkpoint is ignored")
