@@ -79,3 +79,51 @@ class MarkovText:
         for i in range(length):
             tokens[:, i + 1] = torch.multinomial(self.probs[tokens[:, i]], 1, generator=self.gen).squeeze(1)
         return tokens[:, :-1], tokens[:, 1:]
+
+
+class MLP(nn.Module):
+    """A GELU multi-layer perceptron classifier: `depth` hidden layers of width `hidden`."""
+
+    def __init__(self, dim: int, hidden: int, classes: int, depth: int = 2) -> None:
+        super().__init__()
+        widths = [dim] + [hidden] * depth
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.head = nn.Linear(widths[-1], classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = F.gelu(layer(x))
+        return self.head(x)
+
+
+class CNN(nn.Module):
+    """A small convolutional classifier for images of shape (3, size, size): conv-BN-ReLU stages
+    that halve the resolution, global average pooling, a linear head."""
+
+    def __init__(self, classes: int = 10, widths: tuple[int, ...] = (32, 64, 128)) -> None:
+        super().__init__()
+        stages, channels = [], 3
+        for width in widths:
+            stages += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU(), nn.MaxPool2d(2)]
+            channels = width
+        self.features = nn.Sequential(*stages)
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class TeacherData:
+    """Labelled synthetic inputs: x ~ N(0, 1) of `shape`, labels from a fixed random linear
+    teacher, so a model can learn them and the loss falls."""
+
+    def __init__(self, shape: tuple[int, ...], classes: int, seed: int = 0, device: str | torch.device = "cpu") -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.shape, self.device = tuple(shape), torch.device(device)
+        self.teacher = torch.randn(math.prod(shape), classes, generator=gen).to(self.device)
+        self.gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+
+    def batch(self, batch: int) -> tuple[Tensor, Tensor]:
+        x = torch.randn((batch, *self.shape), generator=self.gen, device=self.device)
+        return x, (x.flatten(1) @ self.teacher).argmax(dim=1)
