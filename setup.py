@@ -35,7 +35,7 @@ def _build_cuda() -> bool:
 
 
 def _extension():
-    sources = ["csrc/ops.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/autocast.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp"))
     include_dirs = [str(ROOT / "csrc/include")]
     # -fopenmp: at::parallel_for is OpenMP in headers (without it, serial). -ffp-contract=off: the
     # optimizer maths places its fused multiply-adds explicitly (optim_math.h); no others.

@@ -1,6 +1,8 @@
 // Every schema of the mixprec namespace, in one place. Kernels live in cpu/ and cuda/;
 // fake (meta) kernels for torch.compile live in mixprec/ops.py.
 #include <Python.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(mixprec, m) {
@@ -46,6 +48,45 @@ TORCH_LIBRARY(mixprec, m) {
       "int seed) -> ()");
 }
 
-// `import mixprec._C` loads this library, which runs the registrations above.
-static PyModuleDef mixprec_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&mixprec_module); }
+// Our ops write their Tensor(a!) arguments in place; like torch's own in-place ops they must bump
+// those tensors' version counters, or autograd's saved-tensor check and mixprec.autocast's
+// persistent weight cache would miss the write. One boxed kernel at ADInplaceOrView does that for
+// every op, then hands the call on.
+static void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
+                                  torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t n = args.size();
+  for (size_t i = 0; i < n; ++i) {
+    if (!args[i].alias_info() || !args[i].alias_info()->isWrite()) continue;
+    const c10::IValue& v = (*stack)[stack->size() - n + i];
+    if (v.isTensor()) {
+      v.toTensor().unsafeGetTensorImpl()->bump_version();
+    } else if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorList().vec()) t.unsafeGetTensorImpl()->bump_version();
+    }
+  }
+  op.redispatchBoxed(ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::ADInplaceOrView), stack);
+}
+
+TORCH_LIBRARY_IMPL(mixprec, ADInplaceOrView, m) {
+  for (const char* name : {"non_finite_check_and_unscale_", "update_scale_", "grad_norm",
+                           "adam_step_", "sgd_step_"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  }
+}
+
+namespace mixprec::autocast {
+PyMethodDef* python_methods();  // autocast.cpp: the thread-local policy switch and its tables
+}
+
+// `import mixprec._C` loads this library, which runs the registrations above. The module's own
+// functions are autocast's hot-path switches (plain CPython calls: torch.ops costs microseconds).
+// TORCH_EXTENSION_NAME is _C from setup.py and the JIT module's name from torch's loader.
+#define MIXPREC_STR2(x) #x
+#define MIXPREC_STR(x) MIXPREC_STR2(x)
+#define MIXPREC_INIT2(name) PyInit_##name
+#define MIXPREC_INIT(name) MIXPREC_INIT2(name)
+static PyModuleDef mixprec_module = {
+    PyModuleDef_HEAD_INIT, MIXPREC_STR(TORCH_EXTENSION_NAME), nullptr, -1,
+    mixprec::autocast::python_methods()};
+PyMODINIT_FUNC MIXPREC_INIT(TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&mixprec_module); }

@@ -13,7 +13,7 @@ from mixprec import _toolchain
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
-def _jit_build(first_error: ImportError) -> None:
+def _jit_build(first_error: ImportError):
     missing = _toolchain.missing_for_cpu_build()
     if missing:
         raise ImportError(
@@ -29,29 +29,39 @@ def _jit_build(first_error: ImportError) -> None:
         os.environ.setdefault("CUDA_HOME", cuda_home)
     from torch.utils import cpp_extension
 
-    sources = [_CSRC / "ops.cpp", *sorted((_CSRC / "cpu").glob("*.cpp"))]
+    sources = [_CSRC / "ops.cpp", _CSRC / "autocast.cpp", *sorted((_CSRC / "cpu").glob("*.cpp"))]
     if with_cuda:
         sources += sorted((_CSRC / "cuda").glob("*.cu"))
-    cpp_extension.load(
+    return cpp_extension.load(
         name="mixprec_C_cuda" if with_cuda else "mixprec_C_cpu",
         sources=[str(s) for s in sources],
         extra_include_paths=[str(_CSRC / "include")],
         extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],  # as setup.py, which says why
         extra_cuda_cflags=["-O3", "-lineinfo"],
         with_cuda=with_cuda,
-        is_python_module=False,  # loading the library runs its TORCH_LIBRARY registrations
+        is_python_module=True,  # the module's functions drive autocast; loading it registers the ops
     )
 
 
-def load() -> None:
-    """Make torch.ops.mixprec.* available, building the extension if needed."""
+_module = None
+
+
+def load():
+    """Make torch.ops.mixprec.* available, building the extension if needed; returns the module
+    (its functions drive mixprec.autocast)."""
+    global _module
+    if _module is not None:
+        return _module
     try:
-        from mixprec import _C  # noqa: F401
-        return
+        from mixprec import _C
+
+        _module = _C
+        return _module
     except ImportError as err:
         if not _CSRC.is_dir():
             raise ImportError(
                 "mixprec's compiled extension (mixprec._C) is missing from this installation and "
                 "there is no csrc/ to build it from; reinstall: pip install --no-build-isolation mixprec"
             ) from err
-        _jit_build(err)
+        _module = _jit_build(err)
+        return _module

@@ -1,9 +1,290 @@
-"""PLACEHOLDER (being replaced by the policy-driven autocast): same signature as torch.autocast."""
+"""mixprec.autocast: torch.autocast's semantics, driven by an editable op-policy table.
+
+How it runs, and why: a region enters torch.autocast exactly as torch does (same thread-local
+enabled/dtype/cache/nesting state, same cast cache), then makes one C call that activates the
+region's compiled policy for this thread. With torch's default policy that call activates
+nothing, so every op runs through torch's own autocast kernels: identical results and speed.
+With a policy that changes some ops, those ops (and only those) meet mixprec's C++ kernel at the
+AutocastPrivateUse1 dispatch key, which applies their rule and calls torch's kernels below it
+(csrc/autocast.cpp). No Python runs per op: measured costs are in benchmarks/bench_autocast.py,
+where a Python hook per call (TorchFunctionMode, or a Python kernel at the autocast key, about
+25 µs a call) was ruled out.
+
+Beyond torch:
+- per-module policies (`set_policy`, `keep_fp32`), applied by forward pre/post hooks;
+- `record=True`: which dtype each op ran in and where casts happened (`report()`);
+- `weight_cache=True`: a persistent cast cache. torch.autocast re-casts every fp32 weight on
+  every region entry; with the cache, a weight's low-precision copy is kept across regions, keyed
+  on the weight and its version counter, so an optimizer step or any in-place write invalidates
+  it. Memory: one copy of every cached weight in the region's dtype (2 bytes per parameter for
+  fp16/bf16) until `clear_weight_cache()` or until the weight is freed. Only casts made with grad
+  mode off are cached (inference; in training the weights change every step anyway, and a copy
+  made under autograd would keep the weight alive). Writes through `.data` bypass the version
+  counter and are not seen.
+- torch.compile: a compiled function called inside a region traces the active policy into its
+  graph (default policy: exactly torch.autocast). It is not re-traced when only the policy
+  changes; compile again after changing it. A mixprec.autocast *inside* a compiled function
+  graph-breaks (torch.autocast does not).
+"""
 from __future__ import annotations
 
+import functools
+from collections import Counter
+from typing import Any, Callable
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mixprec import _extension
+from mixprec.policy import DEVICE_TYPES, Policy, default_policy
+
+_SLOT = {"cpu": 0, "cuda": 1}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-class autocast(torch.amp.autocast):  # noqa: N801 (torch's name)
-    def __init__(self, device_type: str, dtype=None, enabled: bool = True, cache_enabled=None, policy=None, record: bool = False):
-        super().__init__(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+def _swap(device_type: str, state: int) -> int:
+    return _extension.load().autocast_swap(_SLOT[device_type], state)
+
+
+def _current_state(device_type: str) -> int:
+    state = _swap(device_type, 0)
+    _swap(device_type, state)
+    return state
+
+
+class autocast:  # noqa: N801 (torch's name)
+    """Context manager and decorator with torch.autocast's signature and semantics, plus
+    `policy` (a Policy for this device type; default: torch's), `weight_cache` and `record`
+    (see the module docstring)."""
+
+    def __init__(
+        self,
+        device_type: str,
+        dtype: torch.dtype | None = None,
+        enabled: bool = True,
+        cache_enabled: bool | None = None,
+        *,
+        policy: Policy | None = None,
+        weight_cache: bool = False,
+        record: bool = False,
+    ) -> None:
+        if not isinstance(device_type, str) or device_type not in DEVICE_TYPES:
+            raise ValueError(f"mixprec.autocast supports device types {DEVICE_TYPES}, got {device_type!r}")
+        if policy is None:
+            policy = default_policy(device_type)
+        elif not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a mixprec.Policy, got {type(policy).__name__}")
+        elif policy.device_type != device_type:
+            raise ValueError(f"policy is for {policy.device_type!r} but the region is {device_type!r}")
+        self._torch = torch.amp.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+        self.device_type = device_type
+        self.fast_dtype = self._torch.fast_dtype
+        self.policy = policy
+        self.weight_cache = bool(weight_cache)
+        # torch.amp.autocast may turn itself off (e.g. an unsupported dtype, with a warning)
+        self._state = policy.state(weight_cache=self.weight_cache) if self._torch._enabled else 0
+        self._record = _Recorder() if record else None
+        self._saved: list[int] = []
+
+    def __enter__(self) -> autocast:
+        self._torch.__enter__()
+        self._saved.append(_swap(self.device_type, self._state))
+        if self._record is not None:
+            self._record.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._record is not None:
+            self._record.__exit__(*exc)
+        _swap(self.device_type, self._saved.pop())
+        self._torch.__exit__(*exc)
+
+    def __call__(self, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    def report(self) -> str:
+        """With record=True: op → dtype it ran in → count, and the casts made before each op."""
+        if self._record is None:
+            raise RuntimeError("report() needs mixprec.autocast(..., record=True)")
+        return self._record.report()
+
+    @property
+    def records(self) -> dict[str, Counter]:
+        """With record=True: {"ops": Counter((op, dtype)), "casts": Counter((op, from, to))}."""
+        if self._record is None:
+            raise RuntimeError("records needs mixprec.autocast(..., record=True)")
+        return {"ops": self._record.ops, "casts": self._record.casts}
+
+
+class _Recorder(TorchDispatchMode):
+    """Sees every op below autocast (so after its casts): the dtype each op ran in, and the casts
+    (aten._to_copy to another float dtype), each attributed to the op that follows it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.casts: Counter = Counter()
+        self._pending: list[tuple[str, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = str(func.overloadpacket.__name__)
+        if func is torch.ops.aten._to_copy.default and isinstance(args[0], torch.Tensor) and \
+                isinstance(out, torch.Tensor) and out.dtype != args[0].dtype and \
+                args[0].dtype in _FLOAT_DTYPES and out.dtype in _FLOAT_DTYPES:
+            self._pending.append((_dtype_name(args[0].dtype), _dtype_name(out.dtype)))
+            return out
+        first = next((t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)), None)
+        self.ops[(name, _dtype_name(first.dtype) if first is not None else "-")] += 1
+        for source, target in self._pending:
+            self.casts[(name, source, target)] += 1
+        self._pending.clear()
+        return out
+
+    def report(self) -> str:
+        lines = ["op                                  dtype      count"]
+        lines += [f"{op:<35} {dtype:<10} {n:>5}" for (op, dtype), n in sorted(self.ops.items())]
+        lines += ["", "casts (before op: from -> to)        count"]
+        lines += [f"{op:<20} {a} -> {b:<12} {n:>5}" for (op, a, b), n in sorted(self.casts.items())]
+        return "\n".join(lines)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---- per-module policies -----------------------------------------------------------------------
+_HOOKS_ATTR = "_mixprec_policy_hooks"
+
+
+def _remove_hooks(module: torch.nn.Module) -> None:
+    for handle in getattr(module, _HOOKS_ATTR, ()):
+        handle.remove()
+    if hasattr(module, _HOOKS_ATTR):
+        delattr(module, _HOOKS_ATTR)
+
+
+def set_policy(module: torch.nn.Module, policy: Policy | None) -> torch.nn.Module:
+    """Run `module`'s forward (its whole subtree) under `policy` whenever autocast is enabled for
+    the policy's device type, whatever policy the surrounding region uses (the region's dtype
+    still gives `lower` its meaning). None removes a policy set before. Returns the module."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"set_policy expects an nn.Module, got {type(module).__name__}")
+    _remove_hooks(module)
+    if policy is None:
+        return module
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a mixprec.Policy, got {type(policy).__name__}")
+    device_type = policy.device_type
+    saved: list[int | None] = []
+
+    def enter(mod, args):
+        if torch.is_autocast_enabled(device_type):
+            weight_cache = bool(_current_state(device_type) & 1)
+            saved.append(_swap(device_type, policy.state(weight_cache=weight_cache)))
+        else:
+            saved.append(None)
+
+    def leave(mod, args, output):
+        previous = saved.pop()
+        if previous is not None:
+            _swap(device_type, previous)
+
+    setattr(module, _HOOKS_ATTR, [
+        module.register_forward_pre_hook(enter),
+        module.register_forward_hook(leave, always_call=True),
+    ])
+    return module
+
+
+def _to_fp32(value: Any) -> Any:
+    def cast(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16):
+            return t.float()
+        return t
+
+    return torch.utils._pytree.tree_map(cast, value)
+
+
+def keep_fp32(module: torch.nn.Module) -> torch.nn.Module:
+    """Run `module`'s subtree in fp32 under any autocast region: autocast is disabled inside it
+    and its fp16/bf16 floating inputs are cast to fp32 (its outputs are fp32). Returns the module."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"keep_fp32 expects an nn.Module, got {type(module).__name__}")
+    _remove_hooks(module)
+    regions: list[list[torch.amp.autocast]] = []
+
+    def enter(mod, args, kwargs):
+        active = [d for d in DEVICE_TYPES if torch.is_autocast_enabled(d)]
+        off = [torch.amp.autocast(d, enabled=False) for d in active]
+        for region in off:
+            region.__enter__()
+        regions.append(off)
+        return (_to_fp32(args), _to_fp32(kwargs)) if active else None
+
+    def leave(mod, args, output):
+        for region in reversed(regions.pop()):
+            region.__exit__(None, None, None)
+
+    setattr(module, _HOOKS_ATTR, [
+        module.register_forward_pre_hook(enter, with_kwargs=True),
+        module.register_forward_hook(leave, always_call=True),
+    ])
+    return module
+
+
+# ---- custom autograd functions --------------------------------------------------------------------
+def custom_fwd(fwd: Callable | None = None, *, device_type: str, cast_inputs: torch.dtype | None = None):
+    """torch.amp.custom_fwd, which also remembers the mixprec policy active in forward so that
+    `custom_bwd` runs backward under the same policy (torch re-enters only its own state)."""
+    if fwd is None:
+        return functools.partial(custom_fwd, device_type=device_type, cast_inputs=cast_inputs)
+    torch_fwd = torch.amp.custom_fwd(fwd, device_type=device_type, cast_inputs=cast_inputs)
+
+    @functools.wraps(fwd)
+    def forward(ctx, *args, **kwargs):
+        ctx._mixprec_state = _current_state(device_type)
+        ctx._mixprec_device_type = device_type
+        return torch_fwd(ctx, *args, **kwargs)
+
+    return forward
+
+
+def custom_bwd(bwd: Callable | None = None, *, device_type: str):
+    """torch.amp.custom_bwd, plus the mixprec policy that was active in forward."""
+    if bwd is None:
+        return functools.partial(custom_bwd, device_type=device_type)
+    torch_bwd = torch.amp.custom_bwd(bwd, device_type=device_type)
+
+    @functools.wraps(bwd)
+    def backward(ctx, *args):
+        previous = _swap(device_type, getattr(ctx, "_mixprec_state", 0))
+        try:
+            return torch_bwd(ctx, *args)
+        finally:
+            _swap(device_type, previous)
+
+    return backward
+
+
+def clear_weight_cache() -> None:
+    """Drop every cast kept by weight_cache=True regions."""
+    _extension.load().autocast_weight_cache_clear()
+
+
+def weight_cache_info() -> dict[str, int]:
+    """Live entries of the persistent weight cache and the bytes they hold."""
+    entries, nbytes = _extension.load().autocast_weight_cache_info()
+    return {"entries": entries, "bytes": nbytes}
+
+
+__all__ = [
+    "autocast", "clear_weight_cache", "custom_bwd", "custom_fwd", "keep_fp32", "set_policy",
+    "weight_cache_info",
+]

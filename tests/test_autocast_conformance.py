@@ -1,0 +1,158 @@
+"""Conformance with torch.autocast over torch's own OpInfo database.
+
+For every OpInfo that runs in float32 on the device, and for each of its sample inputs, the op
+runs under torch.autocast and under mixprec.autocast with the same dtype; outputs must have the
+same dtypes and bit-identical values (NaNs included), or both must raise the same exception type.
+For one sample per op that supports autograd, the input gradients are compared too.
+
+Two modes: "default" (mixprec's default policy: torch's own kernels, proving mixprec changes
+nothing) and "handle_all" (every op of torch's table routed through mixprec's C++ kernel, proving
+that the kernel reproduces torch's rules bit for bit; this is what any overridden op goes through).
+
+Nothing is excluded by name. A sample is set aside only when torch.autocast disagrees with
+itself on a second identical run (nondeterministic kernels), and that count is reported.
+MIXPREC_CONFORMANCE_SAMPLES caps the samples per op (CI: 3; 0 = all), and
+MIXPREC_CONFORMANCE_OUT names a folder for a JSON summary of each run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import mixprec
+from mixprec.policy import default_policy
+
+op_db = pytest.importorskip(
+    "torch.testing._internal.common_methods_invocations", reason="needs expecttest (pip install expecttest)"
+).op_db
+
+CONFIGS = [("cpu", torch.bfloat16), ("cpu", torch.float16)]
+if torch.cuda.is_available():
+    CONFIGS += [("cuda", torch.float16), ("cuda", torch.bfloat16)]
+SAMPLES_PER_OP = int(os.environ.get("MIXPREC_CONFORMANCE_SAMPLES", "3"))
+
+
+def _leaves(value):
+    return torch.utils._pytree.tree_leaves(value)
+
+
+def _same(a, b) -> bool:
+    la, lb = _leaves(a), _leaves(b)
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.dtype != y.dtype or x.shape != y.shape or x.layout != y.layout:
+                return False
+            if x.layout != torch.strided:
+                x, y = x.to_dense(), y.to_dense()
+            if x.is_complex() or x.is_floating_point():
+                if not torch.equal(torch.nan_to_num(x, nan=0.0), torch.nan_to_num(y, nan=0.0)) or \
+                        not torch.equal(x.isnan(), y.isnan()):
+                    return False
+            elif not torch.equal(x, y):
+                return False
+        elif x != y and not (isinstance(x, float) and x != x and y != y):
+            return False
+    return True
+
+
+def _run(op, sample, region):
+    torch.manual_seed(0)
+    try:
+        with region():
+            return ("ok", op(sample.input, *sample.args, **sample.kwargs))
+    except Exception as err:  # noqa: BLE001 - the exception type is what we compare
+        return ("raised", type(err))
+
+
+def _grads(op, sample, region):
+    torch.manual_seed(0)
+    inputs = [t for t in _leaves((sample.input, sample.args, sample.kwargs))
+              if isinstance(t, torch.Tensor) and t.requires_grad]
+    try:
+        with region():
+            out = op(sample.input, *sample.args, **sample.kwargs)
+        outs = [t for t in _leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not outs or not inputs:
+            return ("none", None)
+        loss = sum(t.float().abs().sum() if not t.is_complex() else t.abs().sum() for t in outs)
+        return ("ok", torch.autograd.grad(loss, inputs, allow_unused=True))
+    except Exception as err:  # noqa: BLE001
+        return ("raised", type(err))
+
+
+@pytest.mark.parametrize("mode", ["default", "handle_all"])
+@pytest.mark.parametrize("device,dtype", CONFIGS, ids=[f"{d}-{str(t)[6:]}" for d, t in CONFIGS])
+def test_every_opinfo_sample_matches_torch_autocast(device, dtype, mode):
+    state = default_policy(device).state(handle_all=(mode == "handle_all"))
+
+    def ours():
+        region = mixprec.autocast(device, dtype=dtype)
+        region._state = state
+        return region
+
+    def theirs():
+        return torch.autocast(device, dtype=dtype)
+
+    ops = samples = grads = nondeterministic = raised = 0
+    mismatches: list[str] = []
+    warnings.simplefilter("ignore")
+    for op in op_db:
+        if torch.float32 not in op.supported_dtypes(device):
+            continue
+        ops += 1
+        try:
+            sample_list = list(op.sample_inputs(device, torch.float32, requires_grad=False))
+        except Exception:  # noqa: BLE001 - an OpInfo that cannot make samples here has none
+            continue
+        if SAMPLES_PER_OP:
+            sample_list = sample_list[:SAMPLES_PER_OP]
+        for sample in sample_list:
+            reference = _run(op, sample, theirs)
+            again = _run(op, sample, theirs)
+            if reference[0] != again[0] or (reference[0] == "ok" and not _same(reference[1], again[1])) \
+                    or (reference[0] == "raised" and reference[1] is not again[1]):
+                nondeterministic += 1
+                continue
+            result = _run(op, sample, ours)
+            samples += 1
+            raised += reference[0] == "raised"
+            if result[0] != reference[0] or (
+                    result[1] is not reference[1] if result[0] == "raised" else not _same(result[1], reference[1])):
+                mismatches.append(f"{op.name}{'.' + op.variant_test_name if op.variant_test_name else ''}: "
+                                  f"{reference[0]} vs {result[0]}")
+        if op.supports_autograd:
+            try:
+                grad_samples = list(op.sample_inputs(device, torch.float32, requires_grad=True))[:1]
+            except Exception:  # noqa: BLE001
+                grad_samples = []
+            for sample in grad_samples:
+                reference, again = _grads(op, sample, theirs), _grads(op, sample, theirs)
+                if reference[0] != again[0] or (reference[0] == "ok" and not _same(reference[1], again[1])):
+                    nondeterministic += 1
+                    continue
+                result = _grads(op, sample, ours)
+                grads += 1
+                if result[0] != reference[0] or (result[0] == "ok" and not _same(result[1], reference[1])):
+                    mismatches.append(f"{op.name} (gradients): {reference[0]} vs {result[0]}")
+    summary = {
+        "device": device, "dtype": str(dtype), "mode": mode, "torch": torch.__version__,
+        "opinfos": ops, "samples_compared": samples, "samples_raising_in_both": raised,
+        "gradient_samples_compared": grads, "set_aside_nondeterministic": nondeterministic,
+        "samples_per_op_cap": SAMPLES_PER_OP, "mismatches": mismatches,
+    }
+    out = os.environ.get("MIXPREC_CONFORMANCE_OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"conformance_{device}_{str(dtype)[6:]}_{mode}.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k != "mismatches"}))
+    assert samples > 1000 and grads > 300
+    assert not mismatches, "\n".join(mismatches[:50])
