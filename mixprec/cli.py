@@ -1,10 +1,63 @@
-"""The `mixprec` command (also `python -m mixprec`)."""
+"""The `mixprec` command (also `python -m mixprec`): demo, doctor, run, bench."""
 from __future__ import annotations
 
 import argparse
+import os
+import runpy
+import sys
+
+from mixprec.precision import ENV_VAR, parse_precision, valid_precisions
 
 
-def main(argv: list[str] | None = None) -> int:
+def _precision_arg(value: str) -> str:
+    try:
+        return parse_precision(value, source="--precision")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _precision_list(value: str) -> list[str]:
+    try:
+        return [parse_precision(p, source="--precisions") for p in value.split(",") if p.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def run_script(script: str, args: list[str], precision: str, module: bool = False) -> int:
+    """Run `script` (a path, or a module name with module=True) in this process as __main__,
+    with sys.argv = [script, *args] and $MIXPREC_PRECISION set, so mixprec.Precision() in it
+    picks the precision. Returns the script's exit status; argv and the environment are restored."""
+    saved_argv, saved_env = sys.argv[:], os.environ.get(ENV_VAR)
+    saved_path0 = sys.path[0] if sys.path else None
+    os.environ[ENV_VAR] = precision
+    sys.argv = [script, *args]
+    try:
+        if module:
+            runpy.run_module(script, run_name="__main__", alter_sys=True)
+        else:
+            if not os.path.exists(script):
+                print(f"mixprec run: no such script: {script}", file=sys.stderr)
+                return 2
+            sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script.py` does
+            runpy.run_path(script, run_name="__main__")
+        return 0
+    except SystemExit as e:
+        code = e.code
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr)
+        return 1
+    finally:
+        sys.argv = saved_argv
+        if not module and sys.path and sys.path[0] != saved_path0:
+            sys.path.pop(0)
+        if saved_env is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = saved_env
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixprec", description="mixed-precision training for PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="a short fp16 training run with mixprec.GradScaler")
@@ -12,13 +65,77 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", choices=["cpu", "cuda"], default=None,
                       help="default: cuda if available, else cpu")
     commands.add_parser("doctor", help="what this machine supports and which precision to use")
-    args = parser.parse_args(argv)
+
+    run = commands.add_parser(
+        "run", help="run a training script with a precision (read by mixprec.Precision())",
+        description=f"Runs SCRIPT in this process with ${ENV_VAR} set to the precision; "
+                    "mixprec.Precision() with no argument reads it.")
+    run.add_argument("--precision", type=_precision_arg, default="32-true",
+                     help=f"one of {', '.join(valid_precisions())} (default 32-true)")
+    run.add_argument("-m", dest="module", action="store_true", help="SCRIPT is a module name (python -m)")
+    run.add_argument("script")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+
+    bench = commands.add_parser(
+        "bench", help="train a built-in model under each precision and compare speed and memory",
+        description="Times every variant interleaved in one process (median and spread over rounds).")
+    bench.add_argument("--precisions", type=_precision_list, default=None,
+                       help="comma-separated (default 32-true,16-mixed,bf16-mixed,bf16-true)")
+    bench.add_argument("--model", choices=["gpt", "mlp", "cnn"], default="gpt")
+    bench.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 100 on CUDA, 20 on CPU)")
+    bench.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 10 on CUDA, 5 on CPU)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default 3 CUDA, 1 CPU)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    bench.add_argument("--compare-torch", action="store_true",
+                       help="also time torch's own recipe for 32-true/16-mixed/bf16-mixed in the same run")
+    bench.add_argument("--lr", type=float, default=1e-3)
+    bench.add_argument("--clip", type=float, default=1.0, help="grad-norm clip in every loop (0: none)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--plot", metavar="PNG", help="write bar charts (needs matplotlib)")
+    bench.add_argument("--json", metavar="PATH", help="write the raw figures as JSON")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from mixprec import bench
+
+    if args.plot:
+        try:
+            bench.require_matplotlib()  # fail before the run, not after it
+        except bench.MissingDependency as e:
+            print(f"mixprec bench: {e}", file=sys.stderr)
+            return 2
+    try:
+        result = bench.run_bench(
+            precisions=args.precisions or bench.DEFAULT_PRECISIONS, model=args.model, steps=args.steps,
+            rounds=args.rounds, warmup=args.warmup, device=args.device, compare_torch=args.compare_torch,
+            lr=args.lr, clip=args.clip, seed=args.seed, progress=not args.no_progress)
+    except ValueError as e:
+        print(f"mixprec bench: {e}", file=sys.stderr)
+        return 2
+    print(bench.format_table(result))
+    if args.json:
+        bench.write_json(result, args.json)
+        print(f"figures written to {args.json}")
+    if args.plot:
+        bench.write_plot(result, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command == "doctor":
         from mixprec.doctor import main as doctor
 
         doctor()
-    if args.command == "demo":
+    elif args.command == "demo":
         from mixprec.demo import run_demo
 
         run_demo(steps=args.steps, device=args.device)
+    elif args.command == "run":
+        return run_script(args.script, args.args, args.precision, module=args.module)
+    elif args.command == "bench":
+        return _bench(args)
     return 0
