@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     bench.add_argument("--compare-torch", action="store_true",
                        help="also time torch's own recipe for 32-true/16-mixed/bf16-mixed in the same run")
-    bench.add_argument("--lr", type=float, default=1e-3)
+    bench.add_argument("--batch", type=int, default=None, help="batch size (default: the model's size for the device)")
+    bench.add_argument("--lr", type=float, default=3e-4)
     bench.add_argument("--clip", type=float, default=1.0, help="grad-norm clip in every loop (0: none)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--plot", metavar="PNG", help="write bar charts (needs matplotlib)")
@@ -110,7 +111,7 @@ def _bench(args: argparse.Namespace) -> int:
         result = bench.run_bench(
             precisions=args.precisions or bench.DEFAULT_PRECISIONS, model=args.model, steps=args.steps,
             rounds=args.rounds, warmup=args.warmup, device=args.device, compare_torch=args.compare_torch,
-            lr=args.lr, clip=args.clip, seed=args.seed, progress=not args.no_progress)
+            lr=args.lr, clip=args.clip, seed=args.seed, progress=not args.no_progress, batch=args.batch)
     except ValueError as e:
         print(f"mixprec bench: {e}", file=sys.stderr)
         return 2
