@@ -186,15 +186,17 @@ std::optional<c10::DeviceType> device_of(const torch::jit::Stack* stack, size_t 
 }
 
 // norm's fp32_append_dtype: the overload that takes a dtype, as torch's
-// KERNEL_DIFFERENT_REDISPATCH_SIGNATURE does.
+// KERNEL_DIFFERENT_REDISPATCH_SIGNATURE does (norm.Scalar -> norm.ScalarOpt_dtype, any other
+// norm.X -> norm.X_dtype).
 c10::OperatorHandle dtype_sibling(const c10::OperatorHandle& op) {
   const auto& name = op.operator_name();
-  TORCH_CHECK(name.name == "aten::norm" &&
-                  (name.overload_name == "Scalar" || name.overload_name == "ScalarOpt_dim"),
-              "mixprec.autocast: rule fp32_append_dtype applies only to aten::norm.Scalar and "
-              "aten::norm.ScalarOpt_dim, not ", name);
-  const char* sibling = name.overload_name == "Scalar" ? "ScalarOpt_dtype" : "ScalarOpt_dim_dtype";
-  return c10::Dispatcher::singleton().findSchemaOrThrow("aten::norm", sibling);
+  const std::string sibling =
+      name.overload_name == "Scalar" ? "ScalarOpt_dtype" : name.overload_name + "_dtype";
+  auto found = c10::Dispatcher::singleton().findSchema({name.name, sibling});
+  TORCH_CHECK(name.name == "aten::norm" && found.has_value(),
+              "mixprec.autocast: rule fp32_append_dtype applies only to aten::norm overloads that "
+              "have a dtype-taking sibling, not ", name);
+  return *found;
 }
 
 void policy_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
@@ -360,6 +362,11 @@ PyObject* torch_cuda_rules(PyObject*, PyObject*) {
     PyList_Append(out, item);
     Py_DECREF(item);
   };
+  auto add_full = [&](const std::string& name_dot_overload, Rule rule) {  // "norm.Scalar"
+    const auto dot = name_dot_overload.find('.');
+    add(("aten::" + name_dot_overload.substr(0, dot)).c_str(),
+        dot == std::string::npos ? "" : name_dot_overload.substr(dot + 1).c_str(), rule);
+  };
 #define MIXPREC_RULE_1(op, rule) add("aten::" #op, "", rule);
 #define MIXPREC_RULE_2(op, overload, rule) add("aten::" #op, #overload, rule);
 #define MIXPREC_PICK(_1, _2, NAME, ...) NAME
@@ -378,8 +385,10 @@ PyObject* torch_cuda_rules(PyObject*, PyObject*) {
 #undef MIXPREC_FP32
 #undef MIXPREC_SET_OPT
 #undef MIXPREC_PROMOTE
-  add("aten::norm", "Scalar", Rule::fp32_append_dtype);
-  add("aten::norm", "ScalarOpt_dim", Rule::fp32_append_dtype);
+#define MIXPREC_APPEND(func, name, signature, redispatch_signature, policy) \
+  add_full(name, Rule::fp32_append_dtype);
+  AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE(MIXPREC_APPEND)
+#undef MIXPREC_APPEND
   return out;
 }
 

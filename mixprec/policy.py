@@ -54,7 +54,7 @@ _CPU_LOWER = """conv1d conv1d.padding conv2d conv2d.padding conv3d conv3d.paddin
     linalg_vecdot baddbmm addmm _addmm_activation addbmm linear _convolution.deprecated matmul
     conv_tbc mkldnn_rnn_layer conv_transpose1d conv_transpose2d.input conv_transpose3d.input prelu
     scaled_dot_product_attention _native_multi_head_attention"""
-_CPU_FP32 = """avg_pool3d binary_cross_entropy grid_sampler polar prod prod.dim_int quantile
+_CPU_FP32 = """avg_pool3d binary_cross_entropy grid_sampler polar prod prod.dim_int prod.dim_Dimname quantile
     quantile.scalar nanquantile nanquantile.scalar stft stft.center cdist grid_sampler_2d
     _grid_sampler_2d_cpu_fallback grid_sampler_3d trace view_as_complex cholesky cholesky_inverse
     cholesky_solve inverse lu_solve orgqr ormqr pinverse max_pool3d max_unpool2d max_unpool3d
@@ -71,7 +71,7 @@ _CPU_FP32 = """avg_pool3d binary_cross_entropy grid_sampler polar prod prod.dim_
     geqrf _lu_with_info qr svd triangular_solve fractional_max_pool2d fractional_max_pool3d
     adaptive_max_pool3d multilabel_margin_loss_forward linalg_qr linalg_cholesky_ex linalg_svd
     linalg_eig linalg_eigh linalg_lstsq linalg_inv_ex linalg_matrix_sqrth"""
-_CPU_PROMOTE = "stack cat index_copy"
+_CPU_PROMOTE = "stack cat index_copy index_copy.dimname"
 # CUDA entries registered outside the header's lists.
 _CUDA_EXTRA = {
     "aten::cudnn_convolution": "lower",
@@ -167,8 +167,10 @@ def _check_rule(key: str, rule: str) -> bool:
         raise ValueError(f"unknown rule {rule!r} for {key}; valid rules: {', '.join(RULES)}")
     if rule == "fp32_set_opt_dtype":
         return any(str(a.real_type) == "Optional[ScalarType]" for a in _overload(key)._schema.arguments)
-    if rule == "fp32_append_dtype":
-        return key in ("aten::norm.Scalar", "aten::norm.ScalarOpt_dim")
+    if rule == "fp32_append_dtype":  # aten::norm overloads with a dtype-taking sibling
+        name, overload = _split(key)
+        sibling = "ScalarOpt_dtype" if overload == "Scalar" else overload + "_dtype"
+        return name == "aten::norm" and sibling in torch.ops.aten.norm.overloads()
     return True
 
 

@@ -10,7 +10,10 @@ nothing) and "handle_all" (every op of torch's table routed through mixprec's C+
 that the kernel reproduces torch's rules bit for bit; this is what any overridden op goes through).
 
 Nothing is excluded by name. A sample is set aside only when torch.autocast disagrees with
-itself on a second identical run (nondeterministic kernels), and that count is reported.
+itself on identical runs (nondeterministic kernels, e.g. atomics in grid_sampler's CUDA backward):
+checked on a second run always, and on six more whenever mixprec's result differs; the count is
+reported. The
+empty* ops return uninitialised memory, so only their dtypes, shapes and strides are compared.
 MIXPREC_CONFORMANCE_SAMPLES caps the samples per op (CI: 3; 0 = all), and
 MIXPREC_CONFORMANCE_OUT names a folder for a JSON summary of each run.
 """
@@ -41,7 +44,12 @@ def _leaves(value):
     return torch.utils._pytree.tree_leaves(value)
 
 
-def _same(a, b) -> bool:
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = torch.empty(t.numel(), dtype=t.dtype, device=t.device).copy_(t.detach().reshape(-1))
+    return t.view(torch.uint8) if t.numel() and t.dtype != torch.bool else t
+
+
+def _same(a, b, values: bool = True) -> bool:
     la, lb = _leaves(a), _leaves(b)
     if len(la) != len(lb):
         return False
@@ -49,19 +57,25 @@ def _same(a, b) -> bool:
         if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
             return False
         if isinstance(x, torch.Tensor):
-            if x.dtype != y.dtype or x.shape != y.shape or x.layout != y.layout:
+            if x.dtype != y.dtype or x.shape != y.shape or x.layout != y.layout or (
+                    x.layout == torch.strided and x.stride() != y.stride()):
                 return False
             if x.layout != torch.strided:
                 x, y = x.to_dense(), y.to_dense()
-            if x.is_complex() or x.is_floating_point():
-                if not torch.equal(torch.nan_to_num(x, nan=0.0), torch.nan_to_num(y, nan=0.0)) or \
-                        not torch.equal(x.isnan(), y.isnan()):
-                    return False
-            elif not torch.equal(x, y):
+            if values and not torch.equal(_bits(x), _bits(y)):  # bit-identical, NaN payloads and signed zeros too
                 return False
         elif x != y and not (isinstance(x, float) and x != x and y != y):
             return False
     return True
+
+
+def _agree(result, reference, values: bool) -> bool:
+    """Both raised the same exception type, or both returned the same thing."""
+    if result[0] != reference[0]:
+        return False
+    if result[0] == "raised":
+        return result[1] is reference[1]
+    return result[0] == "none" or _same(result[1], reference[1], values)
 
 
 def _run(op, sample, region):
@@ -109,6 +123,7 @@ def test_every_opinfo_sample_matches_torch_autocast(device, dtype, mode):
         if torch.float32 not in op.supported_dtypes(device):
             continue
         ops += 1
+        values = not op.name.startswith(("empty", "new_empty"))  # uninitialised memory
         try:
             sample_list = list(op.sample_inputs(device, torch.float32, requires_grad=False))
         except Exception:  # noqa: BLE001 - an OpInfo that cannot make samples here has none
@@ -117,16 +132,17 @@ def test_every_opinfo_sample_matches_torch_autocast(device, dtype, mode):
             sample_list = sample_list[:SAMPLES_PER_OP]
         for sample in sample_list:
             reference = _run(op, sample, theirs)
-            again = _run(op, sample, theirs)
-            if reference[0] != again[0] or (reference[0] == "ok" and not _same(reference[1], again[1])) \
-                    or (reference[0] == "raised" and reference[1] is not again[1]):
+            if not _agree(_run(op, sample, theirs), reference, values):
                 nondeterministic += 1
                 continue
             result = _run(op, sample, ours)
+            if not _agree(result, reference, values) and \
+                    not all(_agree(_run(op, sample, theirs), reference, values) for _ in range(6)):
+                nondeterministic += 1
+                continue
             samples += 1
             raised += reference[0] == "raised"
-            if result[0] != reference[0] or (
-                    result[1] is not reference[1] if result[0] == "raised" else not _same(result[1], reference[1])):
+            if not _agree(result, reference, values):
                 mismatches.append(f"{op.name}{'.' + op.variant_test_name if op.variant_test_name else ''}: "
                                   f"{reference[0]} vs {result[0]}")
         if op.supports_autograd:
@@ -135,13 +151,17 @@ def test_every_opinfo_sample_matches_torch_autocast(device, dtype, mode):
             except Exception:  # noqa: BLE001
                 grad_samples = []
             for sample in grad_samples:
-                reference, again = _grads(op, sample, theirs), _grads(op, sample, theirs)
-                if reference[0] != again[0] or (reference[0] == "ok" and not _same(reference[1], again[1])):
+                reference = _grads(op, sample, theirs)
+                if not _agree(_grads(op, sample, theirs), reference, values):
                     nondeterministic += 1
                     continue
                 result = _grads(op, sample, ours)
+                if not _agree(result, reference, values) and \
+                        not all(_agree(_grads(op, sample, theirs), reference, values) for _ in range(6)):
+                    nondeterministic += 1
+                    continue
                 grads += 1
-                if result[0] != reference[0] or (result[0] == "ok" and not _same(result[1], reference[1])):
+                if not _agree(result, reference, values):
                     mismatches.append(f"{op.name} (gradients): {reference[0]} vs {result[0]}")
     summary = {
         "device": device, "dtype": str(dtype), "mode": mode, "torch": torch.__version__,
