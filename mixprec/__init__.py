@@ -12,9 +12,10 @@ from mixprec.autocast import (
 from mixprec.grad_scaler import GradScaler, OptState
 from mixprec.loss_scaler import DynamicLossScaler, MinScaleOverflowError
 from mixprec.policy import Policy, default_policy
+from mixprec.precision import Precision
 
 __all__ = [
-    "DynamicLossScaler", "GradScaler", "MinScaleOverflowError", "OptState", "Policy", "autocast",
+    "DynamicLossScaler", "GradScaler", "MinScaleOverflowError", "OptState", "Policy", "Precision", "autocast",
     "clear_weight_cache", "custom_bwd", "custom_fwd", "default_policy", "keep_fp32", "ops", "optim",
     "set_policy", "weight_cache_info",
 ]
