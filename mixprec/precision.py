@@ -129,13 +129,18 @@ class _PrecisionForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         prec = self.precision
+        # Called inside an autocast region (`with prec.autocast(): loss_fn(model(x), y)`), the
+        # caller's code runs under autocast too and its policy picks the loss's dtypes, as in the
+        # torch.amp recipe: outputs stay as they are (an fp32 copy of the logits would cost a
+        # cast each way and their fp32 size in memory).
+        caller_autocast = prec.mode.mixed and torch.is_autocast_enabled(prec.device_type)
         args, kwargs = prec.convert_input((args, kwargs))
         with prec.forward_context():
             if self.inner is None:
                 out = type(self.module).forward(self.module, *args, **kwargs)
             else:
                 out = self.inner(*args, **kwargs)
-        return prec.convert_output(out)
+        return out if caller_autocast else prec.convert_output(out)
 
 
 def nonfinite_grad_names(named_params: Iterable[tuple[str, Tensor]]) -> list[str]:

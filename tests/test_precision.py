@@ -367,7 +367,10 @@ def test_validation_under_no_grad_needs_no_scaler():
     prec.setup(model)
     with torch.no_grad(), prec.autocast():
         out = model(torch.randn(2, 8))
-    assert out.dtype == torch.float32 and not out.requires_grad
+    # inside a region the output stays as autocast made it (the caller's code is autocast too)
+    assert out.dtype == torch.float16 and not out.requires_grad
+    with torch.no_grad():
+        assert model(torch.randn(2, 8)).dtype == torch.float32  # outside: back in fp32
     assert prec.stats()["scale"] == 2.0**16 and prec.scaler.loss_scaler.scale is None
 
 
