@@ -126,7 +126,7 @@ def bench_tiny_forward(device: str, dtype: torch.dtype, rounds: int, compile_too
             "compiled, torch.autocast": forward_in(regions["torch.autocast"], compiled),
             "compiled, mixprec (torch's policy)": forward_in(regions["mixprec (torch's policy)"], compiled),
         }
-        samples = time_rounds(cfns, rounds, calls=20, device=device)
+        samples = time_rounds(cfns, rounds, calls=50, device=device)
         ref = statistics.median(samples["compiled, torch.autocast"])
         rows += [_row("(a) tiny GPT forward", n, s, None, ref) for n, s in samples.items()]
     return rows

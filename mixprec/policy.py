@@ -94,7 +94,10 @@ def _split(key: str) -> tuple[str, str]:
 
 
 def _registered(dispatch_key: str) -> set[str]:
-    return set(torch._C._dispatch_get_registrations_for_dispatch_key(dispatch_key))
+    """aten ops with a kernel at torch's autocast key (other libraries' ops, such as torchvision's
+    nms and roi_align, keep their own autocast kernels and are not part of the table)."""
+    return {op for op in torch._C._dispatch_get_registrations_for_dispatch_key(dispatch_key)
+            if op.startswith("aten::")}
 
 
 def _torch_table(device_type: str) -> dict[str, str]:

@@ -26,3 +26,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+def pytest_collection_finish(session):
+    # torch.testing._internal (imported for the OpInfo database) loads a hypothesis profile of
+    # its own at import time; ours must be the one in force when the tests run.
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
