@@ -14,6 +14,12 @@ from hypothesis import HealthCheck, settings
 # `device` is a plain string parameter, safe to share across generated examples.
 _common = dict(deadline=None, suppress_health_check=[
     HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+try:  # torch.testing._internal (the OpInfo database) loads a hypothesis profile of its own when
+    # imported; import it first so that ours, loaded below, is in force when test modules build
+    # their @settings (which inherit the profile loaded at that moment).
+    import torch.testing._internal.common_utils  # noqa: F401
+except ImportError:  # expecttest missing: test_autocast_conformance.py says so
+    pass
 settings.register_profile("ci", max_examples=60, derandomize=True, print_blob=True, **_common)
 settings.register_profile("thorough", max_examples=10_000, print_blob=True, **_common)
 # For slow multi-step properties on the GPU machine, where device time is rationed.
@@ -26,9 +32,3 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
-
-
-def pytest_collection_finish(session):
-    # torch.testing._internal (imported for the OpInfo database) loads a hypothesis profile of
-    # its own at import time; ours must be the one in force when the tests run.
-    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
