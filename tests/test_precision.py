@@ -14,6 +14,7 @@ from torch import nn
 import mixprec
 from mixprec.precision import ENV_VAR, MODES, Precision, parse_precision
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ALL = ["32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
 DTYPE = {"32-true": torch.float32, "64-true": torch.float64, "16-mixed": torch.float32,
          "bf16-mixed": torch.float32, "16-true": torch.float16, "bf16-true": torch.bfloat16}
@@ -24,9 +25,9 @@ def make_model(seed=0):
     return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4))
 
 
-def data(step, n=16):
+def data(step, n=16, device="cpu"):
     g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(n, 8, generator=g)
+    x = torch.randn(n, 8, generator=g).to(device)
     return x, (x[:, :4] * 2).sin()
 
 
@@ -61,17 +62,18 @@ def test_no_argument_reads_the_environment(monkeypatch):
         Precision()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ALL)
-def test_every_mode_trains_on_cpu(name):
-    model = make_model()
+def test_every_mode_trains(name, device):
+    model = make_model().to(device)
     keys = list(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    prec = Precision(name)
+    prec = Precision(name, device=device)
     same, opt = prec.setup(model, opt)
     assert same is model and list(model.state_dict()) == keys
     losses = []
     for step in range(4):
-        x, y = data(step)
+        x, y = data(step, device=device)
         out = model(x)
         assert out.dtype == torch.float32  # outputs back in the default dtype: loss code unchanged
         loss = F.mse_loss(out, y)
@@ -189,21 +191,21 @@ def test_set_up_model_copies_pickles_and_keeps_its_keys():
     assert torch.equal(restored(x), model(x)) and list(restored.state_dict()) == list(model.state_dict())
 
 
-def _recipe(use_mixprec, name, steps=12):
+def _recipe(use_mixprec, name, device="cpu", steps=12):
     """torch.amp's documented recipe (autocast, scaled backward, unscale_ + clip, step, update,
     validation under no_grad + autocast), written once with mixprec.Precision, once with torch.amp."""
-    model = make_model()
+    model = make_model().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     dtype = MODES[name].dtype
     if use_mixprec:
-        scaler = mixprec.GradScaler("cpu", growth_interval=3) if name == "16-mixed" else None
-        prec = Precision(name, device="cpu", scaler=scaler)
+        scaler = mixprec.GradScaler(device, growth_interval=3) if name == "16-mixed" else None
+        prec = Precision(name, device=device, scaler=scaler)
         model, opt = prec.setup(model, opt)
     else:
-        scaler = torch.amp.GradScaler("cpu", growth_interval=3, enabled=name == "16-mixed")
+        scaler = torch.amp.GradScaler(device, growth_interval=3, enabled=name == "16-mixed")
     losses, val = [], []
     for step in range(steps):
-        x, y = data(step)
+        x, y = data(step, device=device)
         if use_mixprec:
             with prec.autocast():
                 loss = F.mse_loss(model(x), y)
@@ -211,7 +213,7 @@ def _recipe(use_mixprec, name, steps=12):
             prec.clip_grad_norm_(opt, 0.5)
             prec.step(opt)
         else:
-            with torch.autocast("cpu", dtype=dtype):
+            with torch.autocast(device, dtype=dtype):
                 loss = F.mse_loss(model(x), y)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -220,19 +222,20 @@ def _recipe(use_mixprec, name, steps=12):
             scaler.update()
         opt.zero_grad()
         losses.append(loss.detach())
-        xv, yv = data(10_000 + step)
-        with torch.no_grad(), (prec.autocast() if use_mixprec else torch.autocast("cpu", dtype=dtype)):
+        xv, yv = data(10_000 + step, device=device)
+        with torch.no_grad(), (prec.autocast() if use_mixprec else torch.autocast(device, dtype=dtype)):
             val.append(F.mse_loss(model(xv), yv))
     scale = prec.stats()["scale"] if use_mixprec else scaler.get_scale()
     return torch.stack(losses), torch.stack(val), [p.detach() for p in model.parameters()], scale
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["16-mixed", "bf16-mixed"])
-def test_recipe_equals_torch_amp_bit_for_bit(name):
+def test_recipe_equals_torch_amp_bit_for_bit(name, device):
     # Exact: the same torch.optim.AdamW in both loops, mixprec.GradScaler is bit-identical to
     # torch.amp's, mixprec.autocast's default policy is torch's, and casting the fp16 output to
     # fp32 before the loss is the cast autocast itself makes for mse_loss.
-    ours, theirs = _recipe(True, name), _recipe(False, name)
+    ours, theirs = _recipe(True, name, device), _recipe(False, name, device)
     for a, b in zip(ours[:3], theirs[:3]):
         for u, v in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
             assert torch.equal(u, v)
