@@ -78,6 +78,19 @@ def _agree(result, reference, values: bool) -> bool:
     return result[0] == "none" or _same(result[1], reference[1], values)
 
 
+def _compare(runner, op, sample, ours, theirs, values: bool):
+    """("match" | "mismatch" | "set aside", torch's result) for one sample: set aside when torch
+    disagrees with itself (second run always; six more whenever mixprec's result differs)."""
+    reference = runner(op, sample, theirs)
+    if not _agree(runner(op, sample, theirs), reference, values):
+        return "set aside", reference
+    if _agree(runner(op, sample, ours), reference, values):
+        return "match", reference
+    if not all(_agree(runner(op, sample, theirs), reference, values) for _ in range(6)):
+        return "set aside", reference
+    return "mismatch", reference
+
+
 def _run(op, sample, region):
     torch.manual_seed(0)
     try:
@@ -130,39 +143,25 @@ def test_every_opinfo_sample_matches_torch_autocast(device, dtype, mode):
             continue
         if SAMPLES_PER_OP:
             sample_list = sample_list[:SAMPLES_PER_OP]
+        name = op.name + ("." + op.variant_test_name if op.variant_test_name else "")
         for sample in sample_list:
-            reference = _run(op, sample, theirs)
-            if not _agree(_run(op, sample, theirs), reference, values):
-                nondeterministic += 1
-                continue
-            result = _run(op, sample, ours)
-            if not _agree(result, reference, values) and \
-                    not all(_agree(_run(op, sample, theirs), reference, values) for _ in range(6)):
-                nondeterministic += 1
-                continue
-            samples += 1
-            raised += reference[0] == "raised"
-            if not _agree(result, reference, values):
-                mismatches.append(f"{op.name}{'.' + op.variant_test_name if op.variant_test_name else ''}: "
-                                  f"{reference[0]} vs {result[0]}")
+            verdict, reference = _compare(_run, op, sample, ours, theirs, values)
+            nondeterministic += verdict == "set aside"
+            samples += verdict != "set aside"
+            raised += verdict != "set aside" and reference[0] == "raised"
+            if verdict == "mismatch":
+                mismatches.append(f"{name}: torch {reference[0]}, mixprec differs")
         if op.supports_autograd:
             try:
                 grad_samples = list(op.sample_inputs(device, torch.float32, requires_grad=True))[:1]
             except Exception:  # noqa: BLE001
                 grad_samples = []
             for sample in grad_samples:
-                reference = _grads(op, sample, theirs)
-                if not _agree(_grads(op, sample, theirs), reference, values):
-                    nondeterministic += 1
-                    continue
-                result = _grads(op, sample, ours)
-                if not _agree(result, reference, values) and \
-                        not all(_agree(_grads(op, sample, theirs), reference, values) for _ in range(6)):
-                    nondeterministic += 1
-                    continue
-                grads += 1
-                if not _agree(result, reference, values):
-                    mismatches.append(f"{op.name} (gradients): {reference[0]} vs {result[0]}")
+                verdict, reference = _compare(_grads, op, sample, ours, theirs, values)
+                nondeterministic += verdict == "set aside"
+                grads += verdict != "set aside"
+                if verdict == "mismatch":
+                    mismatches.append(f"{name} (gradients): torch {reference[0]}, mixprec differs")
     summary = {
         "device": device, "dtype": str(dtype), "mode": mode, "torch": torch.__version__,
         "opinfos": ops, "samples_compared": samples, "samples_raising_in_both": raised,
