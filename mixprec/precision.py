@@ -8,6 +8,9 @@ Modes (Lightning Fabric's strings): "32-true" (nothing changes), "64-true" (floa
 inputs), "16-mixed" (fp16 autocast + mixprec.GradScaler), "bf16-mixed" (bf16 autocast, no scaler),
 "16-true" / "bf16-true" (fp16/bf16 weights, updated by a mixprec.optim optimizer that keeps fp32
 master weights unless master_weights=False). The mode is validated once, in parse_precision.
+A set-up model returns fp32 outputs (as in Fabric) when called outside an autocast region, so
+fp32 loss code runs unchanged; called inside one (`with prec.autocast(): loss_fn(model(x), y)`),
+its outputs stay as autocast made them, as in the torch.amp recipe.
 
 Mistakes it detects, each with one warning per Precision that names the fix: loss.backward()
 instead of prec.backward(loss) under 16-mixed (the step then uses the unscaled grads as they
