@@ -284,10 +284,10 @@ void ensure_registered(const c10::OperatorHandle& op) {
 // table_new(rules: list[tuple[str, str, int]]) -> int: name, overload, rule code. Registers our
 // kernel for each op (once per process) and returns the table's id.
 PyObject* table_new(PyObject*, PyObject* rules) {
+  PyObject* seq = PySequence_Fast(rules, "table_new expects a list of (name, overload, rule)");
+  if (!seq) return nullptr;
   try {
     auto table = std::make_unique<Table>();
-    PyObject* seq = PySequence_Fast(rules, "table_new expects a list of (name, overload, rule)");
-    if (!seq) return nullptr;
     const Py_ssize_t size = PySequence_Fast_GET_SIZE(seq);
     for (Py_ssize_t i = 0; i < size; ++i) {
       const char *name = nullptr, *overload = nullptr;
@@ -307,6 +307,7 @@ PyObject* table_new(PyObject*, PyObject* rules) {
     g_tables.push_back(std::move(table));
     return PyLong_FromSsize_t(static_cast<Py_ssize_t>(g_tables.size()));
   } catch (const std::exception& e) {
+    Py_DECREF(seq);
     PyErr_SetString(PyExc_ValueError, e.what());
     return nullptr;
   }

@@ -14,7 +14,8 @@ itself on identical runs (nondeterministic kernels, e.g. atomics in grid_sampler
 checked on a second run always, and on six more whenever mixprec's result differs; the count is
 reported. The
 empty* ops return uninitialised memory, so only their dtypes, shapes and strides are compared.
-MIXPREC_CONFORMANCE_SAMPLES caps the samples per op (CI: 3; 0 = all), and
+MIXPREC_CONFORMANCE_SAMPLES caps the samples per op (default 0 = all: about 18,700 per CPU
+configuration, ~90 s each here; scripts/gpu_autocast.sh caps the CUDA sweep for device time), and
 MIXPREC_CONFORMANCE_OUT names a folder for a JSON summary of each run.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ op_db = pytest.importorskip(
 CONFIGS = [("cpu", torch.bfloat16), ("cpu", torch.float16)]
 if torch.cuda.is_available():
     CONFIGS += [("cuda", torch.float16), ("cuda", torch.bfloat16)]
-SAMPLES_PER_OP = int(os.environ.get("MIXPREC_CONFORMANCE_SAMPLES", "3"))
+SAMPLES_PER_OP = int(os.environ.get("MIXPREC_CONFORMANCE_SAMPLES", "0"))
 
 
 def _leaves(value):
