@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 
 from mixprec import _toolchain
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
-def _jit_build(first_error: ImportError):
+def _jit_build(first_error: ImportError) -> ModuleType:
     missing = _toolchain.missing_for_cpu_build()
     if missing:
         raise ImportError(
@@ -43,10 +44,10 @@ def _jit_build(first_error: ImportError):
     )
 
 
-_module = None
+_module: ModuleType | None = None
 
 
-def load():
+def load() -> ModuleType:
     """Make torch.ops.mixprec.* available, building the extension if needed; returns the module
     (its functions drive mixprec.autocast)."""
     global _module
