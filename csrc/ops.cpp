@@ -23,6 +23,9 @@ TORCH_LIBRARY(mixprec, m) {
   m.def(
       "grad_norm(Tensor[] grads, Tensor(a!) found_inf, Tensor inv_scale, float norm_type) -> "
       "Tensor");
+  // torch.nn.utils.clip_grad_norm_'s clip coefficient from a 0-dim fp32 total norm, bit for bit:
+  // clamp(max_norm / (total_norm + 1e-6), max=1), in one kernel instead of torch's four.
+  m.def("clip_coef(Tensor total_norm, float max_norm) -> Tensor");
   // Fused optimizer steps over one dtype of params on one device (torch.optim's foreach maths,
   // in fp32). The grad used is grad * inv_scale * clip_coef (each optional); a nonzero
   // found_inf skips everything (params, state, steps). fp16/bf16 params are updated through

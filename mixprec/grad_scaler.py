@@ -256,17 +256,19 @@ class GradScaler:
                 if optimizer_state["stage"] is OptState.READY:
                     self._check_inf_per_device(optimizer)
                 scale = self._scale
-                found_inf = sum(
-                    t.to(scale.device, non_blocking=True)
-                    for t in optimizer_state["found_inf_per_device"].values()
-                )
+                # torch's sum and product, without their kernels where they change nothing: one
+                # device's found_inf is the sum, and a scale times no user grad_scale is itself
+                # (the optimizer only reads both).
+                found_infs = [t.to(scale.device, non_blocking=True)
+                              for t in optimizer_state["found_inf_per_device"].values()]
+                found_inf = found_infs[0] if len(found_infs) == 1 else sum(found_infs)
                 grads_unscaled = (optimizer_state["stage"] == OptState.UNSCALED
                                   and not optimizer_state["deferred_unscale"])
-                optimizer.grad_scale = (
-                    getattr(optimizer, "grad_scale", None)
-                    if grads_unscaled
-                    else scale * getattr(optimizer, "grad_scale", 1)
-                )
+                user_grad_scale = getattr(optimizer, "grad_scale", None)
+                if grads_unscaled:
+                    optimizer.grad_scale = user_grad_scale
+                else:
+                    optimizer.grad_scale = scale if user_grad_scale is None else scale * user_grad_scale
                 optimizer.found_inf = found_inf
             retval = optimizer.step(*args, **kwargs_)
             optimizer_state["stage"] = OptState.STEPPED

@@ -20,6 +20,15 @@ from torch import Tensor
 from mixprec import ops
 
 
+def reciprocal_fp32(scale: Tensor) -> Tensor:
+    """1/scale in fp32, bit-identical to scale.double().reciprocal().float(): for an fp32 scale a
+    correctly rounded fp32 division (one kernel instead of three) gives the same bits, because
+    rounding the fp64 quotient to fp32 can't go wrong twice (53 >= 2 * 24 + 2 bits: Figueroa)."""
+    if scale.dtype == torch.float32:
+        return torch.reciprocal(scale)
+    return scale.double().reciprocal().float()
+
+
 class MinScaleOverflowError(RuntimeError):
     """Gradients overflowed although the loss scale was already at min_scale."""
 
@@ -106,8 +115,8 @@ class DynamicLossScaler:
         return loss * self.scale.to(device=loss.device, non_blocking=True)
 
     def inv_scale(self) -> Tensor:
-        """1/scale computed in fp64 and rounded to fp32, as torch.amp does."""
-        return self._require_state("inv_scale").double().reciprocal().float()
+        """1/scale in fp32 with the bits of torch.amp's scale.double().reciprocal().float()."""
+        return reciprocal_fp32(self._require_state("inv_scale"))
 
     def unscale_(self, grads: Iterable[Tensor], inv_scale: Tensor | None = None) -> dict[torch.device, Tensor]:
         """Multiply grads (any devices and float dtypes) by inv_scale in place and return a fresh

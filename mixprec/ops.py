@@ -58,6 +58,12 @@ def grad_norm(grads: list[Tensor], found_inf: Tensor, inv_scale: Tensor, norm_ty
     return torch.ops.mixprec.grad_norm(grads, found_inf, inv_scale, float(norm_type))
 
 
+def clip_coef(total_norm: Tensor, max_norm: float) -> Tensor:
+    """torch.nn.utils.clip_grad_norm_'s coefficient, clamp(max_norm / (total_norm + 1e-6),
+    max=1), bit for bit, from a 0-dim fp32 norm: one kernel where torch's formula takes four."""
+    return torch.ops.mixprec.clip_coef(total_norm, float(max_norm))
+
+
 ROUNDING = {"nearest": 0, "stochastic": 1, "kahan": 2}
 
 
@@ -107,6 +113,11 @@ def sgd_step_(
 @torch.library.register_fake("mixprec::grad_norm")
 def _grad_norm_fake(grads, found_inf, inv_scale, norm_type) -> Tensor:
     return found_inf.new_empty(())
+
+
+@torch.library.register_fake("mixprec::clip_coef")
+def _clip_coef_fake(total_norm, max_norm) -> Tensor:
+    return total_norm.new_empty(())
 
 
 @torch.library.register_fake("mixprec::adam_step_")

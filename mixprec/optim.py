@@ -30,6 +30,7 @@ from torch import Tensor
 
 from mixprec import ops
 from mixprec.distributed import agree_norm, local, shard_group
+from mixprec.loss_scaler import reciprocal_fp32
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _SUPPORTED = (torch.float32,) + _LOW_PRECISION
@@ -155,7 +156,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         work = self._collect()
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
+        inv_scale = None if grad_scale is None else reciprocal_fp32(grad_scale)
         per_device: dict[tuple[str, torch.device], Tensor | None] = {}
 
         def on(device: torch.device, key: str, t: Tensor | None) -> Tensor | None:
@@ -271,7 +272,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
             torch.stack([n.to(first, non_blocking=True) for n in norms]), norm_type)
         # torch's formula and clamp, on the device.
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        coef = ops.clip_coef(total, max_norm)   # torch's formula, bit for bit, in one kernel
         self._pending_clip = {d: coef.to(d, non_blocking=True) for d in per_device}
         return total, found
 

@@ -34,7 +34,9 @@ scaler.update()
 for norm_type in (2.0, 1.0, math.inf, 3.0):
     grads = [torch.randn(n, device=dev).to(dtype)[1:] for n in (2, 9, 8194, 100_003)
              for dtype in (torch.float32, torch.float16, torch.bfloat16)] + many
-    ops.grad_norm(grads, torch.zeros((), device=dev), torch.full((), 0.5, device=dev), norm_type)
+    norm = ops.grad_norm(grads, torch.zeros((), device=dev), torch.full((), 0.5, device=dev), norm_type)
+    ops.clip_coef(norm, 1.0)
+ops.grad_norm([torch.empty(0, device=dev)], torch.zeros((), device=dev), torch.ones((), device=dev), 2.0)
 
 # Fused optimizers: fp32 and master-weight params, aligned and misaligned (offset views), sizes
 # around vector and chunk edges, amsgrad, momentum, and enough tensors for several launches.

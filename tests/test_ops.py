@@ -238,3 +238,36 @@ def test_update_scale_bad_input(device):
     with pytest.raises(RuntimeError, match="hysteresis must be >= 1"):
         ops.update_scale_(scale, *args.values(), 2.0, 0.5, 3, 0)
     assert scale.item() == 8.0 and args["counters"].sum().item() == 0
+
+
+f32s = st.floats(width=32, allow_nan=True, allow_infinity=True)
+
+
+@given(norm=f32s, max_norm=st.one_of(st.floats(0.0, 1e4), f32s))
+def test_clip_coef_matches_torch_formula_bit_for_bit(device, norm, max_norm):
+    """clip_grad_norm_'s clamp(max_norm / (norm + 1e-6), max=1), run by torch on the same device."""
+    total = torch.tensor(norm, device=device)
+    expected = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    assert_bitwise_equal(ops.clip_coef(total, max_norm), expected)
+
+
+def test_clip_coef_opcheck_and_errors(device):
+    torch.library.opcheck(torch.ops.mixprec.clip_coef.default, (torch.tensor(3.0, device=device), 1.0))
+    with pytest.raises(RuntimeError, match="total_norm"):
+        ops.clip_coef(torch.tensor(3.0, device=device, dtype=torch.float64), 1.0)
+    with pytest.raises(RuntimeError, match="total_norm"):
+        ops.clip_coef(torch.ones(2, device=device), 1.0)
+
+
+def test_fp32_reciprocal_equals_torch_amp_fp64_route(device):
+    """torch.amp's inv_scale is scale.double().reciprocal().float(); our one-kernel fp32 reciprocal
+    must give the same bits for every fp32 scale: 2^24 random bit patterns (all exponents,
+    subnormals, infs and NaNs included) and every power of two."""
+    from mixprec.loss_scaler import reciprocal_fp32
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (1 << 24,), generator=gen, dtype=torch.int64).to(torch.int32)
+    powers = torch.tensor([2.0**e for e in range(-149, 128)], dtype=torch.float32).view(torch.int32)
+    scales = torch.cat([bits, powers]).view(torch.float32).to(device)
+    ours, torch_amp = reciprocal_fp32(scales), scales.double().reciprocal().float()
+    same = (ours.view(torch.int32) == torch_amp.view(torch.int32)) | (ours.isnan() & torch_amp.isnan())
+    assert bool(same.all()), scales[~same][:5]

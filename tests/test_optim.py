@@ -241,6 +241,14 @@ def test_grad_norm_flags_non_finite(device, bad, norm_type):
     assert not math.isfinite(norm.item())
 
 
+def test_grad_norm_of_empty_grads_is_zero(device):
+    for _ in range(3):  # the partials buffer comes from the allocator: no stale values may leak in
+        found = torch.zeros((), device=device)
+        norm = ops.grad_norm([torch.empty(0, device=device)] * 2, found, torch.ones((), device=device), 2.0)
+        assert norm.item() == 0.0 and found.item() == 0.0
+        torch.full((1 << 16,), math.nan, device=device)  # leave NaNs in freed memory
+
+
 def test_grad_norm_of_huge_finite_grads_is_not_an_overflow(device):
     """Squares may overflow fp32 although every element is finite: inf norm, but found_inf stays 0
     (torch's unscale_ check would not flag these grads either)."""

@@ -16,37 +16,47 @@ LOW = [torch.bfloat16, torch.float16]
 
 
 def sgd_to_target(start: float, x: float, n: int, dtype, device, seed=0, step_count=1,
-                  rounding="stochastic"):
-    """n params at `start` (representable in dtype) and one SGD step (lr=1) whose fp32 result is
-    exactly x, then rounded by `rounding`: returns the rounded params."""
+                  rounding="stochastic", lr=1.0):
+    """n params at `start` (representable in dtype) and one SGD step whose fp32 result is exactly
+    x (lr a power of two, so that subnormal targets get a representable grad), then rounded by
+    `rounding`: returns the rounded params."""
     p0 = torch.full((n,), start, dtype=dtype)
     assert p0[0].float().item() == start
     params = [p0.to(device)]
-    grad = [(p0.float() - x).to(dtype).to(device)]  # p - grad == x exactly in fp32
-    assert (p0.float() - grad[0].cpu().float()).eq(x).all()
+    grad = [((p0.double() - x) / lr).to(dtype).to(device)]
+    assert (p0.double() - lr * grad[0].cpu().double()).eq(x).all()  # exact, so fp32 gives x too
+    assert torch.tensor(x, dtype=torch.float32).item() == x
     steps = [torch.full((), float(step_count - 1), device=device)]
-    ops.sgd_step_(params, grad, [], [], steps, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0,
+    ops.sgd_step_(params, grad, [], [], steps, lr=lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
                   nesterov=False, maximize=False, rounding=rounding, seed=seed)
     return params[0].float().cpu()
 
 
+# (start, lr): mid-binade; the last value below 2, whose upper neighbour opens the next binade;
+# a subnormal of the dtype.
+STARTS = {torch.bfloat16: [(1.5, 1.0), (1.9921875, 1.0), (2.0**-130, 2.0**-20)],
+          torch.float16: [(1.5, 1.0), (1.9990234375, 1.0), (2.0**-20, 2.0**-10)]}
+
+
 @pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("where", [0, 1, 2], ids=["mid-binade", "binade-edge", "subnormal"])
 @pytest.mark.parametrize("fraction", [0.5, 0.125, 0.9375, 2.0**-8])
-def test_stochastic_rounding_is_unbiased(device, dtype, fraction):
+def test_stochastic_rounding_is_unbiased(device, dtype, where, fraction):
     """Rounding x = down + f * ulp to `dtype` many times averages to x: 200,000 independent
     draws, tolerance 5 standard errors of the mean (a false failure has odds below 1e-6)."""
-    down = torch.tensor(1.5, dtype=dtype).float().item()
-    up = torch.nextafter(torch.tensor(down, dtype=dtype), torch.tensor(2.0, dtype=dtype)).float().item()
+    start, lr = STARTS[dtype][where]
+    down = torch.tensor(start, dtype=dtype).float().item()
+    up = torch.nextafter(torch.tensor(down, dtype=dtype), torch.tensor(4.0, dtype=dtype)).float().item()
     x = down + fraction * (up - down)
     n = 200_000
-    out = sgd_to_target(down, x, n, dtype, device)
+    out = sgd_to_target(down, x, n, dtype, device, lr=lr)
     assert set(out.unique().tolist()) <= {down, up}
     p = fraction
     std_err = (up - down) * math.sqrt(p * (1 - p) / n)
-    assert abs(out.double().mean().item() - x) <= 5 * std_err + 1e-12
+    assert abs(out.double().mean().item() - x) <= 5 * std_err
     # and negative values round symmetrically
-    neg = sgd_to_target(-down, -x, n, dtype, device)
-    assert abs(neg.double().mean().item() + x) <= 5 * std_err + 1e-12
+    neg = sgd_to_target(-down, -x, n, dtype, device, lr=lr)
+    assert abs(neg.double().mean().item() + x) <= 5 * std_err
 
 
 @pytest.mark.parametrize("dtype", LOW)

@@ -14,6 +14,7 @@
 
 #include "mixprec/dense_spans.h"
 #include "mixprec/optim_checks.h"
+#include "mixprec/optim_math.h"
 
 namespace mixprec::cpu {
 namespace {
@@ -150,8 +151,15 @@ at::Tensor grad_norm_cpu(at::TensorList grads, const at::Tensor& found_inf,
   return at::scalar_tensor(static_cast<float>(norm), found_inf.options());
 }
 
+at::Tensor clip_coef_cpu(const at::Tensor& total_norm, double max_norm) {
+  check_clip_coef_args(total_norm);
+  return at::scalar_tensor(clip_coefficient(*total_norm.data_ptr<float>(), max_norm),
+                           total_norm.options());
+}
+
 }  // namespace mixprec::cpu
 
 TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
   m.impl("grad_norm", &mixprec::cpu::grad_norm_cpu);
+  m.impl("clip_coef", &mixprec::cpu::clip_coef_cpu);
 }

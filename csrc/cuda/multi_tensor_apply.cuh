@@ -10,6 +10,7 @@
 #include <array>
 #include <cstdlib>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace mixprec::cuda {
@@ -48,8 +49,19 @@ struct TensorListMeta {
 // Each block walks chunks blockIdx.x, blockIdx.x + gridDim.x, ...; chunk indices only grow, so
 // the owning tensor is found by walking forward. Functor: init(), chunk(meta, t, start, n),
 // finish(); it is copied per thread so it may carry per-thread state (e.g. "saw an inf").
+// Resident blocks per SM the compiler must leave registers for: Functor::kMinBlocksPerSM when
+// the functor declares it, else 1 (no constraint).
+template <typename F, typename = void>
+struct MinBlocksPerSM {
+  static constexpr int value = 1;
+};
+template <typename F>
+struct MinBlocksPerSM<F, std::void_t<decltype(F::kMinBlocksPerSM)>> {
+  static constexpr int value = F::kMinBlocksPerSM;
+};
+
 template <int Depth, typename Functor>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, MinBlocksPerSM<Functor>::value)
     multi_tensor_apply_kernel(const __grid_constant__ TensorListMeta<Depth> meta,
                               const Functor functor) {
   Functor f = functor;

@@ -8,6 +8,7 @@
 
 #include "mixprec/dense_spans.h"
 #include "mixprec/optim_checks.h"
+#include "mixprec/optim_math.h"
 #include "multi_tensor_apply.cuh"
 
 namespace mixprec::cuda {
@@ -43,6 +44,7 @@ struct NormFunctor {
   const float* inv_scale;
   float* found_inf;
   float* partials;  // this launch's slice: one slot per block
+  int64_t slots;    // the slice's length: slots past this launch's grid are written 0
   float p;
   float inv, acc;
   bool found;
@@ -93,6 +95,10 @@ struct NormFunctor {
   __device__ void finish() {
     const float total = block_reduce<K>(acc);
     if (threadIdx.x == 0) partials[blockIdx.x] = total;
+    // Zeros in the slots no block of this launch owns, so the buffer needs no memset kernel.
+    if (blockIdx.x == 0) {
+      for (int64_t i = gridDim.x + threadIdx.x; i < slots; i += blockDim.x) partials[i] = 0.0f;
+    }
     if (found) *found_inf = 1.0f;  // every writer stores the same value
   }
 };
@@ -140,7 +146,9 @@ at::Tensor grad_norm_kind(const DenseSpans& spans, const at::Tensor& found_inf,
     for (const Span& s : list) numels.push_back(s.numel);
     launches += launch_count<1>(numels);
   }
-  at::Tensor partials = at::zeros({std::max<int64_t>(launches, 1) * slot_stride}, found_inf.options());
+  // Every launch fills its whole slice; with no launch (only empty grads) the norm is 0.
+  at::Tensor partials = launches > 0 ? at::empty({launches * slot_stride}, found_inf.options())
+                                     : at::zeros({slot_stride}, found_inf.options());
   float* slot = partials.data_ptr<float>();
   for (const auto& [dtype, list] : spans.by_dtype) {
     std::vector<int64_t> numels;
@@ -149,11 +157,11 @@ at::Tensor grad_norm_kind(const DenseSpans& spans, const at::Tensor& found_inf,
     float* found = found_inf.data_ptr<float>();
     const float p = static_cast<float>(norm_type);
     if (dtype == at::kFloat) {
-      launch_norm_stage1<float, K>(list, {inv, found, nullptr, p}, slot, slot_stride, device, stream);
+      launch_norm_stage1<float, K>(list, {inv, found, nullptr, slot_stride, p}, slot, slot_stride, device, stream);
     } else if (dtype == at::kHalf) {
-      launch_norm_stage1<c10::Half, K>(list, {inv, found, nullptr, p}, slot, slot_stride, device, stream);
+      launch_norm_stage1<c10::Half, K>(list, {inv, found, nullptr, slot_stride, p}, slot, slot_stride, device, stream);
     } else {
-      launch_norm_stage1<c10::BFloat16, K>(list, {inv, found, nullptr, p}, slot, slot_stride, device, stream);
+      launch_norm_stage1<c10::BFloat16, K>(list, {inv, found, nullptr, slot_stride, p}, slot, slot_stride, device, stream);
     }
     slot += launch_count<1>(numels) * slot_stride;
   }
@@ -179,8 +187,24 @@ at::Tensor grad_norm_cuda(at::TensorList grads, const at::Tensor& found_inf,
   }
 }
 
+__global__ void clip_coef_kernel(const float* total_norm, double max_norm, float* out) {
+  *out = clip_coefficient(*total_norm, max_norm);
+}
+
+at::Tensor clip_coef_cuda(const at::Tensor& total_norm, double max_norm) {
+  check_clip_coef_args(total_norm);
+  TORCH_CHECK(total_norm.is_cuda(), "mixprec.clip_coef: the CUDA kernel needs a CUDA tensor");
+  c10::cuda::CUDAGuard guard(total_norm.device());
+  at::Tensor out = at::empty({}, total_norm.options());
+  clip_coef_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream()>>>(total_norm.data_ptr<float>(),
+                                                                   max_norm, out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace mixprec::cuda
 
 TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
   m.impl("grad_norm", &mixprec::cuda::grad_norm_cuda);
+  m.impl("clip_coef", &mixprec::cuda::clip_coef_cuda);
 }

@@ -165,6 +165,10 @@ inline void check_grad_norm_args(at::TensorList grads, const at::Tensor& found_i
   }
 }
 
+inline void check_clip_coef_args(const at::Tensor& total_norm) {
+  check_scalar_tensor(total_norm, "mixprec.clip_coef", "total_norm", at::kFloat);
+}
+
 // How grad_norm accumulates each element (|x|^p) and combines partial results.
 enum class NormKind { kL2, kL1, kInf, kP };
 

@@ -12,6 +12,7 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <type_traits>
 
@@ -144,6 +145,14 @@ MIXPREC_HOST_DEVICE inline void sgd_element(const SgdStepScalars& s, float g, fl
   p = fmaf(s.neg_lr, g, p);
 }
 
+// torch.nn.utils.clip_grad_norm_'s coefficient, clamp(max_norm / (total_norm + 1e-6), max=1.0),
+// with torch's fp32 roundings: the 1e-6 and max_norm become floats, and Python's
+// `max_norm / tensor` is tensor.reciprocal() * max_norm. clamp keeps NaN.
+MIXPREC_HOST_DEVICE inline float clip_coefficient(float total_norm, double max_norm) {
+  const float coef = (1.0f / (total_norm + static_cast<float>(1e-6))) * static_cast<float>(max_norm);
+  return (coef != coef || coef <= 1.0f) ? coef : 1.0f;
+}
+
 // -- Writing the updated weight back to a low-precision model without fp32 master weights. -------
 
 // How an fp32 result becomes an fp16/bf16 weight (schema: int rounding).
@@ -197,22 +206,43 @@ MIXPREC_HOST_DEVICE inline T toward_zero(T v) {
   return T(static_cast<uint16_t>(v.x - 1), T::from_bits());
 }
 
-// Unbiased stochastic rounding of x to T: E[result] = x for every x within T's range.
+MIXPREC_HOST_DEVICE inline uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+#endif
+}
+
+// Unbiased stochastic rounding of x to T: E[result] = x for every x within T's range; a finite x
+// never rounds to inf. `random` is a uniform 32-bit word.
 template <typename T>
 MIXPREC_HOST_DEVICE inline T round_stochastic(float x, uint32_t random) {
   const float ax = fabsf(x);
   if (!(ax == ax) || ax == INFINITY) return static_cast<T>(x);
-  T down = static_cast<T>(ax);  // nearest; step back if it went up
-  if (static_cast<float>(down) > ax) down = toward_zero(down);
-  const float lo = static_cast<float>(down);
-  T result = down;
-  if (lo != ax) {
-    const T up = away_from_zero(down);
-    const float p = (ax - lo) / (static_cast<float>(up) - lo);  // up == inf gives p = 0
-    const float u = static_cast<float>(random >> 8) * (1.0f / 16777216.0f);  // [0, 1), 24 bits
-    if (u < p) result = up;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // bf16 is the top half of fp32's bit pattern, and between two neighbouring bf16 values (in
+    // any binade, subnormals too) the fp32 values are evenly spaced, 2^16 of them to a gap. So
+    // adding 16 uniform bits to the low half and truncating carries into the next bf16 value with
+    // probability exactly (x - down) / (up - down): a few integer ops instead of a division.
+    uint16_t out = static_cast<uint16_t>((float_bits(x) + (random >> 16)) >> 16);
+    if ((out & 0x7FFFu) == 0x7F80u) --out;  // carried from the largest finite value into inf
+    return T(out, T::from_bits());
+  } else {
+    T down = static_cast<T>(ax);  // nearest; step back if it went up
+    if (static_cast<float>(down) > ax) down = toward_zero(down);
+    const float lo = static_cast<float>(down);
+    T result = down;
+    if (lo != ax) {
+      const T up = away_from_zero(down);
+      const float p = (ax - lo) / (static_cast<float>(up) - lo);  // up == inf gives p = 0
+      const float u = static_cast<float>(random >> 8) * (1.0f / 16777216.0f);  // [0, 1), 24 bits
+      if (u < p) result = up;
+    }
+    return x < 0 ? T(static_cast<uint16_t>(result.x | 0x8000u), T::from_bits()) : result;
   }
-  return x < 0 ? T(static_cast<uint16_t>(result.x | 0x8000u), T::from_bits()) : result;
 }
 
 // Reads the weight the update starts from and writes the new one, for every storage scheme:
