@@ -26,6 +26,12 @@ TORCH_LIBRARY(mixprec, m) {
   // torch.nn.utils.clip_grad_norm_'s clip coefficient from a 0-dim fp32 total norm, bit for bit:
   // clamp(max_norm / (total_norm + 1e-6), max=1), in one kernel instead of torch's four.
   m.def("clip_coef(Tensor total_norm, float max_norm) -> Tensor");
+  // What a GradScaler's clip_grad_norm_ needs from scaled grads, in one read and two kernels:
+  // (total norm of grads / scale, clip_coef(total norm, max_norm), found_inf (0 or 1), 1 / scale),
+  // each a 0-dim fp32 tensor, bit for bit what grad_norm + clip_coef + torch.amp's inv_scale give.
+  m.def(
+      "clip_grad_norm_scaled(Tensor[] grads, Tensor scale, float norm_type, float max_norm) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
   // Fused optimizer steps over one dtype of params on one device (torch.optim's foreach maths,
   // in fp32). The grad used is grad * inv_scale * clip_coef (each optional); a nonzero
   // found_inf skips everything (params, state, steps). fp16/bf16 params are updated through

@@ -208,7 +208,7 @@ class GradScaler:
             return torch.nn.utils.clip_grad_norm_(_params_with_grad(optimizer), max_norm, norm_type)
         if optimizer_state["stage"] is OptState.UNSCALED:  # unscale_ already ran and checked
             return optimizer.clip_grad_norm_(max_norm, norm_type, process_group=self._process_group)
-        norm, found = optimizer._clip(max_norm, norm_type, inv_scale=self._scaler.inv_scale(),
+        norm, found = optimizer._clip(max_norm, norm_type, scale=self._scale,
                                       process_group=self._process_group)
         optimizer_state["found_inf_per_device"] = found
         optimizer_state["stage"] = OptState.UNSCALED

@@ -64,6 +64,14 @@ def clip_coef(total_norm: Tensor, max_norm: float) -> Tensor:
     return torch.ops.mixprec.clip_coef(total_norm, float(max_norm))
 
 
+def clip_grad_norm_scaled(grads: list[Tensor], scale: Tensor, norm_type: float, max_norm: float
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(total norm of grads / scale, clip coefficient, found_inf, 1 / scale) as 0-dim fp32 tensors,
+    bit for bit grad_norm(grads, zeros, reciprocal(scale)), clip_coef(norm, max_norm), that
+    found_inf and torch.amp's inv_scale: one read of the grads, and on CUDA two kernels in all."""
+    return torch.ops.mixprec.clip_grad_norm_scaled(grads, scale, float(norm_type), float(max_norm))
+
+
 ROUNDING = {"nearest": 0, "stochastic": 1, "kahan": 2}
 
 
@@ -118,6 +126,11 @@ def _grad_norm_fake(grads, found_inf, inv_scale, norm_type) -> Tensor:
 @torch.library.register_fake("mixprec::clip_coef")
 def _clip_coef_fake(total_norm, max_norm) -> Tensor:
     return total_norm.new_empty(())
+
+
+@torch.library.register_fake("mixprec::clip_grad_norm_scaled")
+def _clip_grad_norm_scaled_fake(grads, scale, norm_type, max_norm):
+    return tuple(scale.new_empty(()) for _ in range(4))
 
 
 @torch.library.register_fake("mixprec::adam_step_")

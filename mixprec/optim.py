@@ -86,6 +86,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         self._pending_clip: dict[torch.device, Tensor] | None = None
+        # (scale, its version, 1/scale) from a GradScaler's clip_grad_norm_, so that step() need
+        # not compute the same reciprocal again (one kernel fewer per step).
+        self._pending_inv_scale: tuple[Tensor, int, Tensor] | None = None
         super().__init__(params, defaults)
 
     # -- validation ------------------------------------------------------------------------------
@@ -156,7 +159,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         work = self._collect()
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        inv_scale = None if grad_scale is None else reciprocal_fp32(grad_scale)
+        inv_scale = None if grad_scale is None else self._inv_scale_of(grad_scale)
         per_device: dict[tuple[str, torch.device], Tensor | None] = {}
 
         def on(device: torch.device, key: str, t: Tensor | None) -> Tensor | None:
@@ -180,8 +183,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                     clip_coef=None if self._pending_clip is None else self._pending_clip.get(device),
                     found_inf=on(device, "found_inf", found_inf),
                 )
-        self._pending_clip = None
+        self._pending_clip = self._pending_inv_scale = None
         return loss
+
+    def _inv_scale_of(self, grad_scale: Tensor) -> Tensor:
+        pending = self._pending_inv_scale
+        if pending is not None and pending[0] is grad_scale and pending[1] == grad_scale._version:
+            return pending[2]  # computed by clip_grad_norm_ from this very scale, unchanged since
+        return reciprocal_fp32(grad_scale)
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
@@ -238,11 +247,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         norm (a device tensor). The grads are not rewritten: the next step() applies the clip
         coefficient inside its kernel. Sharded grads (FSDP2 DTensors, or `process_group` given)
         are clipped by the global norm, agreed with one all-reduce."""
-        return self._clip(max_norm, norm_type, inv_scale=None, process_group=process_group)[0]
+        return self._clip(max_norm, norm_type, scale=None, process_group=process_group)[0]
 
-    def _clip(self, max_norm: float, norm_type: float, inv_scale: Tensor | None,
+    def _clip(self, max_norm: float, norm_type: float, scale: Tensor | None,
               process_group: Any = None) -> tuple[Tensor, dict[torch.device, Tensor]]:
-        """The norm of grads * inv_scale and the found_inf per device of the same read."""
+        """The norm of grads / scale (the loss scale they carry, None: unscaled) and the found_inf
+        per device of the same read; leaves the clip coefficient, and 1/scale, for step()."""
         norm_type = float(norm_type)
         if not (norm_type > 0):
             raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
@@ -260,6 +270,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         sharded_over = shard_group(all_grads, process_group)
         if sharded_over is not None and len(per_device) > 1:
             raise ValueError("sharded gradients must be on one device per rank")
+        if scale is not None and len(per_device) == 1 and sharded_over is None:
+            # The common case in one op: two kernels where the general path below takes five.
+            device, grads = next(iter(per_device.items()))
+            total, coef, found_inf, inv_scale = ops.clip_grad_norm_scaled(
+                grads, scale.to(device, non_blocking=True), norm_type, max_norm)
+            self._pending_clip = {device: coef}
+            self._pending_inv_scale = (scale, scale._version, inv_scale)
+            return total, {device: found_inf}
+        inv_scale = None if scale is None else reciprocal_fp32(scale)
         norms, found = [], {}
         for device, grads in per_device.items():
             found[device] = torch.zeros((), dtype=torch.float32, device=device)
@@ -271,13 +290,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             norms[0], found[first] = agree_norm(norms[0], found[first], norm_type, sharded_over)
         total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
             torch.stack([n.to(first, non_blocking=True) for n in norms]), norm_type)
-        # torch's formula and clamp, on the device.
-        coef = ops.clip_coef(total, max_norm)   # torch's formula, bit for bit, in one kernel
+        coef = ops.clip_coef(total, max_norm)   # torch's formula and clamp, bit for bit
         self._pending_clip = {d: coef.to(d, non_blocking=True) for d in per_device}
+        if scale is not None:
+            self._pending_inv_scale = (scale, scale._version, inv_scale)
         return total, found
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._pending_clip = None  # a clip coefficient belongs to the grads it was computed from
+        # a clip coefficient belongs to the grads it was computed from
+        self._pending_clip = self._pending_inv_scale = None
         super().zero_grad(set_to_none)
 
     # -- checkpoints -------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ for norm_type in (2.0, 1.0, math.inf, 3.0):
              for dtype in (torch.float32, torch.float16, torch.bfloat16)] + many
     norm = ops.grad_norm(grads, torch.zeros((), device=dev), torch.full((), 0.5, device=dev), norm_type)
     ops.clip_coef(norm, 1.0)
+    ops.clip_grad_norm_scaled(grads, torch.full((), 4.0, device=dev), norm_type, 1.0)
+ops.clip_grad_norm_scaled([torch.empty(0, device=dev)], torch.ones((), device=dev), 2.0, 1.0)
 ops.grad_norm([torch.empty(0, device=dev)], torch.zeros((), device=dev), torch.ones((), device=dev), 2.0)
 
 # Fused optimizers: fp32 and master-weight params, aligned and misaligned (offset views), sizes

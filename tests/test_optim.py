@@ -19,6 +19,7 @@ from hypothesis import given, strategies as st
 
 import mixprec
 from mixprec import ops, optim
+from helpers import assert_bitwise_equal, grad_tensor, inv_scales
 
 ULPS = {"cpu": 4, "cuda": 2}
 SHAPES = [(1,), (3,), (7,), (33,), (4, 5), (129,), (1025,), (3, 17, 5), (4099,)]
@@ -289,6 +290,23 @@ def test_scaler_clip_and_step_match_torch_unscale_clip_step(device):
         for po, pr in zip(ours.parameters(), ref.parameters()):
             torch.testing.assert_close(po, pr, rtol=1e-5, atol=1e-6)
     assert o_scaler.get_scale() == r_scaler.get_scale()
+
+
+def test_step_reuses_the_clip_inv_scale_only_for_the_same_unchanged_scale(device):
+    model = mlp(device)
+    opt = optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = mixprec.GradScaler(device, init_scale=4.0)
+    scaler.scale(model(torch.ones(2, 16, device=device)).sum()).backward()
+    scaler.clip_grad_norm_(opt, 1.0)
+    scale, inv = scaler._scale, opt._pending_inv_scale[2]
+    assert opt._inv_scale_of(scale) is inv and inv.item() == 0.25
+    assert opt._inv_scale_of(scale * 1) is not inv  # another tensor: computed afresh
+    scale.fill_(8.0)  # an in-place write bumps the version: computed afresh
+    assert opt._inv_scale_of(scale).item() == 0.125
+    scale.fill_(4.0)
+    scaler.step(opt)
+    scaler.update()
+    assert opt._pending_inv_scale is None
 
 
 def test_scaler_clip_skips_on_overflow_and_backs_off(device):
@@ -714,3 +732,34 @@ def test_more_tensors_than_one_launch_holds(device):
     norm = ops.grad_norm(grads, torch.zeros((), device=device), torch.ones((), device=device), 2.0)
     expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]).double())
     torch.testing.assert_close(norm.double(), expected, rtol=1e-5, atol=0)
+
+
+@given(grads=st.lists(grad_tensor(dtypes=(torch.float32, torch.float16, torch.bfloat16)), min_size=0, max_size=4),
+       scale=inv_scales, norm_type=st.sampled_from([2.0, 1.0, math.inf, 3.0]),
+       max_norm=st.sampled_from([1.0, 0.5, 1e6]))
+def test_clip_grad_norm_scaled_equals_its_parts_bit_for_bit(device, grads, scale, norm_type, max_norm):
+    """The fused op of GradScaler.clip_grad_norm_ against the ops it replaces: grad_norm over
+    torch.amp's inv_scale, clip_coef, and the found_inf of the same read (0 or 1)."""
+    grads = [g.to(device) for g in grads]
+    scale_t = torch.tensor(scale, device=device)
+    norm, coef, found, inv = ops.clip_grad_norm_scaled(grads, scale_t, norm_type, max_norm)
+    inv_ref = scale_t.double().reciprocal().float()
+    found_ref = torch.zeros((), device=device)
+    norm_ref = ops.grad_norm(grads, found_ref, inv_ref, norm_type)
+    coef_ref = torch.clamp(max_norm / (norm_ref + 1e-6), max=1.0)
+    for ours, ref, what in [(norm, norm_ref, "norm"), (coef, coef_ref, "coef"), (found, found_ref, "found"),
+                            (inv, inv_ref, "inv_scale")]:
+        assert ours.shape == () and ours.device == scale_t.device
+        assert_bitwise_equal(ours, ref, what)
+
+
+def test_clip_grad_norm_scaled_opcheck_and_errors(device):
+    grads = [torch.randn(100, device=device), torch.randn(7, device=device).half()]
+    scale = torch.tensor(8.0, device=device)
+    torch.library.opcheck(torch.ops.mixprec.clip_grad_norm_scaled.default, (grads, scale, 2.0, 1.0))
+    with pytest.raises(RuntimeError, match="scale"):
+        ops.clip_grad_norm_scaled(grads, scale.double(), 2.0, 1.0)
+    with pytest.raises(RuntimeError, match="norm_type"):
+        ops.clip_grad_norm_scaled(grads, scale, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match=r"grads\[1\]"):
+        ops.clip_grad_norm_scaled([grads[0], grads[1].double()], scale, 2.0, 1.0)

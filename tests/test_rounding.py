@@ -83,9 +83,36 @@ def test_draws_are_reproducible_and_independent(device, dtype):
     ups = [(t > 1.5).double() for t in (a, c, d)]
     # Different seeds, different steps and neighbouring elements are uncorrelated (|r| < 0.02,
     # more than 6 standard errors of a correlation over 100,000 pairs).
-    for u, v in [(ups[0], ups[1]), (ups[0], ups[2]), (ups[0][:-1], ups[0][1:]), (ups[0][:-4], ups[0][4:])]:
+    # Lag 1024: bf16 elements e and e + 1024 take their bits from one Philox block (random_word).
+    lags = [(ups[0][:-k], ups[0][k:]) for k in (1, 2, 4, 1024)]
+    for u, v in [(ups[0], ups[1]), (ups[0], ups[2])] + lags:
         r = torch.corrcoef(torch.stack([u, v]))[0, 1].item()
         assert abs(r) < 0.02, r
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA kernel with the CPU kernel")
+@pytest.mark.parametrize("dtype", LOW)
+def test_cuda_draws_the_same_bits_as_the_cpu(dtype):
+    """One random stream on both devices: an SGD step (p - lr * g: the same fp32 result on both)
+    rounded stochastically gives bit-identical weights on CPU and CUDA, over sizes around the
+    vector, chunk and bf16 block-pairing edges, aligned and misaligned."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = [1, 5, 1023, 1024, 1025, 2048 + 3, 4096 * 3 + 7, 100_003]
+    start = [(torch.randn(n + 1, generator=gen) + 3.0).to(dtype)[off:] for n in sizes for off in (0, 1)]
+    grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in start]
+    lr = 2.0**-9
+    results = {}
+    for device in ("cpu", "cuda"):
+        params = [p.clone().to(device) if device == "cuda" else p.clone() for p in start]
+        steps = [torch.full((), 6.0, device=device) for _ in params]
+        ops.sgd_step_(params, [g.to(device) for g in grads], [], [], steps, lr=lr, momentum=0.0,
+                      dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                      rounding="stochastic", seed=99)
+        results[device] = [p.cpu() for p in params]
+    for a, b in zip(results["cpu"], results["cuda"]):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    nearest = [(p.float() - lr * g.float()).to(dtype) for p, g in zip(start, grads)]
+    assert any(not torch.equal(a, n) for a, n in zip(results["cpu"], nearest))  # it did round stochastically
 
 
 @pytest.mark.parametrize("dtype", LOW)

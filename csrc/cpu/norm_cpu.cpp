@@ -157,9 +157,22 @@ at::Tensor clip_coef_cpu(const at::Tensor& total_norm, double max_norm) {
                            total_norm.options());
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_grad_norm_scaled_cpu(
+    at::TensorList grads, const at::Tensor& scale, double norm_type, double max_norm) {
+  check_clip_grad_norm_scaled_args(grads, scale, norm_type);
+  TORCH_CHECK(scale.is_cpu(), "mixprec.clip_grad_norm_scaled: scale is on ", scale.device(),
+              "; the CPU kernel needs CPU tensors");
+  // 1.0f / scale is torch.amp's fp64-then-fp32 reciprocal bit for bit (reciprocal_fp32).
+  at::Tensor inv = at::scalar_tensor(1.0f / *scale.data_ptr<float>(), scale.options());
+  at::Tensor found = at::zeros({}, scale.options());
+  at::Tensor norm = grad_norm_cpu(grads, found, inv, norm_type);
+  return {norm, clip_coef_cpu(norm, max_norm), found, inv};
+}
+
 }  // namespace mixprec::cpu
 
 TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
   m.impl("grad_norm", &mixprec::cpu::grad_norm_cpu);
   m.impl("clip_coef", &mixprec::cpu::clip_coef_cpu);
+  m.impl("clip_grad_norm_scaled", &mixprec::cpu::clip_grad_norm_scaled_cpu);
 }

@@ -41,16 +41,19 @@ template <typename T, NormKind K>
 struct NormFunctor {
   static constexpr int kVec = 16 / sizeof(T);
   static constexpr int kIlp = 4;
-  const float* inv_scale;
-  float* found_inf;
-  float* partials;  // this launch's slice: one slot per block
-  int64_t slots;    // the slice's length: slots past this launch's grid are written 0
+  const float* inv_scale;  // or null: the reciprocal of *scale, computed here
+  const float* scale;
+  float* found_inf;  // or null: each block writes its own flag to `flags` instead
+  float* partials;   // this launch's slice: one slot per block
+  float* flags;      // this launch's slice of per-block inf/NaN flags (when found_inf is null)
+  int64_t slots;     // the slices' length: slots past this launch's grid are written 0
   float p;
   float inv, acc;
   bool found;
 
   __device__ void init() {
-    inv = *inv_scale;
+    // 1.0f / scale is torch.amp's fp64-then-fp32 reciprocal bit for bit (reciprocal_fp32).
+    inv = inv_scale != nullptr ? *inv_scale : 1.0f / *scale;
     acc = 0.0f;
     found = false;
   }
@@ -65,7 +68,8 @@ struct NormFunctor {
     acc = combine<K>(acc, term);
   }
 
-  __device__ void chunk(const TensorListMeta<1>& meta, int t, int64_t start, int64_t n) {
+  template <typename Meta>
+  __device__ void chunk(const Meta& meta, int t, int64_t start, int64_t n) {
     const T* x = static_cast<const T*>(meta.ptrs[0][t]) + start;
     int64_t first_scalar = 0;
     if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
@@ -99,26 +103,55 @@ struct NormFunctor {
     if (blockIdx.x == 0) {
       for (int64_t i = gridDim.x + threadIdx.x; i < slots; i += blockDim.x) partials[i] = 0.0f;
     }
-    if (found) *found_inf = 1.0f;  // every writer stores the same value
+    if (found_inf == nullptr) {
+      const bool any = __syncthreads_or(found);
+      if (threadIdx.x == 0) flags[blockIdx.x] = any ? 1.0f : 0.0f;
+      if (blockIdx.x == 0) {
+        for (int64_t i = gridDim.x + threadIdx.x; i < slots; i += blockDim.x) flags[i] = 0.0f;
+      }
+    } else if (found) {
+      *found_inf = 1.0f;  // every writer stores the same value
+    }
   }
 };
 
+// Where the finalize kernel writes. norm always; the rest only for clip_grad_norm_scaled.
+struct NormOutputs {
+  float* norm;
+  float* clip_coef;
+  float* found_inf;
+  float* inv_scale;
+  const float* flags;  // per-block flags to OR into found_inf
+  const float* scale;
+  double max_norm;
+};
+
 template <NormKind K>
-__global__ void finalize_norm_kernel(const float* partials, int64_t count, double p, float* out) {
+__global__ void finalize_norm_kernel(const float* partials, int64_t count, double p, NormOutputs out) {
   double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc = combine<K, double>(acc, partials[i]);
+  bool any = false;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    acc = combine<K, double>(acc, partials[i]);
+    if (out.flags != nullptr) any |= out.flags[i] != 0.0f;
+  }
+  if (out.flags != nullptr) any = __syncthreads_or(any);
   const double total = block_reduce<K, double>(acc);
   if (threadIdx.x == 0) {
     double norm = total;
     if constexpr (K == NormKind::kL2) norm = sqrt(total);
     if constexpr (K == NormKind::kP) norm = pow(total, 1.0 / p);
-    *out = static_cast<float>(norm);
+    *out.norm = static_cast<float>(norm);
+    if (out.clip_coef != nullptr) {
+      *out.clip_coef = clip_coefficient(*out.norm, out.max_norm);
+      *out.found_inf = any ? 1.0f : 0.0f;
+      *out.inv_scale = 1.0f / *out.scale;
+    }
   }
 }
 
 template <typename T, NormKind K>
 void launch_norm_stage1(const std::vector<Span>& list, const NormFunctor<T, K>& f, float* partials,
-                        int64_t slot_stride, int device, cudaStream_t stream) {
+                        float* flags, int64_t slot_stride, int device, cudaStream_t stream) {
   std::vector<std::array<void*, 1>> ptrs;
   std::vector<int64_t> numels;
   for (const Span& s : list) {
@@ -128,13 +161,17 @@ void launch_norm_stage1(const std::vector<Span>& list, const NormFunctor<T, K>& 
   multi_tensor_apply<1>(ptrs, numels, sizeof(T), f, device, stream,
                         [&](NormFunctor<T, K>& g, int launch, int64_t) {
                           g.partials = partials + launch * slot_stride;
+                          if (flags != nullptr) g.flags = flags + launch * slot_stride;
                         });
 }
 
+// Stage 1 over every dtype's spans, then the finalize kernel. Either found_inf and inv_scale
+// are given (grad_norm), or scale is, and found_inf, inv_scale and the clip coefficient are
+// written by the finalize kernel (clip_grad_norm_scaled: no fill or reciprocal kernels).
 template <NormKind K>
-at::Tensor grad_norm_kind(const DenseSpans& spans, const at::Tensor& found_inf,
-                          const at::Tensor& inv_scale, double norm_type) {
-  const int device = found_inf.get_device();
+void grad_norm_kind(const DenseSpans& spans, const float* inv_scale, float* found_inf,
+                    double norm_type, NormOutputs out, const at::TensorOptions& options) {
+  const int device = options.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // One slot per block per launch: slot_stride bounds every functor's persistent grid.
   const int64_t slot_stride = std::max({max_grid<1, NormFunctor<float, K>>(device),
@@ -146,30 +183,44 @@ at::Tensor grad_norm_kind(const DenseSpans& spans, const at::Tensor& found_inf,
     for (const Span& s : list) numels.push_back(s.numel);
     launches += launch_count<1>(numels);
   }
-  // Every launch fills its whole slice; with no launch (only empty grads) the norm is 0.
-  at::Tensor partials = launches > 0 ? at::empty({launches * slot_stride}, found_inf.options())
-                                     : at::zeros({slot_stride}, found_inf.options());
+  const bool flagged = found_inf == nullptr;
+  // Every launch fills its whole slices; with no launch (only empty grads) the norm is 0.
+  const int64_t count = std::max<int64_t>(launches, 1) * slot_stride;
+  at::Tensor partials = launches > 0 ? at::empty({(flagged ? 2 : 1) * count}, options)
+                                     : at::zeros({(flagged ? 2 : 1) * count}, options);
   float* slot = partials.data_ptr<float>();
+  float* flag = flagged ? slot + count : nullptr;
+  out.flags = flag;
   for (const auto& [dtype, list] : spans.by_dtype) {
     std::vector<int64_t> numels;
     for (const Span& s : list) numels.push_back(s.numel);
-    const float* inv = inv_scale.data_ptr<float>();
-    float* found = found_inf.data_ptr<float>();
     const float p = static_cast<float>(norm_type);
     if (dtype == at::kFloat) {
-      launch_norm_stage1<float, K>(list, {inv, found, nullptr, slot_stride, p}, slot, slot_stride, device, stream);
+      launch_norm_stage1<float, K>(list, {inv_scale, out.scale, found_inf, nullptr, nullptr, slot_stride, p},
+                                   slot, flag, slot_stride, device, stream);
     } else if (dtype == at::kHalf) {
-      launch_norm_stage1<c10::Half, K>(list, {inv, found, nullptr, slot_stride, p}, slot, slot_stride, device, stream);
+      launch_norm_stage1<c10::Half, K>(list, {inv_scale, out.scale, found_inf, nullptr, nullptr, slot_stride, p},
+                                       slot, flag, slot_stride, device, stream);
     } else {
-      launch_norm_stage1<c10::BFloat16, K>(list, {inv, found, nullptr, slot_stride, p}, slot, slot_stride, device, stream);
+      launch_norm_stage1<c10::BFloat16, K>(list, {inv_scale, out.scale, found_inf, nullptr, nullptr, slot_stride, p},
+                                           slot, flag, slot_stride, device, stream);
     }
-    slot += launch_count<1>(numels) * slot_stride;
+    const int64_t used = launch_count<1>(numels) * slot_stride;
+    slot += used;
+    if (flag != nullptr) flag += used;
   }
-  at::Tensor out = at::empty({}, found_inf.options());
-  finalize_norm_kernel<K><<<1, kBlockThreads, 0, stream>>>(partials.data_ptr<float>(), partials.numel(),
-                                                          norm_type, out.data_ptr<float>());
+  finalize_norm_kernel<K><<<1, kBlockThreads, 0, stream>>>(partials.data_ptr<float>(), count, norm_type, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+}
+
+void grad_norm_any_kind(const DenseSpans& spans, const float* inv_scale, float* found_inf,
+                        double norm_type, const NormOutputs& out, const at::TensorOptions& options) {
+  switch (norm_kind(norm_type)) {
+    case NormKind::kL2: return grad_norm_kind<NormKind::kL2>(spans, inv_scale, found_inf, norm_type, out, options);
+    case NormKind::kL1: return grad_norm_kind<NormKind::kL1>(spans, inv_scale, found_inf, norm_type, out, options);
+    case NormKind::kInf: return grad_norm_kind<NormKind::kInf>(spans, inv_scale, found_inf, norm_type, out, options);
+    default: return grad_norm_kind<NormKind::kP>(spans, inv_scale, found_inf, norm_type, out, options);
+  }
 }
 
 at::Tensor grad_norm_cuda(at::TensorList grads, const at::Tensor& found_inf,
@@ -179,12 +230,27 @@ at::Tensor grad_norm_cuda(at::TensorList grads, const at::Tensor& found_inf,
               "; the CUDA kernel needs CUDA tensors");
   c10::cuda::CUDAGuard guard(found_inf.device());
   const DenseSpans spans(grads);  // read-only: strided grads are read through a contiguous copy
-  switch (norm_kind(norm_type)) {
-    case NormKind::kL2: return grad_norm_kind<NormKind::kL2>(spans, found_inf, inv_scale, norm_type);
-    case NormKind::kL1: return grad_norm_kind<NormKind::kL1>(spans, found_inf, inv_scale, norm_type);
-    case NormKind::kInf: return grad_norm_kind<NormKind::kInf>(spans, found_inf, inv_scale, norm_type);
-    default: return grad_norm_kind<NormKind::kP>(spans, found_inf, inv_scale, norm_type);
-  }
+  at::Tensor norm = at::empty({}, found_inf.options());
+  grad_norm_any_kind(spans, inv_scale.data_ptr<float>(), found_inf.data_ptr<float>(), norm_type,
+                     {norm.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, nullptr, 0.0},
+                     found_inf.options());
+  return norm;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_grad_norm_scaled_cuda(
+    at::TensorList grads, const at::Tensor& scale, double norm_type, double max_norm) {
+  check_clip_grad_norm_scaled_args(grads, scale, norm_type);
+  TORCH_CHECK(scale.is_cuda(), "mixprec.clip_grad_norm_scaled: scale is on ", scale.device(),
+              "; the CUDA kernel needs CUDA tensors");
+  c10::cuda::CUDAGuard guard(scale.device());
+  const DenseSpans spans(grads);
+  at::Tensor norm = at::empty({}, scale.options()), coef = at::empty({}, scale.options());
+  at::Tensor found = at::empty({}, scale.options()), inv = at::empty({}, scale.options());
+  grad_norm_any_kind(spans, nullptr, nullptr, norm_type,
+                     {norm.data_ptr<float>(), coef.data_ptr<float>(), found.data_ptr<float>(),
+                      inv.data_ptr<float>(), nullptr, scale.data_ptr<float>(), max_norm},
+                     scale.options());
+  return {norm, coef, found, inv};
 }
 
 __global__ void clip_coef_kernel(const float* total_norm, double max_norm, float* out) {
@@ -207,4 +273,5 @@ at::Tensor clip_coef_cuda(const at::Tensor& total_norm, double max_norm) {
 TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
   m.impl("grad_norm", &mixprec::cuda::grad_norm_cuda);
   m.impl("clip_coef", &mixprec::cuda::clip_coef_cuda);
+  m.impl("clip_grad_norm_scaled", &mixprec::cuda::clip_grad_norm_scaled_cuda);
 }

@@ -37,6 +37,10 @@ __device__ __forceinline__ void store_pack(T* p, int64_t j, const Pack<T, kVec>&
 // H100, and 5 measured best of 4, 5 and 6 (6 spills).
 constexpr int kUpdateBlocksPerSM = 5;
 
+// The update kernels take the large tensor table (multi_tensor_apply.cuh): GPT-2 124M's 148
+// tensors in one launch instead of four, about 2 % faster for its AdamW step on an H100.
+constexpr int kUpdateTableBytes = kLargeTableBytes;
+
 // Values every functor reads once per thread from the device.
 struct DeviceScalars {
   const float* lr_tensor;  // nullptr: use lr
@@ -140,6 +144,7 @@ __device__ __forceinline__ void random_block(const WeightIO<T>& io, const Random
 template <typename T>
 struct AdamFunctor {
   static constexpr int kMinBlocksPerSM = kUpdateBlocksPerSM;
+  static constexpr int kTableBytes = kUpdateTableBytes;
   AdamConfig config;
   DeviceScalars in;
   WeightIO<T> io;
@@ -163,7 +168,8 @@ struct AdamFunctor {
     have_scalars = false;
   }
 
-  __device__ void chunk(const TensorListMeta<8>& meta, int t, int64_t start, int64_t n) {
+  template <typename Meta>
+  __device__ void chunk(const Meta& meta, int t, int64_t start, int64_t n) {
     if (skip) return;
     const float step = *static_cast<const float*>(meta.ptrs[6][t]);
     if (!have_scalars || step != scalars_step) {
@@ -223,6 +229,7 @@ struct AdamFunctor {
 template <typename T>
 struct SgdFunctor {
   static constexpr int kMinBlocksPerSM = kUpdateBlocksPerSM;
+  static constexpr int kTableBytes = kUpdateTableBytes;
   SgdConfig config;
   DeviceScalars in;
   WeightIO<T> io;
@@ -238,7 +245,8 @@ struct SgdFunctor {
     s = sgd_step_scalars(config, in.learning_rate());
   }
 
-  __device__ void chunk(const TensorListMeta<6>& meta, int t, int64_t start, int64_t n) {
+  template <typename Meta>
+  __device__ void chunk(const Meta& meta, int t, int64_t start, int64_t n) {
     if (skip) return;
     const T* grad = static_cast<const T*>(meta.ptrs[0][t]) + start;
     float* buf = meta.ptrs[2][t] ? static_cast<float*>(meta.ptrs[2][t]) + start : nullptr;

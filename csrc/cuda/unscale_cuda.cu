@@ -37,7 +37,8 @@ struct UnscaleFunctor {
     return static_cast<T>(v * inv);
   }
 
-  __device__ void chunk(const TensorListMeta<1>& meta, int t, int64_t start, int64_t n) {
+  template <typename Meta>
+  __device__ void chunk(const Meta& meta, int t, int64_t start, int64_t n) {
     T* p = static_cast<T*>(meta.ptrs[0][t]) + start;
     int64_t first_scalar = 0;
     if (reinterpret_cast<uintptr_t>(p) % 16 == 0) {

@@ -143,12 +143,9 @@ inline bool sgd_needs_steps(at::TensorList params, at::TensorList momentum_buffe
   return !momentum_buffers.empty() || (direct_low_precision && rounding == 1);
 }
 
-inline void check_grad_norm_args(at::TensorList grads, const at::Tensor& found_inf,
-                                 const at::Tensor& inv_scale, double norm_type) {
-  const char* op = "mixprec.grad_norm";
-  check_scalar_tensor(found_inf, op, "found_inf", at::kFloat);
-  check_scalar_tensor(inv_scale, op, "inv_scale", at::kFloat);
-  check_same_device(inv_scale, found_inf, op, "inv_scale", "found_inf");
+// grads for a norm: dense fp32/fp16/bf16 tensors on `ref`'s device.
+inline void check_norm_grads(const char* op, at::TensorList grads, const at::Tensor& ref,
+                             const char* ref_name, double norm_type) {
   TORCH_CHECK(norm_type > 0, op, ": norm_type must be positive or inf, got ",
               std::to_string(norm_type));
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -161,8 +158,24 @@ inline void check_grad_norm_args(at::TensorList grads, const at::Tensor& found_i
                     g.scalar_type() == at::kBFloat16,
                 op, ": ", name, " has dtype ", g.scalar_type(),
                 "; expected float32, float16 or bfloat16");
-    check_same_device(g, found_inf, op, name, "found_inf");
+    check_same_device(g, ref, op, name, ref_name);
   }
+}
+
+inline void check_grad_norm_args(at::TensorList grads, const at::Tensor& found_inf,
+                                 const at::Tensor& inv_scale, double norm_type) {
+  const char* op = "mixprec.grad_norm";
+  check_scalar_tensor(found_inf, op, "found_inf", at::kFloat);
+  check_scalar_tensor(inv_scale, op, "inv_scale", at::kFloat);
+  check_same_device(inv_scale, found_inf, op, "inv_scale", "found_inf");
+  check_norm_grads(op, grads, found_inf, "found_inf", norm_type);
+}
+
+inline void check_clip_grad_norm_scaled_args(at::TensorList grads, const at::Tensor& scale,
+                                             double norm_type) {
+  const char* op = "mixprec.clip_grad_norm_scaled";
+  check_scalar_tensor(scale, op, "scale", at::kFloat);
+  check_norm_grads(op, grads, scale, "scale", norm_type);
 }
 
 inline void check_clip_coef_args(const at::Tensor& total_norm) {
