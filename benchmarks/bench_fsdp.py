@@ -2,7 +2,8 @@
 GPT-2 parameter lists sharded over the ranks of one machine:
 
   torch  ShardedGradScaler.unscale_ + clip_grad_norm_ (global norm over DTensors)
-         + AdamW(fused=True on CUDA, foreach on CPU).step via the scaler + update
+         + AdamW(foreach=True).step via the scaler + update (fused=True fails under the sharded
+         scaler in torch 2.11: its found_inf has shape [1], the fused kernel wants [])
   ours   mixprec.GradScaler.clip_grad_norm_ (one read + one all-reduce for norm and found_inf)
          + mixprec.optim.AdamW step + update
 
@@ -59,7 +60,7 @@ def make(variant: str, shapes, device: str, mesh):
         p.grad = torch.randn_like(p) * (1e-3 * 2.0**16)
     dev = torch.device(device).type
     if variant == "torch":
-        opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, **({"fused": True} if dev == "cuda" else {"foreach": True}))
+        opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, foreach=True)
         scaler = ShardedGradScaler(dev, init_scale=2.0**16)
         scaler.scale(torch.ones((), device=device))
 
