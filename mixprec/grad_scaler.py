@@ -6,7 +6,8 @@ torch.amp.GradScaler, so replacing one by the other changes nothing observable. 
 lives in a DynamicLossScaler (device tensors). Like torch, step() must read found_inf on the host
 to decide whether to call a plain optimizer's step(); optimizers that declare
 `_step_supports_amp_scaling` (torch's fused Adam/AdamW/SGD, mixprec.optim) receive grad_scale and
-found_inf as device tensors instead, and then nothing synchronises.
+found_inf as device tensors instead, and then nothing synchronises. clip_grad_norm_ hands
+clipping to optimizers that fold it into their step through mixprec.clipping's public protocol.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mixprec.clipping import FoldsClip, clip_folded_
 from mixprec.distributed import agree_found_inf, local, shard_group
 from mixprec.loss_scaler import DynamicLossScaler
 
@@ -31,8 +33,8 @@ class OptState(Enum):
 
 def _refresh_per_optimizer_state() -> dict[str, Any]:
     # Module-level (not a lambda) so a GradScaler stays picklable.
-    # "deferred_unscale": clip_grad_norm_ on a mixprec optimizer measured the scaled grads and
-    # left them scaled; the optimizer's step unscales them in its kernel.
+    # "deferred_unscale": clip_grad_norm_ on a FoldsClip optimizer (mixprec.clipping) measured the
+    # scaled grads and left them scaled; the optimizer's step unscales them in its kernel.
     return {"stage": OptState.READY, "found_inf_per_device": {}, "deferred_unscale": False}
 
 
@@ -151,7 +153,7 @@ class GradScaler:
             for group in optimizer.param_groups:
                 for param in group["params"]:
                     if not isinstance(param, Tensor):
-                        raise AssertionError(f"expected param to be torch.Tensor, got {type(param).__name__}")
+                        raise AssertionError(f"expected param to be torch.Tensor, got {type(param).__name__}")  # noqa: TRY004 (torch's type)
                     if param.grad is None:
                         continue
                     if not allow_fp16 and param.grad.dtype == torch.float16:
@@ -188,13 +190,14 @@ class GradScaler:
     def clip_grad_norm_(self, optimizer, max_norm: float, norm_type: float = 2.0) -> Tensor:
         """Clip `optimizer`'s gradients to total norm `max_norm` and return the total norm of the
         unscaled grads (a device tensor), as unscale_(optimizer) followed by
-        torch.nn.utils.clip_grad_norm_ would. For mixprec.optim optimizers one read of the grads
-        gives the norm and the inf check; unscaling and clipping then happen inside step(), so
-        the grads are never rewritten. Other optimizers get exactly unscale_ + clip_grad_norm_."""
-        fused = hasattr(optimizer, "_clip")
+        torch.nn.utils.clip_grad_norm_ would. An optimizer that folds clipping into its step
+        (mixprec.clipping.FoldsClip, e.g. mixprec.optim) gets the norm and the inf check from one
+        read of the scaled grads; unscaling and clipping then happen inside its step(), so the
+        grads are never rewritten. Other optimizers get exactly unscale_ + clip_grad_norm_."""
+        folds = isinstance(optimizer, FoldsClip)
         if not self._enabled:
-            if fused:
-                return optimizer.clip_grad_norm_(max_norm, norm_type, process_group=self._process_group)
+            if folds:
+                return clip_folded_(optimizer, max_norm, norm_type, process_group=self._process_group).total_norm
             return torch.nn.utils.clip_grad_norm_(_params_with_grad(optimizer), max_norm, norm_type)
         self._check_scale_growth_tracker("clip_grad_norm_")
         optimizer_state = self._per_optimizer_states[id(optimizer)]
@@ -202,18 +205,20 @@ class GradScaler:
             raise RuntimeError("clip_grad_norm_() is being called after step().")
         if optimizer_state["deferred_unscale"]:
             raise RuntimeError("clip_grad_norm_() has already been called on this optimizer since the last update().")
-        if not fused:
+        if not folds:
             if optimizer_state["stage"] is OptState.READY:
                 self.unscale_(optimizer)
             return torch.nn.utils.clip_grad_norm_(_params_with_grad(optimizer), max_norm, norm_type)
         if optimizer_state["stage"] is OptState.UNSCALED:  # unscale_ already ran and checked
-            return optimizer.clip_grad_norm_(max_norm, norm_type, process_group=self._process_group)
-        norm, found = optimizer._clip(max_norm, norm_type, scale=self._scale,
-                                      process_group=self._process_group)
-        optimizer_state["found_inf_per_device"] = found
+            return clip_folded_(optimizer, max_norm, norm_type, process_group=self._process_group).total_norm
+        # The grads still carry the scale: the result's found_inf is this iteration's inf check,
+        # and step() hands the optimizer grad_scale so that it unscales in its kernel.
+        result = clip_folded_(optimizer, max_norm, norm_type, scale=self._scale,
+                              process_group=self._process_group)
+        optimizer_state["found_inf_per_device"] = result.found_inf
         optimizer_state["stage"] = OptState.UNSCALED
         optimizer_state["deferred_unscale"] = True
-        return norm
+        return result.total_norm
 
     def _maybe_opt_step(self, optimizer, optimizer_state, *args, **kwargs):
         # The one host read of the loop, as in torch: a plain optimizer's step() can only be
@@ -405,5 +410,12 @@ class GradScaler:
         self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = found
         return found
 
+    def found_inf_per_device(self, optimizer) -> dict[torch.device, Tensor]:
+        """The inf/NaN flags recorded for `optimizer` this iteration (device tensors, nonzero on
+        overflow; empty before unscale_/clip_grad_norm_/step and after update()). No sync."""
+        state = self._per_optimizer_states.get(id(optimizer)) if self._enabled else None
+        return dict(state["found_inf_per_device"]) if state else {}
+
     def _found_inf_per_device(self, optimizer) -> dict[torch.device, Tensor]:
+        # torch.amp.GradScaler's private accessor, for code written against it.
         return self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]

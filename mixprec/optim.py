@@ -9,7 +9,8 @@ torch.optim. What is different:
   found_inf as device tensors; unscaling happens in the kernel and an overflow skips the step on
   the device (params, moments and step counts untouched), so nothing synchronises.
 - clip_grad_norm_() computes the norm (and the inf check) in one read and leaves the clipping to
-  the step, instead of rewriting every gradient.
+  the step, instead of rewriting every gradient: the optimizers implement mixprec.clipping's
+  FoldsClip protocol (fold_clip(result)), through which GradScaler and Precision hand it over.
 - master_weights=False keeps no fp32 copy of fp16/bf16 params (4 bytes per param less): the update
   is computed in fp32 and written straight to the param, rounded by `rounding`:
   "nearest" (updates below half an ulp of the weight are lost: training stalls at small lr),
@@ -21,15 +22,16 @@ torch.optim. What is different:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import chain
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mixprec import ops
-from mixprec.distributed import agree_norm, local, shard_group
+from mixprec.clipping import ClipResult, clip_folded_
+from mixprec.distributed import local
 from mixprec.loss_scaler import reciprocal_fp32
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -85,10 +87,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     _fp32_state_keys: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
-        self._pending_clip: dict[torch.device, Tensor] | None = None
-        # (scale, its version, 1/scale) from a GradScaler's clip_grad_norm_, so that step() need
-        # not compute the same reciprocal again (one kernel fewer per step).
-        self._pending_inv_scale: tuple[Tensor, int, Tensor] | None = None
+        # What fold_clip() handed over for the next step (mixprec.clipping's rules).
+        self._clip_result: ClipResult | None = None
         super().__init__(params, defaults)
 
     # -- validation ------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """One fused update of every param with a grad. Reads `grad_scale` / `found_inf` set by a
-        GradScaler and the clip coefficient left by clip_grad_norm_()."""
+        GradScaler and the ClipResult handed over by fold_clip() (then drops it)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -159,7 +159,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         work = self._collect()
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        inv_scale = None if grad_scale is None else self._inv_scale_of(grad_scale)
+        clip = self._clip_result
+        if grad_scale is None:
+            inv_scale = None
+        else:
+            inv_scale = reciprocal_fp32(grad_scale) if clip is None else clip.inv_scale_for(grad_scale)
         per_device: dict[tuple[str, torch.device], Tensor | None] = {}
 
         def on(device: torch.device, key: str, t: Tensor | None) -> Tensor | None:
@@ -180,17 +184,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._update(
                     group, batch, lr=lr,
                     inv_scale=on(device, "inv_scale", inv_scale),
-                    clip_coef=None if self._pending_clip is None else self._pending_clip.get(device),
+                    clip_coef=None if clip is None else clip.clip_coef.get(device),
                     found_inf=on(device, "found_inf", found_inf),
                 )
-        self._pending_clip = self._pending_inv_scale = None
+        self._clip_result = None
         return loss
-
-    def _inv_scale_of(self, grad_scale: Tensor) -> Tensor:
-        pending = self._pending_inv_scale
-        if pending is not None and pending[0] is grad_scale and pending[1] == grad_scale._version:
-            return pending[2]  # computed by clip_grad_norm_ from this very scale, unchanged since
-        return reciprocal_fp32(grad_scale)
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
@@ -240,65 +238,22 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _update(self, group, batch: _Batch, **scalars) -> None:
         raise NotImplementedError
 
-    # -- clipping ------------------------------------------------------------------------------------
-    @torch.no_grad()
+    # -- clipping (mixprec.clipping's FoldsClip protocol) ---------------------------------------------
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, process_group: Any = None) -> Tensor:
         """Like torch.nn.utils.clip_grad_norm_ over this optimizer's params: returns the total
         norm (a device tensor). The grads are not rewritten: the next step() applies the clip
         coefficient inside its kernel. Sharded grads (FSDP2 DTensors, or `process_group` given)
         are clipped by the global norm, agreed with one all-reduce."""
-        return self._clip(max_norm, norm_type, scale=None, process_group=process_group)[0]
+        return clip_folded_(self, max_norm, norm_type, process_group=process_group).total_norm
 
-    def _clip(self, max_norm: float, norm_type: float, scale: Tensor | None,
-              process_group: Any = None) -> tuple[Tensor, dict[torch.device, Tensor]]:
-        """The norm of grads / scale (the loss scale they carry, None: unscaled) and the found_inf
-        per device of the same read; leaves the clip coefficient, and 1/scale, for step()."""
-        norm_type = float(norm_type)
-        if not (norm_type > 0):
-            raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
-        per_device: dict[torch.device, list[Tensor]] = defaultdict(list)
-        all_grads = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                    all_grads.append(p.grad)
-                    per_device[local(p.grad).device].append(local(p.grad))
-        if not per_device:
-            return torch.tensor(0.0), {}
-        sharded_over = shard_group(all_grads, process_group)
-        if sharded_over is not None and len(per_device) > 1:
-            raise ValueError("sharded gradients must be on one device per rank")
-        if scale is not None and len(per_device) == 1 and sharded_over is None:
-            # The common case in one op: two kernels where the general path below takes five.
-            device, grads = next(iter(per_device.items()))
-            total, coef, found_inf, inv_scale = ops.clip_grad_norm_scaled(
-                grads, scale.to(device, non_blocking=True), norm_type, max_norm)
-            self._pending_clip = {device: coef}
-            self._pending_inv_scale = (scale, scale._version, inv_scale)
-            return total, {device: found_inf}
-        inv_scale = None if scale is None else reciprocal_fp32(scale)
-        norms, found = [], {}
-        for device, grads in per_device.items():
-            found[device] = torch.zeros((), dtype=torch.float32, device=device)
-            inv = (torch.ones((), dtype=torch.float32, device=device) if inv_scale is None
-                   else inv_scale.to(device, non_blocking=True))
-            norms.append(ops.grad_norm(grads, found[device], inv, norm_type))
-        first = next(iter(per_device))
-        if sharded_over is not None:  # every rank holds a shard: agree on the global norm
-            norms[0], found[first] = agree_norm(norms[0], found[first], norm_type, sharded_over)
-        total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
-            torch.stack([n.to(first, non_blocking=True) for n in norms]), norm_type)
-        coef = ops.clip_coef(total, max_norm)   # torch's formula and clamp, bit for bit
-        self._pending_clip = {d: coef.to(d, non_blocking=True) for d in per_device}
-        if scale is not None:
-            self._pending_inv_scale = (scale, scale._version, inv_scale)
-        return total, found
+    def fold_clip(self, result: ClipResult) -> None:
+        """Apply `result` (from mixprec.clipping.measure over this optimizer's grads) in the next
+        step(): its clip coefficient, and its 1/scale when that step unscales by the same scale."""
+        self._clip_result = result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # a clip coefficient belongs to the grads it was computed from
-        self._pending_clip = self._pending_inv_scale = None
+        self._clip_result = None
         super().zero_grad(set_to_none)
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -383,13 +338,13 @@ class Adam(FusedOptimizer):
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         _ignored_torch_flags(differentiable)
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize, foreach=foreach, capturable=capturable,
-            differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay,
-            master_weights=master_weights, rounding=rounding,
-            seed=_default_seed() if seed is None else int(seed),
-        )
+        defaults = {
+            "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad,
+            "maximize": maximize, "foreach": foreach, "capturable": capturable,
+            "differentiable": differentiable, "fused": fused, "decoupled_weight_decay": decoupled_weight_decay,
+            "master_weights": master_weights, "rounding": rounding,
+            "seed": _default_seed() if seed is None else int(seed),
+        }
         super().__init__(params, defaults)
 
     def _fp32_state_keys_for(self, group):
@@ -466,12 +421,12 @@ class SGD(FusedOptimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         _ignored_torch_flags(differentiable)
-        defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
-            fused=fused, master_weights=master_weights, rounding=rounding,
-            seed=_default_seed() if seed is None else int(seed),
-        )
+        defaults = {
+            "lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay,
+            "nesterov": nesterov, "maximize": maximize, "foreach": foreach, "differentiable": differentiable,
+            "fused": fused, "master_weights": master_weights, "rounding": rounding,
+            "seed": _default_seed() if seed is None else int(seed),
+        }
         super().__init__(params, defaults)
 
     def _fp32_state_keys_for(self, group):

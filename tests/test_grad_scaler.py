@@ -5,10 +5,11 @@ import pickle
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from helpers import assert_bitwise_equal
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mixprec
-from helpers import assert_bitwise_equal
 
 TorchGradScaler = torch.amp.GradScaler
 SCALERS = {"torch": TorchGradScaler, "mixprec": mixprec.GradScaler}
@@ -70,7 +71,7 @@ class Run:
        seed=st.integers(0, 1000))
 def test_training_schedule_matches_torch(device, opt_name, steps, init_scale, growth_interval,
                                           handover, seed):
-    kwargs = dict(init_scale=init_scale, growth_interval=growth_interval)
+    kwargs = {"init_scale": init_scale, "growth_interval": growth_interval}
     ours = Run(mixprec.GradScaler(device, **kwargs), device, opt_name)
     ref = Run(TorchGradScaler(device, **kwargs), device, opt_name)
     gen = torch.Generator().manual_seed(seed)
@@ -340,3 +341,23 @@ def test_params_on_cpu_and_cuda_are_grouped_per_device():
     assert scaler.get_scale() == 4.0 and scaler.stats()["skipped_steps"] == 1
     for p, q in zip(opt.param_groups[0]["params"], ref_opt.param_groups[0]["params"]):
         assert_bitwise_equal(p, q)
+
+
+def test_found_inf_per_device_is_public_and_changes_nothing(device):
+    """Precision reads the iteration's inf check through this accessor: the flags torch's private
+    _found_inf_per_device holds, as device tensors; asking creates no iteration state."""
+    s = mixprec.GradScaler(device, init_scale=2.0**5)
+    model = make_model(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert s.found_inf_per_device(opt) == {}
+    pickle.dumps(s)  # still at the start of an iteration
+    s.scale(model(torch.ones(2, 8, device=device)).sum()).backward()
+    next(model.parameters()).grad[0, 0] = float("inf")
+    s.unscale_(opt)
+    found = s.found_inf_per_device(opt)
+    assert list(found) == [next(model.parameters()).device] and found == s._found_inf_per_device(opt)
+    assert next(iter(found.values())).item() == 1.0
+    s.step(opt)
+    s.update()
+    assert s.found_inf_per_device(opt) == {}
+    assert mixprec.GradScaler(device, enabled=False).found_inf_per_device(opt) == {}

@@ -15,11 +15,13 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from helpers import assert_bitwise_equal, grad_tensor, inv_scales
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mixprec
 from mixprec import ops, optim
-from helpers import assert_bitwise_equal, grad_tensor, inv_scales
+from mixprec.clipping import ClipResult, measure
 
 ULPS = {"cpu": 4, "cuda": 2}
 SHAPES = [(1,), (3,), (7,), (33,), (4, 5), (129,), (1025,), (3, 17, 5), (4099,)]
@@ -172,7 +174,8 @@ def _step_with(opt, device, inv_scale, clip):
     opt.grad_scale = torch.tensor(1.0 / inv_scale, device=device)
     opt.found_inf = torch.zeros((), device=device)
     param_device = opt.param_groups[0]["params"][0].device  # cuda:0, not "cuda"
-    opt._pending_clip = {param_device: torch.tensor(clip, device=device)}
+    coef = torch.tensor(clip, device=device)
+    opt.fold_clip(ClipResult(coef, {param_device: coef}, {}))  # the public hand-over
     try:
         opt.step()
     finally:
@@ -297,16 +300,17 @@ def test_step_reuses_the_clip_inv_scale_only_for_the_same_unchanged_scale(device
     opt = optim.AdamW(model.parameters(), lr=1e-2)
     scaler = mixprec.GradScaler(device, init_scale=4.0)
     scaler.scale(model(torch.ones(2, 16, device=device)).sum()).backward()
-    scaler.clip_grad_norm_(opt, 1.0)
-    scale, inv = scaler._scale, opt._pending_inv_scale[2]
-    assert opt._inv_scale_of(scale) is inv and inv.item() == 0.25
-    assert opt._inv_scale_of(scale * 1) is not inv  # another tensor: computed afresh
+    scale = scaler.loss_scaler.scale
+    result = measure(opt, 1.0, scale=scale)
+    inv = result.inv_scale
+    assert result.inv_scale_for(scale) is inv and inv.item() == 0.25
+    assert result.inv_scale_for(scale * 1) is not inv  # another tensor: computed afresh
     scale.fill_(8.0)  # an in-place write bumps the version: computed afresh
-    assert opt._inv_scale_of(scale).item() == 0.125
+    assert result.inv_scale_for(scale).item() == 0.125
     scale.fill_(4.0)
+    scaler.clip_grad_norm_(opt, 1.0)
     scaler.step(opt)
     scaler.update()
-    assert opt._pending_inv_scale is None
 
 
 def test_scaler_clip_skips_on_overflow_and_backs_off(device):
@@ -401,7 +405,7 @@ def test_tensor_lr_equals_float_lr_and_schedulers_work(device):
 
 def test_tensor_lrs_of_different_groups_stay_apart(device):
     a, b = mlp(device), mlp(device)
-    groups = lambda m, lrs: [{"params": m[0].parameters(), "lr": lrs[0]},  # noqa: E731
+    groups = lambda m, lrs: [{"params": m[0].parameters(), "lr": lrs[0]},
                              {"params": m[2].parameters(), "lr": lrs[1]}]
     ours = optim.SGD(groups(a, [torch.tensor(0.5, device=device), torch.tensor(0.25, device=device)]))
     ref = torch.optim.SGD(groups(b, [0.5, 0.25]), foreach=True)
@@ -508,9 +512,9 @@ def test_load_state_dict_of_another_model_is_rejected_untouched(device):
 def test_constructor_errors_match_torch():
     p = [torch.nn.Parameter(torch.zeros(3))]
     cases = [
-        ("AdamW", dict(lr=-1.0)), ("Adam", dict(betas=(1.0, 0.999))), ("Adam", dict(betas=(0.9, -0.1))),
-        ("AdamW", dict(eps=-1.0)), ("Adam", dict(weight_decay=-1.0)), ("SGD", dict(lr=-0.1)),
-        ("SGD", dict(momentum=-1.0)), ("SGD", dict(nesterov=True)),
+        ("AdamW", {"lr": -1.0}), ("Adam", {"betas": (1.0, 0.999)}), ("Adam", {"betas": (0.9, -0.1)}),
+        ("AdamW", {"eps": -1.0}), ("Adam", {"weight_decay": -1.0}), ("SGD", {"lr": -0.1}),
+        ("SGD", {"momentum": -1.0}), ("SGD", {"nesterov": True}),
     ]
     for cls, kwargs in cases:
         with pytest.raises(ValueError) as ours:
@@ -545,7 +549,7 @@ def test_op_rejects_bad_lists_before_writing(device):
     p = [torch.zeros(4, device=device)]
     g = [torch.ones(4, device=device)]
     m, v, s = [torch.zeros(4, device=device)], [torch.zeros(4, device=device)], [torch.zeros((), device=device)]
-    kw = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True, maximize=False)
+    kw = {"lr": 0.1, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.0, "decoupled_weight_decay": True, "maximize": False}
     with pytest.raises(RuntimeError, match="exp_avg_sqs\\[0\\] must be float32"):
         ops.adam_step_(p, g, m, [torch.zeros(4, device=device, dtype=torch.float16)], [], [], s, **kw)
     with pytest.raises(RuntimeError, match="got 1 params but 2 grads"):
@@ -581,9 +585,9 @@ def test_layouts_channels_last_and_transposed_params(device):
 def _op_samples(device):
     p = [torch.randn(37, device=device), torch.randn(4, 5, device=device)]
     g = [torch.randn_like(t) for t in p]
-    state = lambda: [torch.rand_like(t) for t in p]  # noqa: E731
+    state = lambda: [torch.rand_like(t) for t in p]
     steps = [torch.full((), 3.0, device=device) for _ in p]
-    scalar = lambda v: torch.full((), v, device=device)  # noqa: E731
+    scalar = lambda v: torch.full((), v, device=device)
     yield torch.ops.mixprec.adam_step_.default, (
         p, g, state(), state(), state(), [], [], steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, True, False,
         scalar(0.5), scalar(0.9), scalar(0.0), 0, 0)
