@@ -22,65 +22,32 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 import warnings
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mixprec import ops
+from mixprec import hardware, ops
 from mixprec import optim as mixprec_optim
 from mixprec.autocast import autocast
+from mixprec.clipping import FoldsClip, clip_folded_
+from mixprec.distributed import agree_found_inf, local, shard_group
 from mixprec.grad_scaler import GradScaler
 
-ENV_VAR = "MIXPREC_PRECISION"
-
-
-@dataclass(frozen=True)
-class Mode:
-    """What a precision string means: the dtype, whether it is autocast ("mixed") or the weights'
-    own dtype ("true"), and whether it needs loss scaling."""
-
-    name: str
-    dtype: torch.dtype
-    mixed: bool
-    scaled: bool
-
-    @property
-    def half_weights(self) -> bool:
-        return not self.mixed and self.dtype in (torch.float16, torch.bfloat16)
-
-
-MODES: dict[str, Mode] = {m.name: m for m in (
-    Mode("32-true", torch.float32, mixed=False, scaled=False),
-    Mode("64-true", torch.float64, mixed=False, scaled=False),
-    Mode("16-mixed", torch.float16, mixed=True, scaled=True),
-    Mode("bf16-mixed", torch.bfloat16, mixed=True, scaled=False),
-    Mode("16-true", torch.float16, mixed=False, scaled=False),
-    Mode("bf16-true", torch.bfloat16, mixed=False, scaled=False),
-)}
-# Fabric's short forms.
-ALIASES: dict[Any, str] = {"32": "32-true", 32: "32-true", "64": "64-true", 64: "64-true",
-                           "16": "16-mixed", 16: "16-mixed", "bf16": "bf16-mixed"}
-
-
-def valid_precisions() -> list[str]:
-    return list(MODES) + [str(a) for a in ALIASES if isinstance(a, str)]
-
-
-def parse_precision(value: str | int | None, source: str = "precision") -> str:
-    """The canonical mode name for a precision string or int; ValueError listing the valid ones."""
-    if isinstance(value, str):
-        value = value.strip()
-    if value in MODES:
-        return value
-    if value in ALIASES and not isinstance(value, bool):
-        return ALIASES[value]
-    raise ValueError(f"{source}={value!r} is not a precision; expected one of "
-                     f"{', '.join(repr(v) for v in valid_precisions())} (or the ints 16, 32, 64)")
+# The precision strings live in precision_modes (no kernels needed); re-exported here.
+from mixprec.precision_modes import (  # noqa: F401
+    ALIASES,
+    ENV_VAR,
+    MODES,
+    Mode,
+    parse_precision,
+    valid_precisions,
+)
 
 
 # -- input/output casting (as Lightning Fabric does) -------------------------------------------
@@ -102,7 +69,7 @@ def cast_floats(data: Any, dtype: torch.dtype) -> Any:
     return data
 
 
-class default_dtype(contextlib.ContextDecorator):  # noqa: N801 (a context manager, like torch's)
+class default_dtype(contextlib.ContextDecorator):  # a context manager: lower case, like torch's
     """Sets torch's default dtype inside the block, so tensors a forward creates (torch.zeros,
     torch.arange(...).float()) get the mode's dtype, as Fabric's true modes do."""
 
@@ -114,7 +81,7 @@ class default_dtype(contextlib.ContextDecorator):  # noqa: N801 (a context manag
         self._previous.append(torch.get_default_dtype())
         torch.set_default_dtype(self.dtype)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         torch.set_default_dtype(self._previous.pop())
 
 
@@ -146,13 +113,45 @@ class _PrecisionForward:
         return out if caller_autocast else prec.convert_output(out)
 
 
+def _nonfinite_flags(grads: Iterable[Tensor]) -> dict[torch.device, Tensor]:
+    """Per device, a 0-dim fp32 flag, nonzero if the grads hold inf/NaN: one read by our norm
+    kernel, which only reads the grads (their versions stay, so Precision's check for grads
+    edited after backward is not fooled). Sharded grads agree over their group. No sync."""
+    per_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+    originals = []
+    for g in grads:
+        if g.is_sparse:
+            per_device[g.device].append(g.coalesce()._values() if g.dtype is torch.float16 else g._values())
+        else:
+            originals.append(g)
+            per_device[local(g).device].append(local(g))
+    found = {}
+    for device, gs in per_device.items():
+        found[device] = torch.zeros((), dtype=torch.float32, device=device)
+        ops.grad_norm(gs, found[device], torch.ones((), dtype=torch.float32, device=device), math.inf)
+    agree_found_inf(found, shard_group(originals))
+    return found
+
+
+def _any_on_host(flags: Iterable[Tensor]) -> bool:
+    """Whether any flag is nonzero: one host read for all of them."""
+    flags = list(flags)
+    if not flags:
+        return False
+    first = flags[0].device
+    return bool(torch.stack([f.to(first, non_blocking=True).reshape(()) for f in flags]).any().item())
+
+
 def nonfinite_grad_names(named_params: Iterable[tuple[str, Tensor]]) -> list[str]:
-    """Names of the params whose grad holds an inf or NaN (synchronises: for diagnostics)."""
+    """Names of the params whose grad holds an inf or NaN. One read of every grad and one host
+    sync decide whether any does; only then is each grad checked (one more sync), for the names."""
     named = [(n, p.grad) for n, p in named_params if p.grad is not None and not p.grad.is_sparse]
-    if not named:
+    if not _any_on_host(_nonfinite_flags(g for _, g in named).values()):
         return []
-    flags = torch.stack([torch.isfinite(g).all().to("cpu", non_blocking=False) for _, g in named]).tolist()
-    return [n for (n, _), ok in zip(named, flags) if not ok]
+    flags = [next(iter(_nonfinite_flags([g]).values())) for _, g in named]
+    first = flags[0].device
+    bad = torch.stack([f.to(first, non_blocking=True) for f in flags]).tolist()
+    return [n for (n, _), b in zip(named, bad) if b]
 
 
 _TORCH_TO_MIXPREC = {torch.optim.AdamW: mixprec_optim.AdamW, torch.optim.Adam: mixprec_optim.Adam,
@@ -243,26 +242,29 @@ class Precision:
     def __repr__(self) -> str:
         return f"Precision({self.precision!r})"
 
-    def _warn_once(self, key: str, message: str, stacklevel: int = 3) -> None:
+    def warn_once(self, key: str, message: str, stacklevel: int = 3) -> None:
+        """Warn `message` once per Precision and `key` (a mistake or advice that repeats every
+        step is said once); `stacklevel` as in warnings.warn, 1 being warn_once itself."""
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, UserWarning, stacklevel=stacklevel)
 
-    def _advise_hardware(self, device: torch.device) -> None:
-        """Warn where the chosen half type is slow on this hardware."""
-        name = self.precision
-        if self.dtype is torch.float16 and device.type == "cpu":
-            self._warn_once("hardware", f"{name} on CPU is slower than bf16-mixed (CPUs have no fast fp16 "
-                            "arithmetic, and fp16 needs loss scaling): use Precision('bf16-mixed')", 4)
-        elif device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
-            major, minor = torch.cuda.get_device_capability(device)
-            if (major, minor) < (7, 0):
-                self._warn_once("hardware", f"{name}: this GPU (compute capability {major}.{minor}) has no tensor "
-                                "cores, so half precision saves memory but not time; use Precision('32-true') "
-                                "for speed", 4)
-            elif self.dtype is torch.bfloat16 and (major, minor) < (8, 0):
-                self._warn_once("hardware", f"{name}: compute capability {major}.{minor} has no bf16 tensor cores "
-                                "(bf16 is emulated and slow); use Precision('16-mixed')", 4)
+    @property
+    def device(self) -> torch.device | None:
+        """Where autocast runs: the device given, or set by setup()/set_device(); None before."""
+        return self._device
+
+    def set_device(self, device: str | torch.device) -> None:
+        """Run autocast on `device` from now on (e.g. where a wrapper saw the inputs), and warn
+        once if the mode's half type is slow there."""
+        self._device = torch.device(device)
+        self._advise_hardware(self._device, stacklevel=5)
+
+    def _advise_hardware(self, device: torch.device, stacklevel: int = 4) -> None:
+        """Warn where the chosen half type is slow on this hardware (mixprec.hardware's advice)."""
+        advice = hardware.precision_warning(hardware.device_facts(device), self.precision)
+        if advice is not None:
+            self.warn_once("hardware", advice, stacklevel)
 
     # -- setup ------------------------------------------------------------------------------------------
     def setup(self, model: nn.Module, *optimizers: torch.optim.Optimizer) -> Any:
@@ -281,7 +283,7 @@ class Precision:
         if self.precision == "64-true":
             for opt in optimizers:
                 if isinstance(opt, mixprec_optim.FusedOptimizer):
-                    raise ValueError("64-true: mixprec.optim optimizers take fp32/fp16/bf16 params; pass a "
+                    raise ValueError("64-true: mixprec.optim optimizers take fp32/fp16/bf16 params; pass a "  # noqa: TRY004
                                      "torch.optim optimizer for a float64 model")
         snapshots: dict[int, Tensor] = {}
         if not self.mode.mixed and self.dtype is not torch.float32:
@@ -305,7 +307,7 @@ class Precision:
             new = opt
             group = opt.param_groups[0] if opt.param_groups else {}
             if (group.get("master_weights", True), group.get("rounding", "nearest")) != (self.master_weights, self.rounding):
-                self._warn_once("optimizer-options", (
+                self.warn_once("optimizer-options", (
                     f"{self.precision}: the {type(opt).__name__} given keeps its own master_weights="
                     f"{group.get('master_weights')!r}, rounding={group.get('rounding')!r}, not the Precision's "
                     f"(master_weights={self.master_weights!r}, rounding={self.rounding!r})"), 5)
@@ -405,7 +407,7 @@ class Precision:
 
     def _check_grads(self) -> bool:
         if not self._scaled:
-            self._warn_once("unscaled-backward", (
+            self.warn_once("unscaled-backward", (
                 "16-mixed: the gradients were not produced by prec.backward(loss) (loss.backward() "
                 "called directly?), so they are not scaled and small fp16 gradients may underflow. "
                 "Call prec.backward(loss). This step uses the gradients as they are (skipped if "
@@ -416,7 +418,7 @@ class Precision:
             for m in self._modules:
                 for p in m.parameters():
                     if p.grad is not None and versions.get(id(p), -1) != p.grad._version:
-                        self._warn_once("modified-scaled-grads", (
+                        self.warn_once("modified-scaled-grads", (
                             "16-mixed: gradients were modified in place after prec.backward() while still "
                             "scaled (e.g. torch.nn.utils.clip_grad_norm_ on scaled gradients clips against "
                             "max_norm * scale, i.e. not at all). Use prec.clip_grad_norm_(optimizer, "
@@ -435,8 +437,8 @@ class Precision:
         that norm, under every mode (mixprec optimizers apply the clip inside their step)."""
         if self._scaling() and self._check_iteration():
             return self._scaler.clip_grad_norm_(optimizer, max_norm, norm_type)
-        if isinstance(optimizer, mixprec_optim.FusedOptimizer):
-            return optimizer.clip_grad_norm_(max_norm, norm_type)
+        if isinstance(optimizer, FoldsClip):
+            return clip_folded_(optimizer, max_norm, norm_type).total_norm
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
 
@@ -451,16 +453,16 @@ class Precision:
             return self._step_unscaled(optimizer, **kwargs)
         scaler = self._scaler
         out = scaler.step(optimizer, **kwargs)
-        if self.track_overflow_names:
-            found = scaler._found_inf_per_device(optimizer)
-            if found and float(sum(v.cpu() for v in found.values())):
-                self._overflow_names = self._named_nonfinite(optimizer)
+        if self.track_overflow_names and _any_on_host(scaler.found_inf_per_device(optimizer).values()):
+            self._overflow_names = self._named_nonfinite(optimizer)
         scaler.update()
         return out
 
     def _step_unscaled(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Any:
+        # The grads were never scaled: skipping a step on inf/NaN is a host decision (a plain
+        # optimizer's step() cannot be skipped on the device), so one read and one sync.
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if _any_on_host(_nonfinite_flags(grads).values()):
             if self.track_overflow_names:
                 self._overflow_names = self._named_nonfinite(optimizer)
             return None
@@ -492,5 +494,5 @@ class Precision:
         if self._scaling():
             self._scaler.load_state_dict(state_dict)
         elif state_dict:
-            self._warn_once("ignored-state", f"{self.precision} uses no loss scaler: the loss-scale state in "
+            self.warn_once("ignored-state", f"{self.precision} uses no loss scaler: the loss-scale state in "
                             "this checkpoint is ignored")

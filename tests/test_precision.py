@@ -180,7 +180,7 @@ def test_set_up_model_copies_pickles_and_keeps_its_keys():
     prec = Precision("bf16-true")
     prec.setup(model)
     prec.setup(model)  # twice: still one wrapper
-    assert type(model.__dict__["forward"].inner) is type(None)
+    assert model.__dict__["forward"].inner is None
     twin = copy.deepcopy(model)
     x = torch.randn(3, 8)
     assert torch.equal(twin(x), model(x))
@@ -312,8 +312,8 @@ def test_fp16_on_cpu_warns_once_at_setup_naming_bf16():
         prec.setup(make_model())
         Precision("bf16-mixed").setup(make_model())
     messages = [m for m in _warnings_of(go) if "slower" in m]
-    assert messages == ["16-mixed on CPU is slower than bf16-mixed (CPUs have no fast fp16 arithmetic, and fp16 "
-                        "needs loss scaling): use Precision('bf16-mixed')"]
+    assert messages == [("16-mixed on CPU is slower than bf16-mixed (CPUs have no fast fp16 arithmetic, and fp16 "
+                         "needs loss scaling): use Precision('bf16-mixed')")]
     assert len([m for m in _warnings_of(lambda: Precision("16-true", device="cpu")) if "bf16-mixed" in m]) == 1
 
 
@@ -400,3 +400,28 @@ def test_checkpoint_round_trip():
     assert Precision("bf16-mixed").state_dict() == {}
     with pytest.raises(RuntimeError, match="source state dict is empty"):
         Precision("16-mixed", device="cpu").load_state_dict({})
+
+
+def test_public_device_and_warning_hooks_for_wrappers():
+    """What a wrapper (the Fabric plugin) uses: device / set_device() and warn_once()."""
+    prec = Precision("16-mixed")
+    assert prec.device is None
+    messages = _warnings_of(lambda: prec.set_device("cpu"))
+    assert prec.device == torch.device("cpu") and len([m for m in messages if "on CPU is slower" in m]) == 1
+    assert _warnings_of(lambda: prec.set_device(torch.device("cpu"))) == []  # advice is given once
+    assert _warnings_of(lambda: [prec.warn_once("k", "said once") for _ in range(3)]) == ["said once"]
+
+
+def test_nonfinite_grad_names_reads_the_grads_without_touching_them():
+    from mixprec.precision import nonfinite_grad_names
+    model = make_model()
+    F.mse_loss(model(data(0)[0]), data(0)[1]).backward()
+    assert nonfinite_grad_names(model.named_parameters()) == []
+    model[3].bias.grad[1] = float("inf")
+    model[0].weight.grad[2, 3] = float("nan")
+    versions = [p.grad._version for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert nonfinite_grad_names(model.named_parameters()) == ["0.weight", "3.bias"]
+    assert [p.grad._version for p in model.parameters()] == versions  # read only: no warning later
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad.nan_to_num(), g.nan_to_num())

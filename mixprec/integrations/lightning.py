@@ -59,9 +59,8 @@ class MixprecPrecision(FabricPrecision):
     def convert_input(self, data: Any) -> Any:
         if not self._device_given:  # autocast's device type: where the inputs are
             first = _first_tensor(data)
-            if first is not None and first.device != self.mixprec._device:
-                self.mixprec._device = first.device
-                self.mixprec._advise_hardware(first.device)
+            if first is not None and first.device != self.mixprec.device:
+                self.mixprec.set_device(first.device)
         # As Fabric: floating inputs to the mode's dtype, for mixed modes too.
         if self.precision == "32-true":
             return data
@@ -76,7 +75,7 @@ class MixprecPrecision(FabricPrecision):
 
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
         if self.mixprec.mode.half_weights and not isinstance(optimizer, mixprec_optim.FusedOptimizer):
-            self.mixprec._warn_once("fabric-optimizer", (
+            self.mixprec.warn_once("fabric-optimizer", (
                 f"{self.precision} under Fabric with {type(optimizer).__name__}: the half-precision weights are "
                 "updated directly (no fp32 master weights, as Fabric's HalfPrecision). Pass "
                 "mixprec.optim.AdamW / Adam / SGD to fabric.setup to keep fp32 master weights."))
