@@ -121,7 +121,7 @@ class DynamicLossScaler:
     def unscale_(self, grads: Iterable[Tensor], inv_scale: Tensor | None = None) -> dict[torch.device, Tensor]:
         """Multiply grads (any devices and float dtypes) by inv_scale in place and return a fresh
         found_inf tensor per device (1.0 where an inf/NaN was seen)."""
-        scale = self._require_state("unscale_")
+        self._require_state("unscale_")  # raises before the first scale()
         inv_scale = self.inv_scale() if inv_scale is None else inv_scale
         per_device: dict[torch.device, list[Tensor]] = defaultdict(list)
         for g in grads:

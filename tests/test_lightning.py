@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("lightning", reason="lightning is not installed (pip install lightning)")
-from lightning.fabric import Fabric  # noqa: E402
-from lightning.fabric.plugins import DoublePrecision, HalfPrecision, MixedPrecision  # noqa: E402
+from lightning.fabric import Fabric
+from lightning.fabric.plugins import DoublePrecision, HalfPrecision, MixedPrecision
 
-import mixprec  # noqa: E402
-from mixprec.integrations.lightning import MixprecPrecision  # noqa: E402
+import mixprec
+from mixprec.integrations.lightning import MixprecPrecision
 
 
 def make_model():
@@ -55,7 +55,7 @@ def test_matches_fabrics_plugin_for_the_same_string(precision):
     # Exact: the same torch.optim.AdamW, a GradScaler bit-identical to torch.amp's, autocast with
     # torch's policy, Fabric's input/output casting and clip_gradients path.
     kwargs = {"scaler": mixprec.GradScaler("cpu", growth_interval=2)} if precision == "16-mixed" else {}
-    plugin, fabric, (model, opt, losses) = _fabric_run(precision, torch.optim.AdamW, **kwargs)
+    plugin, fabric, (model, _opt, losses) = _fabric_run(precision, torch.optim.AdamW, **kwargs)
     assert fabric.strategy.precision is plugin
     fabric_plugin = {  # explicit: on the CPU Fabric itself would turn "16-mixed" into bf16
         "16-mixed": lambda: MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", growth_interval=2)),
@@ -72,8 +72,8 @@ def test_matches_fabrics_plugin_for_the_same_string(precision):
 
 
 def test_16_mixed_with_mixprec_adamw_and_checkpoint():
-    plugin, _, (model, opt, losses) = _fabric_run("16-mixed", mixprec.optim.AdamW,
-                                                  scaler=mixprec.GradScaler("cpu", init_scale=2.0**8))
+    plugin, _, (_model, _opt, losses) = _fabric_run("16-mixed", mixprec.optim.AdamW,
+                                                    scaler=mixprec.GradScaler("cpu", init_scale=2.0**8))
     assert losses[-1] < losses[0]
     state = plugin.state_dict()
     assert state["scale"] == plugin.scaler.get_scale()

@@ -74,13 +74,13 @@ def test_pickle_and_state_dict_round_trip(device):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(growth_factor=1.0), "growth_factor must be > 1.0"),
-    (dict(backoff_factor=1.5), "backoff_factor must be in"),
-    (dict(growth_interval=0), "growth_interval must be an integer >= 1"),
-    (dict(hysteresis=0), "hysteresis must be an integer >= 1"),
-    (dict(min_scale=-1.0), "min_scale must be >= 0"),
-    (dict(min_scale=4.0, max_scale=2.0), "max_scale must be >= min_scale"),
-    (dict(init_scale=float("inf")), "init_scale must be a positive finite"),
+    ({"growth_factor": 1.0}, "growth_factor must be > 1.0"),
+    ({"backoff_factor": 1.5}, "backoff_factor must be in"),
+    ({"growth_interval": 0}, "growth_interval must be an integer >= 1"),
+    ({"hysteresis": 0}, "hysteresis must be an integer >= 1"),
+    ({"min_scale": -1.0}, "min_scale must be >= 0"),
+    ({"min_scale": 4.0, "max_scale": 2.0}, "max_scale must be >= min_scale"),
+    ({"init_scale": float("inf")}, "init_scale must be a positive finite"),
 ])
 def test_bad_options_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
