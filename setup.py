@@ -1,10 +1,10 @@
 """Builds mixprec._C: a CppExtension, or a CUDAExtension when torch has CUDA and nvcc exists.
 
 Install with `pip install --no-build-isolation -e .` (torch must already be installed: the
-extension is compiled against it). Set MIXPREC_FORCE_CPU=1 to skip the CUDA sources.
+extension is compiled against it). Set MIXPREC_FORCE_CPU=1 to skip the CUDA sources. Sources,
+flags and the CUDA decision live in mixprec/_build.py, shared with the just-in-time build.
 """
 import importlib.util
-import os
 from pathlib import Path
 
 from setuptools import setup
@@ -12,40 +12,34 @@ from setuptools import setup
 ROOT = Path(__file__).parent
 
 
-def _load_toolchain():
-    spec = importlib.util.spec_from_file_location("_toolchain", ROOT / "mixprec" / "_toolchain.py")
+def _load_build_config():
+    # By path: the package itself cannot be imported before it is built.
+    spec = importlib.util.spec_from_file_location("_build", ROOT / "mixprec" / "_build.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-toolchain = _load_toolchain()
-cuda_home = toolchain.find_cuda_home()
-if cuda_home:
-    os.environ["CUDA_HOME"] = cuda_home  # must be set before torch.utils.cpp_extension is imported
+build = _load_build_config()
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+import torch
 
+cuda_home = build.find_cuda_home()
+with_cuda = build.build_cuda(torch.version.cuda, cuda_home)
+if with_cuda:
+    build.prepare_cuda_env(cuda_home, gpu_present=torch.cuda.is_available())
 
-def _build_cuda() -> bool:
-    if os.environ.get("MIXPREC_FORCE_CPU") == "1":
-        return False
-    return torch.version.cuda is not None and toolchain.has_nvcc(cuda_home)
+# Imported after prepare_cuda_env: torch.utils.cpp_extension reads CUDA_HOME when imported.
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 
 def _extension():
-    sources = ["csrc/ops.cpp", "csrc/autocast.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp"))
-    include_dirs = [str(ROOT / "csrc/include")]
-    # -fopenmp: at::parallel_for is OpenMP in headers (without it, serial). -ffp-contract=off: the
-    # optimizer maths places its fused multiply-adds explicitly (optim_math.h); no others.
-    extra = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"]}
-    if not _build_cuda():
+    sources = [str(p.relative_to(ROOT)) for p in build.sources(with_cuda)]
+    include_dirs = [str(p) for p in build.INCLUDE_DIRS]
+    extra = {"cxx": build.CXX_FLAGS}
+    if not with_cuda:
         return CppExtension("mixprec._C", sources, include_dirs=include_dirs, extra_compile_args=extra)
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # A100 and H100 when no GPU tells us
-    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cuda").glob("*.cu"))
-    extra["nvcc"] = ["-O3", "-lineinfo"]
+    extra["nvcc"] = build.NVCC_FLAGS
     return CUDAExtension("mixprec._C", sources, include_dirs=include_dirs, extra_compile_args=extra)
 
 

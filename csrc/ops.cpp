@@ -5,7 +5,47 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(mixprec, m) {
+// Our ops write their Tensor(a!) arguments in place; like torch's own in-place ops they must bump
+// those tensors' version counters, or autograd's saved-tensor check and mixprec.autocast's
+// persistent weight cache would miss the write. One boxed kernel at ADInplaceOrView does that,
+// then hands the call on; VersionBumpingDefs registers it for every op whose schema writes an argument,
+// so no list of op names is kept by hand.
+static void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
+                                  torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t n = args.size();
+  for (size_t i = 0; i < n; ++i) {
+    if (!args[i].alias_info() || !args[i].alias_info()->isWrite()) continue;
+    const c10::IValue& v = (*stack)[stack->size() - n + i];
+    if (v.isTensor()) {
+      v.toTensor().unsafeGetTensorImpl()->bump_version();
+    } else if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorList().vec()) t.unsafeGetTensorImpl()->bump_version();
+    }
+  }
+  op.redispatchBoxed(ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::ADInplaceOrView), stack);
+}
+
+// The library's def(), plus the version-bump kernel for every schema that writes an argument.
+struct VersionBumpingDefs {
+  torch::Library& lib;
+  void def(const char* text) {
+    c10::FunctionSchema schema = torch::schema(text);
+    const std::string name = schema.name();
+    bool writes = false;
+    for (const c10::Argument& arg : schema.arguments()) {
+      writes = writes || (arg.alias_info() && arg.alias_info()->isWrite());
+    }
+    lib.def(std::move(schema));
+    if (writes) {
+      lib.impl(name.c_str(), c10::DispatchKey::ADInplaceOrView,
+               torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+    }
+  }
+};
+
+TORCH_LIBRARY(mixprec, lib) {
+  VersionBumpingDefs m{lib};
   // grads[i] *= inv_scale (fp32 arithmetic); found_inf = 1 if any element of any grad is inf/NaN.
   // inv_scale == 1 only checks (no writes). All grads on found_inf's device; any float dtype mix.
   m.def(
@@ -55,33 +95,6 @@ TORCH_LIBRARY(mixprec, m) {
       "Tensor? lr_tensor, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, Tensor? inv_scale, Tensor? clip_coef, Tensor? found_inf, int rounding, "
       "int seed) -> ()");
-}
-
-// Our ops write their Tensor(a!) arguments in place; like torch's own in-place ops they must bump
-// those tensors' version counters, or autograd's saved-tensor check and mixprec.autocast's
-// persistent weight cache would miss the write. One boxed kernel at ADInplaceOrView does that for
-// every op, then hands the call on.
-static void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
-                                  torch::jit::Stack* stack) {
-  const auto& args = op.schema().arguments();
-  const size_t n = args.size();
-  for (size_t i = 0; i < n; ++i) {
-    if (!args[i].alias_info() || !args[i].alias_info()->isWrite()) continue;
-    const c10::IValue& v = (*stack)[stack->size() - n + i];
-    if (v.isTensor()) {
-      v.toTensor().unsafeGetTensorImpl()->bump_version();
-    } else if (v.isTensorList()) {
-      for (const at::Tensor& t : v.toTensorList().vec()) t.unsafeGetTensorImpl()->bump_version();
-    }
-  }
-  op.redispatchBoxed(ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::ADInplaceOrView), stack);
-}
-
-TORCH_LIBRARY_IMPL(mixprec, ADInplaceOrView, m) {
-  for (const char* name : {"non_finite_check_and_unscale_", "update_scale_", "grad_norm",
-                           "adam_step_", "sgd_step_"}) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
-  }
 }
 
 namespace mixprec::autocast {

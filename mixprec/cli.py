@@ -6,7 +6,7 @@ import os
 import runpy
 import sys
 
-from mixprec.precision import ENV_VAR, parse_precision, valid_precisions
+from mixprec.precision_modes import ENV_VAR, parse_precision, valid_precisions
 
 
 def _precision_arg(value: str) -> str:
@@ -18,9 +18,34 @@ def _precision_arg(value: str) -> str:
 
 def _precision_list(value: str) -> list[str]:
     try:
-        return [parse_precision(p, source="--precisions") for p in value.split(",") if p.strip()]
+        names = [parse_precision(p, source="--precisions") for p in value.split(",") if p.strip()]
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if not names:
+        raise argparse.ArgumentTypeError(f"--precisions={value!r} names no precision; expected a "
+                                         f"comma-separated list of {', '.join(valid_precisions())}")
+    return names
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return number
+
+
+def _device_error(command: str, device: str | None) -> str | None:
+    """Why `device` cannot run here (None when it can)."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return (f"mixprec {command}: --device cuda, but torch sees no CUDA GPU "
+                    "(torch.cuda.is_available() is False); use --device cpu")
+    return None
 
 
 def run_script(script: str, args: list[str], precision: str, module: bool = False) -> int:
@@ -61,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixprec", description="mixed-precision training for PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="a short fp16 training run with mixprec.GradScaler")
-    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--steps", type=_positive_int, default=300, help="training steps (default 300)")
     demo.add_argument("--device", choices=["cpu", "cuda"], default=None,
                       help="default: cuda if available, else cpu")
     commands.add_parser("doctor", help="what this machine supports and which precision to use")
@@ -101,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
 def _bench(args: argparse.Namespace) -> int:
     from mixprec import bench
 
+    error = _device_error("bench", args.device)
+    if error:
+        print(error, file=sys.stderr)
+        return 2
     if args.plot:
         try:
             bench.require_matplotlib()  # fail before the run, not after it
@@ -125,18 +154,32 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    error = _device_error("demo", args.device)
+    if error:
+        print(error, file=sys.stderr)
+        return 2
+    from mixprec.demo import run_demo
+
+    run_demo(steps=args.steps, device=args.device)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parsing, --help, doctor and run need no compiled kernels; demo and bench load them (a
+    missing build is reported with its fix, exit status 1)."""
+    from mixprec._extension import ExtensionUnavailable
+
     args = _parser().parse_args(argv)
     if args.command == "doctor":
         from mixprec.doctor import main as doctor
 
         doctor()
-    elif args.command == "demo":
-        from mixprec.demo import run_demo
-
-        run_demo(steps=args.steps, device=args.device)
-    elif args.command == "run":
+        return 0
+    if args.command == "run":
         return run_script(args.script, args.args, args.precision, module=args.module)
-    elif args.command == "bench":
-        return _bench(args)
-    return 0
+    try:
+        return _demo(args) if args.command == "demo" else _bench(args)
+    except ExtensionUnavailable as e:
+        print(f"mixprec {args.command}: {e}", file=sys.stderr)
+        return 1

@@ -10,6 +10,10 @@ import torch
 
 import mixprec
 
+SKIPS_EXPECTED = ("skipped steps are expected: fp16 loss scaling skips a step when the gradients overflow "
+                  "at the current scale (in the first steps, while the scale backs off from 65536, and "
+                  "whenever it has grown too far) and lowers the scale")
+
 
 def _progress(step: int, total: int, text: str, width: int = 30) -> None:
     done = width * step // total
@@ -25,7 +29,11 @@ def run_demo(steps: int = 300, device: str | None = None, seed: int = 0) -> dict
     mixprec.optim.AdamW, clipping the grad norm inside the fused step.
     A short growth interval makes the scale double until fp16 gradients overflow: those steps
     are skipped on the device and the scale backs off, which is the loop working as intended."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda', but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
     torch.manual_seed(seed)
     dim, classes, batch, hidden = 64, 10, 128, 128
     teacher = torch.randn(dim, classes, device=device)
@@ -37,6 +45,7 @@ def run_demo(steps: int = 300, device: str | None = None, seed: int = 0) -> dict
     scaler = mixprec.GradScaler(device, growth_interval=15)
     print(f"mixprec demo: {steps} steps on {device} "
           f"({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), fp16 autocast + mixprec.GradScaler + mixprec.optim.AdamW")
+    print(SKIPS_EXPECTED)
     start = time.perf_counter()
     for step in range(1, steps + 1):
         x = torch.randn(batch, dim, device=device)
@@ -57,5 +66,6 @@ def run_demo(steps: int = 300, device: str | None = None, seed: int = 0) -> dict
               "scale": stats["scale"], "skipped_steps": stats["skipped_steps"],
               "seconds": time.perf_counter() - start}
     print(f"done in {result['seconds']:.1f} s: final loss {result['final_loss']:.4f}, "
-          f"scale {result['scale']:.0f}, {result['skipped_steps']} skipped steps")
+          f"scale {result['scale']:.0f}, {result['skipped_steps']} skipped steps"
+          + (" (expected, see above)" if result["skipped_steps"] else ""))
     return result

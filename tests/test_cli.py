@@ -1,14 +1,17 @@
 """The `mixprec` command: run (precision through the environment), bench (every model, JSON,
-plot or the clear error without matplotlib)."""
+plot or the clear error without matplotlib), demo, and a cold start: --help, doctor and run on a
+source checkout without a build or a compiler."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+from test_doctor import copy_package, run_cold
 
 from mixprec.cli import main
-from mixprec.precision import ENV_VAR
+from mixprec.precision_modes import ENV_VAR
 
 SCRIPT = """
 import sys, mixprec.precision
@@ -103,3 +106,55 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "--precisions='fp8' is not a precision" in capsys.readouterr().err
     assert main(["bench", "--precisions", "32,32-true", "--steps", "1", "--device", "cpu"]) == 2
     assert "names a mode twice" in capsys.readouterr().err
+
+
+def test_bench_rejects_an_empty_precision_list(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--precisions", " , "])
+    assert info.value.code == 2
+    assert "--precisions=' , ' names no precision; expected a comma-separated list of 32-true" in capsys.readouterr().err
+
+
+def test_demo_rejects_bad_arguments(capsys, monkeypatch):
+    for steps in ("0", "-3", "x"):
+        with pytest.raises(SystemExit) as info:
+            main(["demo", "--steps", steps])
+        assert info.value.code == 2
+        assert f"argument --steps: expected a whole number >= 1, got '{steps}'" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    for command in ("demo", "bench"):
+        assert main([command, "--device", "cuda"]) == 2
+        assert f"mixprec {command}: --device cuda, but torch sees no CUDA GPU" in capsys.readouterr().err
+    from mixprec.demo import run_demo
+
+    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
+        run_demo(steps=0)
+
+
+def test_demo_says_skipped_steps_are_expected(capsys):
+    assert main(["demo", "--steps", "10", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped steps are expected: fp16 loss scaling skips a step when the gradients overflow" in out
+    assert "10/10 loss" in out and "done in" in out
+
+
+def test_cold_start_without_a_build_or_a_compiler(tmp_path):
+    """--help, argument errors and `run` work on a source checkout with no built extension and no
+    compiler on PATH (doctor too: tests/test_doctor.py); demo, which needs kernels, says why not."""
+    copy_package(tmp_path)
+    out = run_cold(tmp_path, "--help")
+    assert out.returncode == 0 and "usage: mixprec" in out.stdout and "doctor" in out.stdout, out.stderr[-3000:]
+    out = run_cold(tmp_path, "run", "--precision", "fp8", "x.py")
+    assert out.returncode == 2 and "--precision='fp8' is not a precision" in out.stderr
+    script = tmp_path / "train.py"
+    script.write_text("import os, mixprec, mixprec._extension as e\n"
+                      "from mixprec.precision_modes import MODES, parse_precision\n"
+                      "assert not e.loaded()\n"
+                      "print('mode', MODES[parse_precision(os.environ['MIXPREC_PRECISION'])].dtype)\n")
+    out = run_cold(tmp_path, "run", "--precision", "bf16", str(script))
+    assert out.returncode == 0 and "mode torch.bfloat16" in out.stdout, out.stderr[-3000:]
+    out = run_cold(tmp_path, "demo", "--steps", "1")
+    assert out.returncode == 1
+    assert "mixprec demo: mixprec's compiled extension (mixprec._C) is not built and cannot be built here" in out.stderr
+    assert "a C++ compiler ('c++' is not on PATH)" in out.stderr and "pip install --no-build-isolation -e ." in out.stderr
+    assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").iterdir()), "something was built"

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mixprec import _toolchain
+from mixprec import _build
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,6 +36,6 @@ def test_jit_build_from_a_source_tree_without_a_built_extension(tmp_path):
 def test_missing_tools_are_named_with_the_fix(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setenv("CXX", "no-such-c++")
-    missing = " ".join(_toolchain.missing_for_cpu_build())
+    missing = " ".join(_build.missing_for_cpu_build())
     assert "'no-such-c++' is not on PATH" in missing and "apt-get install g++" in missing
     assert "pip install ninja" in missing
