@@ -1,0 +1,92 @@
+"""Sample arguments for every op of the mixprec namespace, in one place: tests/test_op_registry.py
+runs torch.library.opcheck and the version-bump check on each, and fails for an op the dispatcher
+lists without an entry here. A new op adds its entry; a schema change edits it here only.
+
+Each entry maps the op's name to a function of the device returning a list of argument tuples,
+in schema order. Keep tensors small: opcheck runs each sample several times (eager, fake,
+autograd registration, AOT dispatch).
+"""
+import math
+
+import torch
+
+# The optimizer ops' rounding argument as the schema takes it today (an int code); when the schema
+# takes the rounding name instead, map each name to itself.
+ROUNDING = {"nearest": 0, "stochastic": 1, "kahan": 2}
+
+
+def _tensors(device):
+    p = [torch.randn(37, device=device), torch.randn(4, 5, device=device)]
+    return p, [torch.randn_like(t) for t in p]
+
+
+def _scalar(value, device):
+    return torch.full((), value, device=device)
+
+
+def _unscale(device):
+    grads = [torch.randn(100, device=device), torch.randn(33, device=device).half(),
+             torch.randn(7, 5, device=device).bfloat16()]
+    return [(grads, _scalar(0.0, device), _scalar(0.5, device))]
+
+
+def _update_scale(device):
+    return [(_scalar(8.0, device), torch.zeros((), dtype=torch.int32, device=device),
+             torch.ones((), dtype=torch.int32, device=device), torch.zeros(2, dtype=torch.int64, device=device),
+             _scalar(1.0, device), 2.0, 0.5, 3, 1, 0.0, math.inf)]
+
+
+def _grad_norm(device):
+    _, g = _tensors(device)
+    return [(g, _scalar(0.0, device), _scalar(0.5, device), 2.0),
+            ([g[0].half(), g[1].bfloat16()], _scalar(0.0, device), _scalar(1.0, device), math.inf)]
+
+
+def _clip_coef(device):
+    return [(_scalar(3.0, device), 1.0)]
+
+
+def _clip_grad_norm_scaled(device):
+    grads = [torch.randn(100, device=device), torch.randn(7, device=device).half()]
+    return [(grads, _scalar(8.0, device), 2.0, 1.0)]
+
+
+def _adam_step(device):
+    p, g = _tensors(device)
+    state = lambda: [torch.rand_like(t) for t in p]
+    steps = [_scalar(3.0, device) for _ in p]
+    half, bf16 = [t.half() for t in p], [t.bfloat16() for t in p]
+    return [
+        # fp32, AdamW, every optional scalar given
+        (p, g, state(), state(), state(), [], [], steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, True, False,
+         _scalar(0.5, device), _scalar(0.9, device), _scalar(0.0, device), ROUNDING["nearest"], 0),
+        # fp16 with fp32 master weights, lr on the device
+        (half, [t.half() for t in g], state(), state(), [], [t.float() for t in half], [], steps, 0.0,
+         _scalar(1e-3, device), 0.9, 0.999, 1e-8, 0.0, False, True, None, None, None, ROUNDING["nearest"], 0),
+        # bf16 without master weights, Kahan-compensated
+        (bf16, [t.bfloat16() for t in g], state(), state(), [], [], [torch.zeros_like(t) for t in bf16], steps,
+         1e-3, None, 0.9, 0.999, 1e-8, 0.1, True, False, None, None, None, ROUNDING["kahan"], 0),
+    ]
+
+
+def _sgd_step(device):
+    p, g = _tensors(device)
+    steps = [_scalar(3.0, device) for _ in p]
+    bf16 = [t.bfloat16() for t in p]
+    return [
+        (p, g, [torch.rand_like(t) for t in p], [], [], steps, 0.1, None, 0.9, 0.0, 0.0, True, False, None, None,
+         _scalar(0.0, device), ROUNDING["nearest"], 0),
+        (bf16, [t.bfloat16() for t in g], [], [], [], steps, 0.1, None, 0.0, 0.0, 0.0, False, False, None, None,
+         None, ROUNDING["stochastic"], 1234),
+    ]
+
+
+SAMPLES = {
+    "non_finite_check_and_unscale_": _unscale,
+    "update_scale_": _update_scale,
+    "grad_norm": _grad_norm,
+    "clip_coef": _clip_coef,
+    "clip_grad_norm_scaled": _clip_grad_norm_scaled,
+    "adam_step_": _adam_step,
+    "sgd_step_": _sgd_step,
+}

@@ -1,0 +1,64 @@
+"""Every op of the mixprec namespace, as the dispatcher lists them (not a hand-kept list), has a
+CPU kernel, a CUDA kernel when the build has CUDA, a fake kernel, a version bump for each
+argument it writes, and an opcheck sample (tests/op_samples.py) that passes."""
+import pytest
+import torch
+from conftest import DEVICES
+from op_samples import SAMPLES
+
+from mixprec import ops
+
+OPS = [name.partition("::")[2] for name in ops.op_names()]  # loads the extension
+
+
+def _op(name: str) -> torch._ops.OpOverload:
+    return getattr(torch.ops.mixprec, name).default
+
+
+def _written(name: str) -> list[int]:
+    """Positions of the arguments the schema marks as written (Tensor(a!), Tensor(a!)[])."""
+    return [i for i, arg in enumerate(_op(name)._schema.arguments)
+            if arg.alias_info is not None and arg.alias_info.is_write]
+
+
+def test_the_dispatcher_lists_every_op():
+    assert {"non_finite_check_and_unscale_", "update_scale_", "grad_norm", "clip_coef", "clip_grad_norm_scaled",
+            "adam_step_", "sgd_step_"} <= set(OPS)
+
+
+def test_every_op_has_samples():
+    assert sorted(SAMPLES) == OPS, "add each new op's sample arguments to tests/op_samples.py"
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_cpu_and_fake_kernels(name):
+    qualname = f"mixprec::{name}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta")  # where register_fake puts it
+    assert torch._library.simple_registry.singleton.find(qualname).fake_impl.kernel is not None
+
+
+def test_cuda_kernels_for_every_op_or_none():
+    lacking = [n.partition("::")[2] for n in ops.ops_without_kernel("CUDA")]
+    if torch.cuda.is_available():
+        assert lacking == [], f"a GPU is present but these ops have no CUDA kernel: {lacking}"
+    assert lacking in ([], OPS), f"the build has CUDA kernels, but not for {lacking}"
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_written_arguments_bump_their_versions(name):
+    written = _written(name)
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"mixprec::{name}", "ADInplaceOrView")
+    assert has_kernel == bool(written)
+    for args in SAMPLES[name]("cpu"):
+        tensors = [t for i in written for t in (args[i] if isinstance(args[i], list) else [args[i]])]
+        before = [t._version for t in tensors]
+        _op(name)(*args)
+        assert all(t._version > v for t, v in zip(tensors, before)), f"{name}: a written tensor kept its version"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck(name, device):
+    for args in SAMPLES[name](device):
+        torch.library.opcheck(_op(name), args)
