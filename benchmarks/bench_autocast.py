@@ -14,26 +14,23 @@ per call with a synchronize after each call (launch-bound: the host is what a us
 (b) GPU time from CUDA events (harness.time_interleaved: the step is GPU-bound, and the shared
 host's hiccups would otherwise dominate the spread). It also counts the cast kernels
 per forward (record=True), to show what torch.autocast spends re-casting weights.
-Usage: python benchmarks/bench_autocast.py [--json out.jsonl] [--rounds N] [--no-compile]
+Usage: python -m benchmarks.bench_autocast [--json out.jsonl | --json -] [--rounds N] [--no-compile]
+(results: benchmarks/results/<machine>_autocast.jsonl by default)
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
-
-import mixprec  # noqa: E402
-from mixprec.models import GPT  # noqa: E402
-from mixprec.policy import default_policy  # noqa: E402
+import mixprec
+from benchmarks import harness
+from mixprec.models import GPT
+from mixprec.policy import default_policy
 
 
 def _sync(device: str) -> None:
@@ -170,7 +167,7 @@ def bench_train_step(device: str, rounds: int, batch: int, seq: int, layers: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help=harness.JSON_HELP)
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
@@ -183,7 +180,8 @@ def main() -> None:
         rows += bench_train_step(device, max(3, args.rounds // 10), batch=2, seq=64, layers=2, d=128)
     for row in rows:
         row.update({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__})
-    harness.emit(rows, args.json, columns=["case", "variant", "median_us", "spread", "x_torch_autocast", "x_no_autocast", "casts"])
+    columns = ["case", "variant", "median_us", "spread", "x_torch_autocast", "x_no_autocast", "casts"]
+    harness.emit(rows, harness.results_path(args.json, "autocast", device), columns=columns)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ Both run in the same processes, interleaved (A B A B ...), timed with CUDA event
 medians. Each rank moves 32 B per local param element, so the limit is 32 B x params / world /
 copy bandwidth.
 
-  python benchmarks/bench_fsdp.py --world 2                    # NCCL, one GPU per rank
-  python benchmarks/bench_fsdp.py --device cpu --model tiny    # gloo smoke test
+  python -m benchmarks.bench_fsdp --world 2                    # NCCL, one GPU per rank
+  python -m benchmarks.bench_fsdp --device cpu --model tiny    # gloo smoke test
+
+Results: benchmarks/results/<machine>x<world>_fsdp.jsonl (e.g. h200x2_fsdp.jsonl) by default.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -28,7 +29,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mixprec
-from harness import copy_fn, gpt2_shapes, summarize, time_interleaved
+from benchmarks.harness import (
+    JSON_HELP,
+    copy_fn,
+    gpt2_shapes,
+    results_path,
+    summarize,
+    time_interleaved,
+    write_jsonl,
+)
 
 MODELS = {"tiny": (2, 64, 1000, 64), "124M": (12, 768), "1.5B": (48, 1600)}
 
@@ -109,9 +118,7 @@ def worker(rank: int, args, port: int) -> None:
         dist.all_gather_object(everyone, rows)
         if rank == 0:
             flat = [r for per_rank in everyone for r in per_rank]
-            if args.json:
-                with open(args.json, "w") as f:
-                    f.write("\n".join(json.dumps(r) for r in flat) + "\n")
+            write_jsonl(flat, results_path(args.json, "fsdp", args.device, args.world))
             for v in ("torch", "ours"):
                 ms = [r["ms"] for r in flat if r["variant"] == v]
                 ratio = [r["x_torch"] for r in flat if r["variant"] == v]
@@ -128,7 +135,7 @@ def main() -> None:
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--model", default="124M", choices=list(MODELS))
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help=JSON_HELP)
     args = p.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,8 +7,10 @@ Markov-chain tokens under each mode and prints loss curves' end points:
   bf16-kahan       bf16 weights + a bf16 compensation buffer
   bf16-nearest     bf16 weights only, round to nearest (updates below half an ulp are lost)
 
-  python benchmarks/convergence_bf16.py --device cpu --size tiny     # what CI's test runs
-  python benchmarks/convergence_bf16.py --device cuda --size small   # the GPU-sized run
+  python -m benchmarks.convergence_bf16 --device cpu --size tiny     # what CI's test runs
+  python -m benchmarks.convergence_bf16 --device cuda --size small   # the GPU-sized run
+
+Results: benchmarks/results/<machine>_convergence_bf16_<size>.jsonl by default.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import mixprec
+from benchmarks.harness import JSON_HELP, results_path, write_jsonl
 from mixprec.models import GPT, MarkovText
 
 MODES = ["bf16-mixed", "bf16-master", "bf16-stochastic", "bf16-kahan", "bf16-nearest"]
@@ -65,7 +68,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", default="tiny", choices=list(SIZES))
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help=JSON_HELP)
     args = p.parse_args()
     rows = []
     for mode in args.modes.split(","):
@@ -75,13 +78,11 @@ def main() -> None:
     for r in rows:
         r["vs_mixed"] = r["final_loss"] / reference if reference else None
         print(json.dumps(r))
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     print(f"\n{'mode':>16}  {'final loss':>10}  {'vs mixed':>8}  {'seconds':>7}   (floor {rows[0]['entropy_floor']:.3f})")
     for r in rows:
         ratio = f"{r['vs_mixed']:.3f}" if r["vs_mixed"] else "-"
         print(f"{r['mode']:>16}  {r['final_loss']:10.4f}  {ratio:>8}  {r['seconds']:7.1f}")
+    write_jsonl(rows, results_path(args.json, f"convergence_bf16_{args.size}", args.device))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""Small shared helpers for the benchmarks: model shapes, an interleaved timer, summaries and output."""
+"""Small shared helpers for the benchmarks: model shapes, an interleaved timer, summaries and output.
+
+The benchmarks are modules of the `benchmarks` package; run them from the repository root as
+`python -m benchmarks.bench_unscale` (and so on), which is what lets them import this file."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -73,6 +78,42 @@ def copy_fn(device: str, nbytes: int) -> Callable[[], None]:
     return call
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_tag(device: str, world: int = 1) -> str:
+    """A short name for the machine a run measures, for result file names: "cpu", or the GPU's
+    model ("h100" from "NVIDIA H100 80GB HBM3", "h200"), with "x<world>" for several GPUs."""
+    if torch.device(device).type != "cuda":
+        return "cpu"
+    words = re.findall(r"[a-z0-9]+", torch.cuda.get_device_name(device).lower())
+    model = next((w for w in words if any(c.isdigit() for c in w)), words[-1] if words else "gpu")
+    return model + (f"x{world}" if world > 1 else "")
+
+
+def results_path(json_arg: str | None, name: str, device: str, world: int = 1) -> str | None:
+    """Where a benchmark writes its JSON lines: `json_arg` if given, nowhere for "-", else
+    benchmarks/results/<machine>_<name>.jsonl (so a rerun replaces that machine's figures)."""
+    if json_arg == "-":
+        return None
+    if json_arg:
+        return json_arg
+    RESULTS.mkdir(exist_ok=True)
+    return str(RESULTS / f"{machine_tag(device, world)}_{name}.jsonl")
+
+
+JSON_HELP = ("write the JSON lines here (default: benchmarks/results/<machine>_<benchmark>.jsonl; "
+             "'-': do not write)")
+
+
+def write_jsonl(rows: list[dict], path: str | None) -> None:
+    """Write `rows` as JSON lines to `path` (nothing when path is None) and say where."""
+    if path:
+        with open(path, "w") as f:
+            f.write("\n".join(json.dumps(row) for row in rows) + "\n")
+        print(f"wrote {path}")
+
+
 def _fmt(v: object) -> str:
     if v is None:
         return "-"
@@ -84,17 +125,13 @@ def _fmt(v: object) -> str:
 def emit(rows: list[dict], json_path: str | None = None, columns: list[str] | None = None) -> None:
     """Print each row as one JSON line, then an aligned table (of `columns`, default all keys).
     If json_path is given, also write the JSON lines there."""
-    lines = [json.dumps(row) for row in rows]
-    for line in lines:
-        print(line)
-    if json_path:
-        with open(json_path, "w") as f:
-            f.write("\n".join(lines) + "\n")
-    if not rows:
-        return
-    columns = columns or list(rows[0])
-    table = [columns] + [[_fmt(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
-    print()
-    for r in table:
-        print("  ".join(cell.rjust(w) for cell, w in zip(r, widths)))
+    for row in rows:
+        print(json.dumps(row))
+    if rows:
+        columns = columns or list(rows[0])
+        table = [columns] + [[_fmt(row.get(c)) for c in columns] for row in rows]
+        widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+        print()
+        for r in table:
+            print("  ".join(cell.rjust(w) for cell, w in zip(r, widths)))
+    write_jsonl(rows, json_path)

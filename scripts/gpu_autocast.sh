@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU evidence for mixprec.autocast in one call: build, its tests, the OpInfo conformance
 # sweep on CUDA (fp16, bf16; SAMPLES per op, 0 = all), the optimizer/scaler suites touched by the
-# version-counter change, then benchmarks/bench_autocast.py. Logs and JSON go to $OUT.
+# version-counter change, then `python -m benchmarks.bench_autocast`. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PATH=/usr/local/cuda/bin:$PATH
@@ -19,5 +19,5 @@ echo "tests: $((SECONDS - t0)) s"
 MIXPREC_CONFORMANCE_SAMPLES=${SAMPLES:-10} MIXPREC_CONFORMANCE_OUT="$OUT" python3 -m pytest -q -p no:cacheprovider \
   tests/test_autocast_conformance.py -k "${CONF_K:-cuda}" 2>&1 | tee "$OUT/pytest_conformance.log" | tail -8
 echo "conformance: $((SECONDS - t0)) s"
-python3 benchmarks/bench_autocast.py --json "$OUT/bench_autocast.jsonl" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_autocast.log" | tail -24
+python3 -m benchmarks.bench_autocast --json "$OUT/bench_autocast.jsonl" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_autocast.log" | tail -24
 echo "bench: $((SECONDS - t0)) s"

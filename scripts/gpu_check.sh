@@ -16,7 +16,7 @@ echo "build: $((SECONDS - t0)) s"
 python3 -m pytest -q tests -p no:cacheprovider -x ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -15
 echo "suite: $((SECONDS - t0)) s"
 for b in ${BENCH:-optimizer unscale}; do
-  python3 benchmarks/bench_$b.py --json "$OUT/bench_$b.jsonl" 2>&1 | tee "$OUT/bench_$b.log" | tail -14
+  python3 -m benchmarks.bench_$b --json "$OUT/bench_$b.jsonl" 2>&1 | tee "$OUT/bench_$b.log" | tail -14
   echo "bench $b: $((SECONDS - t0)) s"
 done
 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_kernels.py \

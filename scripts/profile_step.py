@@ -1,16 +1,14 @@
 """Where the GPU time of one optimizer step goes: torch.profiler over a few calls of the
 GPT-2 124M scale/clip/step/update sequence (mixprec.optim.AdamW), kernels per step in µs.
-Usage: python scripts/profile_step.py [bf16-nearest bf16-stochastic bf16-kahan bf16 fp32 ...]
+Usage, from the repository root: python -m scripts.profile_step [bf16-nearest bf16-stochastic ...]
 (a variant is a dtype, optionally followed by -rounding for master_weights=False)."""
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import mixprec  # noqa: E402
-from harness import gpt2_shapes  # noqa: E402
+import mixprec
+from benchmarks.harness import gpt2_shapes
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CALLS = 10

@@ -50,7 +50,9 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
     for offset in (0, 1):
         params = tensors(dtype, offset)
         grads = [torch.randn_like(p) for p in params]
-        fp32 = lambda: [torch.zeros_like(p, dtype=torch.float32) for p in params]  # noqa: E731
+        def fp32(params=params):  # fresh fp32 state buffers for each call
+            return [torch.zeros_like(p, dtype=torch.float32) for p in params]
+
         masters = [p.float() for p in params] if dtype != torch.float32 else []
         steps = [torch.zeros((), device=dev) for _ in params]
         if dtype != torch.float32:  # no master weights: stochastic and Kahan rounding

@@ -12,12 +12,12 @@ import torch
 from hypothesis import HealthCheck, settings
 
 # `device` is a plain string parameter, safe to share across generated examples.
-_common = dict(deadline=None, suppress_health_check=[
-    HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+_common = {"deadline": None, "suppress_health_check": [
+    HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]}
 try:  # torch.testing._internal (the OpInfo database) loads a hypothesis profile of its own when
     # imported; import it first so that ours, loaded below, is in force when test modules build
     # their @settings (which inherit the profile loaded at that moment).
-    import torch.testing._internal.common_utils  # noqa: F401
+    import torch.testing._internal.common_utils
 except ImportError:  # expecttest missing: test_autocast_conformance.py says so
     pass
 settings.register_profile("ci", max_examples=60, derandomize=True, print_blob=True, **_common)

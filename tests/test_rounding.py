@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -222,8 +220,7 @@ def test_bf16_true_stochastic_converges_like_bf16_mixed(device):
     """CPU-sized run of benchmarks/convergence_bf16.py: a small GPT on Markov-chain tokens.
     bf16 weights with stochastic rounding end within 2 % of bf16-mixed (fp32 weights); round to
     nearest ends visibly worse."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from convergence_bf16 import run
+    from benchmarks.convergence_bf16 import run  # the repository root is on sys.path under pytest
 
     results = {mode: run(mode, device, "tiny")["final_loss"] for mode in ("bf16-mixed", "bf16-stochastic", "bf16-nearest")}
     assert results["bf16-stochastic"] <= 1.02 * results["bf16-mixed"], results
