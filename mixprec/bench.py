@@ -10,11 +10,13 @@ run times torch's own configurations beside ours: "torch.amp 16-mixed" / "torch.
 
 Every variant starts from the same initial weights and sees the same batches. mixprec rows
 use mixprec.Precision + mixprec.optim.AdamW (torch.optim.AdamW for 64-true, which ours does not
-take). Peak memory is measured while building and warming up each variant: on CUDA
-max_memory_allocated above what was allocated before (model, optimizer state, activations); on
-the CPU the peak RSS growth, which is rough (malloc reuses memory freed by earlier variants), so
-every row also gives the exact bytes of weights + grads + optimizer state it holds. One untimed
-step of each mode runs first, so library initialisation and workspaces fall outside every figure.
+take). Peak memory is measured while building and warming up each variant (model, optimizer
+state, activations): on CUDA max_memory_allocated above what was allocated before; on the CPU
+the peak of the tensor bytes allocated, from the CPU allocator's events in torch.profiler (the
+process's RSS cannot say it: malloc reuses what earlier variants freed). Every row also gives the
+exact bytes of weights + grads + optimizer state it holds between steps. One untimed step of each
+mode runs first, so library initialisation and workspaces fall outside every figure. A row whose
+spread exceeds 50 % of its median gets a warning under the table.
 
 Default sizes: a CPU run is a smoke test (GPT 2 layers d=64, 32 tokens x 8); on CUDA the GPT has
 6 layers, d=512, 8 heads, vocab 4096, 256 tokens x 16 sequences (about 22M params, 4096 tokens
@@ -31,11 +33,13 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import os
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,13 +54,17 @@ from mixprec.precision import MODES, Precision, parse_precision
 MODELS = ("gpt", "mlp", "cnn")
 DEFAULT_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true")
 TORCH_COMPARABLE = ("32-true", "16-mixed", "bf16-mixed")
+# A row whose rounds spread over more than this fraction of their median gets a warning.
+MAX_SPREAD = 0.5
+PEAK_MEMORY_FROM = {"cuda": "torch.cuda.max_memory_allocated",
+                    "cpu": "torch.profiler CPU allocator events (tensor memory)"}
 SIZES: dict[tuple[str, str], dict[str, Any]] = {
-    ("gpt", "cpu"): dict(vocab=64, ctx=32, layers=2, d=64, heads=4, batch=8),
-    ("gpt", "cuda"): dict(vocab=4096, ctx=256, layers=6, d=512, heads=8, batch=16),
-    ("mlp", "cpu"): dict(dim=64, hidden=128, depth=2, classes=10, batch=64),
-    ("mlp", "cuda"): dict(dim=1024, hidden=4096, depth=4, classes=1000, batch=512),
-    ("cnn", "cpu"): dict(size=16, widths=(8, 16), classes=10, batch=16),
-    ("cnn", "cuda"): dict(size=64, widths=(64, 128, 256), classes=100, batch=128),
+    ("gpt", "cpu"): {"vocab": 64, "ctx": 32, "layers": 2, "d": 64, "heads": 4, "batch": 8},
+    ("gpt", "cuda"): {"vocab": 4096, "ctx": 256, "layers": 6, "d": 512, "heads": 8, "batch": 16},
+    ("mlp", "cpu"): {"dim": 64, "hidden": 128, "depth": 2, "classes": 10, "batch": 64},
+    ("mlp", "cuda"): {"dim": 1024, "hidden": 4096, "depth": 4, "classes": 1000, "batch": 512},
+    ("cnn", "cpu"): {"size": 16, "widths": (8, 16), "classes": 10, "batch": 16},
+    ("cnn", "cuda"): {"size": 64, "widths": (64, 128, 256), "classes": 100, "batch": 128},
 }
 
 
@@ -121,7 +129,7 @@ class Variant:
     held: Callable[[], int]
     calls: int = 0
     times_ms: list[float] = field(default_factory=list)
-    peak_bytes: int = 0
+    peak_bytes: int | None = None
     last_loss: Tensor | None = None
 
 
@@ -216,47 +224,62 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rss_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+@dataclass
+class _Peak:
+    bytes: int | None = None  # None: not measured
 
 
-class _PeakMemory:
-    """Peak memory growth over a block: CUDA allocator peak, or the process's peak RSS (reset
-    through /proc/self/clear_refs where Linux allows it, else the RSS growth)."""
+@contextmanager
+def _peak_memory(device: torch.device) -> Iterator[_Peak]:
+    """Peak memory growth over the block, in bytes (left None where it cannot be measured).
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.bytes = 0
-
-    def __enter__(self) -> _PeakMemory:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+    CUDA: the caching allocator's peak (max_memory_allocated) above what was allocated before.
+    CPU: torch keeps no allocator statistics there, and the process's RSS says nothing useful
+    (malloc reuses the pages earlier variants freed, so a whole variant showed "0 B"); instead
+    torch.profiler records every allocation and free of CPU tensor memory (profile_memory=True)
+    and the peak of their running sum is the same figure as on CUDA, exact and repeatable."""
+    peak = _Peak()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield peak
+        torch.cuda.synchronize(device)
+        peak.bytes = torch.cuda.max_memory_allocated(device) - base
+        return
+    # Kineto logs every profiler start and stop to stderr unless told otherwise (it reads this
+    # at its first use); a level the user set wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        yield peak
+    try:  # allocation events carry the block's address, so frees can be matched to allocations
+        allocation = torch._C._profiler._ExtraFields_Allocation
+        events = sorted((n.start_time_ns, n.extra_fields.ptr, n.extra_fields.alloc_size)
+                        for n in _walk(prof.profiler.kineto_results.experimental_event_tree())
+                        if isinstance(n.extra_fields, allocation) and n.extra_fields.device.type == "cpu")
+    except (AttributeError, RuntimeError):  # this torch's profiler lacks them: not measured
+        return
+    live: set[int] = set()
+    running = top = 0
+    for _, ptr, nbytes in events:  # frees of blocks from before the block are left out
+        if nbytes > 0:
+            live.add(ptr)
+        elif ptr in live:
+            live.discard(ptr)
         else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # resets VmHWM to the current RSS
-            except OSError:
-                pass
-            self.base = _rss_kib("VmRSS") or 0
-        return self
+            continue
+        running += nbytes
+        top = max(top, running)
+    peak.bytes = top
 
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            peak = _rss_kib("VmHWM") or _rss_kib("VmRSS") or 0
-            self.bytes = max(0, peak - self.base) * 1024
+
+def _walk(nodes: list[Any]) -> Iterator[Any]:
+    """Every node of a profiler event tree, depth first."""
+    for node in nodes:
+        yield node
+        yield from _walk(node.children)
 
 
 class _Progress:
@@ -339,10 +362,10 @@ def run_bench(
         del throwaway
     variants: list[Variant] = []
     for build, p in builders:
-        with _PeakMemory(dev) as mem:  # one warm-up step at least: the optimizer state exists
+        with _peak_memory(dev) as peak:  # one warm-up step at least: the optimizer state exists
             variant = build(p, work, dev, lr, clip)
             _time_block(variant, work.batches, max(1, warmup), dev)
-        variant.peak_bytes = mem.bytes
+        variant.peak_bytes = peak.bytes
         variants.append(variant)
         bar.advance(max(1, warmup), f"warm-up {variant.name}")
     for r in range(rounds):  # interleaved: A B C A B C ...
@@ -350,7 +373,8 @@ def run_bench(
             variant.times_ms.append(_time_block(variant, work.batches, per_round, dev))
             bar.advance(per_round, f"round {r + 1}/{rounds} {variant.name}")
     rows = [_row(v, work, per_round * rounds) for v in variants]
-    memory_key = "peak_memory_bytes" if cuda else "held_bytes"  # the CPU's RSS is too rough to compare
+    measured = all(r["peak_memory_bytes"] is not None for r in rows)
+    memory_key = "peak_memory_bytes" if measured else "held_bytes"
     _add_ratios(rows, memory_key)
     return {
         "device": str(dev),
@@ -358,8 +382,18 @@ def run_bench(
         "torch": torch.__version__,
         "model": model, "config": work.config, "steps": per_round * rounds, "rounds": rounds,
         "steps_per_round": per_round, "warmup": max(1, warmup), "lr": lr, "clip": clip,
-        "compare_torch": compare_torch, "unit": work.unit, "memory_saving_of": memory_key, "rows": rows,
+        "compare_torch": compare_torch, "unit": work.unit, "memory_saving_of": memory_key,
+        "peak_memory_from": (PEAK_MEMORY_FROM[dev.type] if measured else "not measured"),
+        "warnings": noisy_rows(rows), "rows": rows,
     }
+
+
+def noisy_rows(rows: list[dict[str, Any]], limit: float = MAX_SPREAD) -> list[str]:
+    """One warning per row whose spread exceeds `limit`: its median is not a figure to compare."""
+    return [f"{r['name']}: spread {100 * r['spread']:.0f} % of the median step time (over "
+            f"{100 * limit:.0f} %): the machine was busy or the step is bound by the host; its "
+            "median and ratios mean little (rerun with more --steps, or a larger --batch on the GPU)"
+            for r in rows if r["spread"] > limit]
 
 
 def _row(v: Variant, work: Workload, timed_steps: int) -> dict[str, Any]:
@@ -388,7 +422,9 @@ def _add_ratios(rows: list[dict[str, Any]], memory_key: str) -> None:
         r["speed_vs_torch"] = ref["step_ms"] / r["step_ms"] if ref and r["step_ms"] else None
 
 
-def _fmt_bytes(n: int) -> str:
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "not measured"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -401,13 +437,15 @@ def format_table(result: dict[str, Any]) -> str:
     unit = result["unit"]
     head = ["variant", "step ms (median)", "spread", f"{unit}/s", "peak memory", "weights+state", "final loss", "skipped",
             "speed-up vs 32-true",
-            "memory saving vs 32-true " + ("(peak)" if result["memory_saving_of"] == "peak_memory_bytes" else "(weights+state)")]
+            "memory saving vs 32-true "
+            + ("(peak)" if result["memory_saving_of"] == "peak_memory_bytes" else "(weights+state)")]
     if result["compare_torch"]:
         head.append("speed vs torch (same mode)")
-    lines = [f"mixprec bench: model {result['model']} {result['config']} on {result['device_name']} "
-             f"({result['device']}), torch {result['torch']}; {result['steps']} timed steps per variant in "
-             f"{result['rounds']} interleaved rounds after {result['warmup']} warm-up",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    title = (f"mixprec bench: model {result['model']} {result['config']} on {result['device_name']} "
+             f"({result['device']}), torch {result['torch']}; {result['steps']} timed steps per variant "
+             f"in {result['rounds']} interleaved rounds after {result['warmup']} warm-up; peak memory: "
+             f"{result['peak_memory_from']}")
+    lines = [title, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [r["name"], f"{r['step_ms']:.3f}", f"{100 * r['spread']:.1f} %", f"{r[f'{unit}_per_s']:,.0f}",
                  _fmt_bytes(r["peak_memory_bytes"]), _fmt_bytes(r["held_bytes"]), f"{r['final_loss']:.4f}", str(r["skipped_steps"]),
@@ -416,6 +454,7 @@ def format_table(result: dict[str, Any]) -> str:
         if result["compare_torch"]:
             cells.append("-" if r["speed_vs_torch"] is None else f"{r['speed_vs_torch']:.3f}x")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [f"warning: {w}" for w in result["warnings"]]
     return "\n".join(lines)
 
 
@@ -444,8 +483,8 @@ def write_plot(result: dict[str, Any], path: str) -> None:
     colors = ["tab:orange" if r["impl"] == "torch" else "tab:blue" for r in rows]
     ax_t.bar(names, med, yerr=err, color=colors, capsize=3)
     ax_t.set_ylabel("ms per step (median, min-max)")
-    ax_m.bar(names, [r["peak_memory_bytes"] / 2**20 for r in rows], color=colors)
-    ax_m.set_ylabel("peak memory (MiB)")
+    ax_m.bar(names, [(r["peak_memory_bytes"] or 0) / 2**20 for r in rows], color=colors)
+    ax_m.set_ylabel(f"peak memory (MiB), {result['peak_memory_from']}")
     for ax in (ax_t, ax_m):
         ax.tick_params(axis="x", labelrotation=30)
     fig.suptitle(f"mixprec bench: {result['model']} on {result['device_name']}")
