@@ -3,6 +3,7 @@
 the best loss any model can reach, so "how close to the floor" is measurable."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -28,7 +29,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2's architecture at any size: GPT(50257, 1024, 12, 768, 12) is GPT-2 124M."""
+    """GPT-2's architecture at any size, with an output head of its own (GPT-2 ties it to the
+    token embedding): GPT(50257, 1024, 12, 768, 12) is GPT-2 124M plus a 50257 x 768 head."""
 
     def __init__(self, vocab: int, ctx: int, layers: int, d: int, heads: int) -> None:
         super().__init__()
@@ -87,7 +89,7 @@ class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, classes: int, depth: int = 2) -> None:
         super().__init__()
         widths = [dim] + [hidden] * depth
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.head = nn.Linear(widths[-1], classes)
 
     def forward(self, x: Tensor) -> Tensor:
