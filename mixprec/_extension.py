@@ -95,11 +95,13 @@ def status() -> BuildStatus:
         return BuildStatus("loaded")
     if importlib.util.find_spec("mixprec._C") is None:
         if not _build.CSRC.is_dir():
-            return BuildStatus("not built", "mixprec._C is missing from this installation and there is "
-                               "no csrc/ to build it from", "pip install --force-reinstall --no-build-isolation mixprec")
+            return BuildStatus("not built", "mixprec._C is missing from this installation and there "
+                               "is no csrc/ to build it from",
+                               "pip install --force-reinstall --no-build-isolation mixprec")
         missing = _build.missing_for_cpu_build()
         if missing:
-            return BuildStatus("not built", "missing: " + "; ".join(missing), INSTALL_FIX)
+            return BuildStatus("not built", "missing: " + "; ".join(missing),
+                               f"install what is missing, then: {INSTALL_FIX}")
         return BuildStatus("not built", "the first use compiles csrc/ just in time (minutes; cached in "
                            "torch's extension directory)", f"build it now: {INSTALL_FIX}")
     try:  # the built module itself, not load(): a broken build must not start a just-in-time one

@@ -64,7 +64,7 @@ def test_doctor_without_a_build_or_a_compiler_names_what_is_missing(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mixprec kernels: not built — missing: a C++ compiler ('c++' is not on PATH)" in out.stdout
     assert "ninja (not on PATH): pip install ninja" in out.stdout
-    assert "fix: pip install --no-build-isolation -e ." in out.stdout
+    assert "fix: install what is missing, then: pip install --no-build-isolation -e ." in out.stdout
     assert "recommended precision:" in out.stdout
     assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").iterdir()), "doctor built something"
 
