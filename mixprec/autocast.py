@@ -6,7 +6,7 @@ region's compiled policy for this thread. With torch's default policy that call 
 nothing, so every op runs through torch's own autocast kernels: identical results and speed.
 With a policy that changes some ops, those ops (and only those) meet mixprec's C++ kernel at the
 AutocastPrivateUse1 dispatch key, which applies their rule and calls torch's kernels below it
-(csrc/autocast.cpp). No Python runs per op: measurements made before this design put a
+(csrc/autocast/). No Python runs per op: measurements made before this design put a
 TorchFunctionMode that only passes calls through at +24 % on a launch-bound forward and a Python
 kernel at the autocast key at ~25 µs a call. benchmarks/bench_autocast.py measures this one on an
 H100: torch's policy 1.01-1.09x torch.autocast on a tiny GPT forward, every table op through the
@@ -31,8 +31,10 @@ Beyond torch:
 from __future__ import annotations
 
 import functools
+import warnings
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -40,21 +42,31 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mixprec import _extension
 from mixprec.policy import DEVICE_TYPES, Policy, default_policy
 
-_SLOT = {"cpu": 0, "cuda": 1}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _swap(device_type: str, state: int) -> int:
-    return _extension.load().autocast_swap(_SLOT[device_type], state)
+    """Activate C++ table `state` (a Policy.state() id; 0: none) for `device_type` on this
+    thread; returns the id active before."""
+    return _extension.load().autocast_swap(device_type, state)
 
 
 def _current_state(device_type: str) -> int:
-    state = _swap(device_type, 0)
-    _swap(device_type, state)
-    return state
+    return _extension.load().autocast_active(device_type)[0]
 
 
-class autocast:  # noqa: N801 (torch's name)
+def _check_device_type(device_type: Any, **torch_args: Any) -> None:
+    """What torch.autocast raises for what it rejects (a non-str, a string naming no device or
+    one without autocast), then ours for devices torch supports but mixprec does not."""
+    if isinstance(device_type, str) and device_type in DEVICE_TYPES:
+        return
+    with warnings.catch_warnings():  # only its exception matters here
+        warnings.simplefilter("ignore")
+        torch.amp.autocast(device_type, **torch_args)
+    raise ValueError(f"mixprec.autocast supports device types {DEVICE_TYPES}, got {device_type!r}")
+
+
+class autocast:  # torch's name
     """Context manager and decorator with torch.autocast's signature and semantics, plus
     `policy` (a Policy for this device type; default: torch's), `weight_cache` and `record`
     (see the module docstring)."""
@@ -70,8 +82,7 @@ class autocast:  # noqa: N801 (torch's name)
         weight_cache: bool = False,
         record: bool = False,
     ) -> None:
-        if not isinstance(device_type, str) or device_type not in DEVICE_TYPES:
-            raise ValueError(f"mixprec.autocast supports device types {DEVICE_TYPES}, got {device_type!r}")
+        _check_device_type(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
         if policy is None:
             policy = default_policy(device_type)
         elif not isinstance(policy, Policy):
@@ -88,20 +99,27 @@ class autocast:  # noqa: N801 (torch's name)
         self._record = _Recorder() if record else None
         self._saved: list[int] = []
 
-    def __enter__(self) -> autocast:
+    def __enter__(self) -> autocast:  # noqa: PYI034 - typing.Self needs Python 3.11
         self._torch.__enter__()
         self._saved.append(_swap(self.device_type, self._state))
         if self._record is not None:
             self._record.__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._record is not None:
             self._record.__exit__(*exc)
         _swap(self.device_type, self._saved.pop())
         self._torch.__exit__(*exc)
 
     def __call__(self, fn: Callable) -> Callable:
+        if not callable(fn):  # torch.autocast's error
+            raise TypeError(
+                f"mixprec.autocast()(func) requires a callable, but got {type(fn).__name__}. Did you "
+                "mean to use autocast as a context manager? For example:\n"
+                "    with mixprec.autocast(device_type=...):\n        output = model(input)"
+            )
+
         @functools.wraps(fn)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             with self:
@@ -125,13 +143,15 @@ class autocast:  # noqa: N801 (torch's name)
 
 class _Recorder(TorchDispatchMode):
     """Sees every op below autocast (so after its casts): the dtype each op ran in, and the casts
-    (aten._to_copy to another float dtype), each attributed to the op that follows it."""
+    (aten._to_copy to another float dtype). A cast made by mixprec's kernel is attributed to the
+    op the policy names (``linear``, not the ``t`` that linear decomposes into first); any other
+    cast to the op that follows it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter = Counter()
         self.casts: Counter = Counter()
-        self._pending: list[tuple[str, str]] = []
+        self._pending: list[tuple[str | None, str, str]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -140,12 +160,14 @@ class _Recorder(TorchDispatchMode):
         if func is torch.ops.aten._to_copy.default and isinstance(args[0], torch.Tensor) and \
                 isinstance(out, torch.Tensor) and out.dtype != args[0].dtype and \
                 args[0].dtype in _FLOAT_DTYPES and out.dtype in _FLOAT_DTYPES:
-            self._pending.append((_dtype_name(args[0].dtype), _dtype_name(out.dtype)))
+            handled = _extension.load().autocast_casting_op()  # "aten::linear", or None
+            handled = handled.removeprefix("aten::") if handled else None
+            self._pending.append((handled, _dtype_name(args[0].dtype), _dtype_name(out.dtype)))
             return out
         first = next((t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)), None)
         self.ops[(name, _dtype_name(first.dtype) if first is not None else "-")] += 1
-        for source, target in self._pending:
-            self.casts[(name, source, target)] += 1
+        for handled, source, target in self._pending:
+            self.casts[(handled or name, source, target)] += 1
         self._pending.clear()
         return out
 
@@ -188,7 +210,7 @@ def set_policy(module: torch.nn.Module, policy: Policy | None) -> torch.nn.Modul
 
     def enter(mod, args):
         if torch.is_autocast_enabled(device_type):
-            weight_cache = bool(_current_state(device_type) & 1)
+            weight_cache = _extension.load().autocast_active(device_type)[1]
             saved.append(_swap(device_type, policy.state(weight_cache=weight_cache)))
         else:
             saved.append(None)

@@ -18,6 +18,7 @@ there are none beyond the documented ones. Policies are immutable: ``override`` 
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Union
@@ -26,12 +27,6 @@ import torch
 
 from mixprec import _extension
 
-# Rule name -> code shared with csrc/autocast.cpp (enum Rule).
-RULE_CODES = {
-    "keep": 1, "lower": 2, "fp16": 3, "bf16": 4, "fp32": 5, "promote": 6,
-    "fp32_set_opt_dtype": 7, "fp32_append_dtype": 8,
-}
-RULES = tuple(RULE_CODES)
 # Rules that only torch's own kernels implement; they appear in default tables, users cannot set
 # them. "banned": torch raises (binary_cross_entropy under CUDA autocast). "torch": a kernel with
 # its own logic (aten::_cudnn_rnn's flat weights).
@@ -39,6 +34,13 @@ TORCH_ONLY_RULES = ("banned", "torch")
 DEVICE_TYPES = ("cuda", "cpu")
 # Rules that cast to a low-precision dtype: the ones the persistent weight cache serves.
 LOW_PRECISION_RULES = ("lower", "fp16", "bf16", "promote")
+
+
+@functools.cache
+def rule_names() -> tuple[str, ...]:
+    """The rules a policy can set, from the C++ table that parses them (csrc/autocast/rules.h)."""
+    return tuple(_extension.load().autocast_rule_names())
+
 
 OpLike = Union[str, Callable[..., Any], "torch._ops.OpOverload", "torch._ops.OpOverloadPacket"]
 
@@ -80,7 +82,6 @@ _CUDA_EXTRA = {
     "aten::_cudnn_rnn": "torch",
     "aten::linalg_matrix_sqrth": "fp32",
 }
-_CODE_TO_RULE = {code: rule for rule, code in RULE_CODES.items()}
 
 
 def op_key(name: str, overload: str) -> str:
@@ -104,8 +105,8 @@ def _torch_table(device_type: str) -> dict[str, str]:
     registered = _registered("AutocastCUDA" if device_type == "cuda" else "AutocastCPU")
     table: dict[str, str] = {}
     if device_type == "cuda":
-        for name, overload, code in _extension.load().autocast_torch_cuda_rules():
-            table[op_key(name, overload)] = _CODE_TO_RULE[code]
+        for name, overload, rule in _extension.load().autocast_torch_cuda_rules():
+            table[op_key(name, overload)] = rule
         table.update(_CUDA_EXTRA)
     else:
         for rule, names in (("lower", _CPU_LOWER), ("fp32", _CPU_FP32), ("promote", _CPU_PROMOTE)):
@@ -153,7 +154,7 @@ def resolve_op(op: OpLike) -> list[str]:
         else:
             raise TypeError(f"a policy key must be an op (callable, torch.ops.aten op or name), got {op!r}")
         if not isinstance(packet, torch._ops.OpOverloadPacket):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - the key's type is fine, its value names no aten op
                 f"{op!r} does not name an aten op; pass the op itself, e.g. torch.ops.aten.softmax "
                 "or 'aten::softmax.int'"
             )
@@ -166,8 +167,8 @@ def resolve_op(op: OpLike) -> list[str]:
 
 def _check_rule(key: str, rule: str) -> bool:
     """Whether `rule` can apply to `key` (False: skip this overload of a packet)."""
-    if rule not in RULE_CODES:
-        raise ValueError(f"unknown rule {rule!r} for {key}; valid rules: {', '.join(RULES)}")
+    if rule not in rule_names():
+        raise ValueError(f"unknown rule {rule!r} for {key}; valid rules: {', '.join(rule_names())}")
     if rule == "fp32_set_opt_dtype":
         return any(str(a.real_type) == "Optional[ScalarType]" for a in _overload(key)._schema.arguments)
     if rule == "fp32_append_dtype":  # aten::norm overloads with a dtype-taking sibling
@@ -209,7 +210,7 @@ class Policy(Mapping[str, str]):
         rules = dict(self._rules)
         for op, rule in changes.items():
             if not isinstance(rule, str):
-                raise TypeError(f"the rule for {op!r} must be a rule name ({', '.join(RULES)}), got {rule!r}")
+                raise TypeError(f"the rule for {op!r} must be a rule name ({', '.join(rule_names())}), got {rule!r}")
             keys = [k for k in resolve_op(op) if _check_rule(k, rule)]
             if not keys:
                 raise ValueError(f"rule {rule!r} does not apply to {op!r} (see mixprec.policy's docstring)")
@@ -227,20 +228,21 @@ class Policy(Mapping[str, str]):
         return f"Policy({self.device_type!r}, {len(self)} ops, {len(changed)} differ from torch's)"
 
     def state(self, *, weight_cache: bool = False, handle_all: bool = False) -> int:
-        """The C++ state that activates this policy (0: nothing for mixprec to do, torch's own
-        autocast kernels apply). mixprec's kernel handles the ops whose rule differs from torch's,
-        every op with `handle_all` (the conformance tests), and the casting ops with `weight_cache`."""
+        """The id of the C++ table that activates this policy (0: nothing for mixprec to do,
+        torch's own autocast kernels apply), built on first use: rules travel to C++ as their
+        names, parsed there once. mixprec's kernel handles the ops whose rule differs from
+        torch's, every op with `handle_all` (the conformance tests), and the casting ops with
+        `weight_cache` (whose casts it then serves from the persistent weight cache)."""
         flags = (weight_cache, handle_all)
         if flags not in self._compiled:
             torch_rules = default_policy(self.device_type)
             handled = [
-                (*_split(op), RULE_CODES[rule]) for op, rule in self._rules.items()
+                (*_split(op), rule) for op, rule in self._rules.items()
                 if rule not in TORCH_ONLY_RULES and (
                     handle_all or rule != torch_rules.get(op, "keep")
                     or (weight_cache and rule in LOW_PRECISION_RULES))
             ]
-            table_id = _extension.load().autocast_table_new(handled) if handled else 0
-            self._compiled[flags] = table_id * 2 + int(weight_cache and table_id > 0)
+            self._compiled[flags] = _extension.load().autocast_table_new(handled, weight_cache) if handled else 0
         return self._compiled[flags]
 
 
