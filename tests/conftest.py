@@ -26,6 +26,11 @@ settings.register_profile("thorough", max_examples=10_000, print_blob=True, **_c
 settings.register_profile("long", max_examples=1_000, print_blob=True, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Tests call torch.ops.mixprec.* directly: load the extension once (import mixprec alone does not).
+import mixprec._extension
+
+mixprec._extension.load()
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -3,10 +3,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from helpers import FLOAT_DTYPES, assert_bitwise_equal, grad_tensor, inv_scales
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mixprec import ops
-from helpers import FLOAT_DTYPES, assert_bitwise_equal, grad_tensor, inv_scales
 
 torch_unscale = torch._amp_foreach_non_finite_check_and_unscale_
 
@@ -100,7 +101,7 @@ def test_update_scale_matches_torch_bit_for_bit(device, found_infs, init_scale, 
 def python_rule(state, found, growth_factor, backoff_factor, growth_interval, hysteresis,
                 min_scale, max_scale):
     """The documented rule, in plain Python (float32 rounding via torch scalars)."""
-    f32 = lambda x: torch.tensor(x, dtype=torch.float64).float().item()  # noqa: E731
+    f32 = lambda x: torch.tensor(x, dtype=torch.float64).float().item()
     scale, growth, hyst, skipped, at_min = state
     if found:
         skipped += 1
@@ -226,10 +227,10 @@ def test_mixed_devices_raise_and_modify_nothing():
 
 def test_update_scale_bad_input(device):
     scale = torch.full((), 8.0, device=device)
-    args = dict(growth_tracker=torch.zeros((), dtype=torch.int32, device=device),
-                hysteresis_tracker=torch.ones((), dtype=torch.int32, device=device),
-                counters=torch.zeros(2, dtype=torch.int64, device=device),
-                found_inf=torch.ones((), device=device))
+    args = {"growth_tracker": torch.zeros((), dtype=torch.int32, device=device),
+            "hysteresis_tracker": torch.ones((), dtype=torch.int32, device=device),
+            "counters": torch.zeros(2, dtype=torch.int64, device=device),
+            "found_inf": torch.ones((), device=device)}
     with pytest.raises(RuntimeError, match="growth_tracker must be a Int"):
         ops.update_scale_(scale, torch.zeros((), device=device), args["hysteresis_tracker"],
                           args["counters"], args["found_inf"], 2.0, 0.5, 3)
