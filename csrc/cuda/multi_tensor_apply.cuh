@@ -58,7 +58,8 @@ __device__ __forceinline__ T* slot_ptr(const Meta& meta, int slot, int t, int64_
 
 // Functor traits. Functor::kMinBlocksPerSM (default 1: no constraint): resident blocks per SM
 // the compiler must leave registers for. Functor::kLargeTable (default false): the functor
-// takes the 32 KiB table where it is supported.
+// may take the 32 KiB table where it is supported (multi_tensor_apply's large_table argument
+// can still decline it per call).
 template <typename F, typename = void>
 struct MinBlocksPerSM {
   static constexpr int value = 1;
@@ -180,7 +181,8 @@ void launch_lists(const std::vector<std::array<void*, Depth>>& ptrs,
 // launch_index, first_tensor) may adjust the functor for each launch (e.g. where a reduction
 // writes its partial results); first_tensor is the index in `ptrs` of the launch's first
 // tensor, so first_tensor + t is distinct for every tensor of the call. large_table: take the
-// 32 KiB table if this build, driver and device support it (default: the functor's wish).
+// 32 KiB table if this build, driver and device support it; only functors that declare
+// kLargeTable = true have a large-table kernel, so for the others it is ignored.
 template <int Depth, typename Functor, typename PerLaunch = NoPerLaunch>
 void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
                         const std::vector<int64_t>& numels, int64_t elem_chunk_bytes,
@@ -189,10 +191,12 @@ void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
                         bool large_table = WantsLargeTable<Functor>::value) {
   const int64_t chunk_size = chunk_elements(device, elem_chunk_bytes);
 #if MIXPREC_HAS_LARGE_TABLE
-  if (large_table && launch_shape(device).large_table) {
-    launch_lists<Depth, kLargeTableBytes, kLargeParamLimit>(ptrs, numels, chunk_size, functor,
-                                                            device, stream, per_launch);
-    return;
+  if constexpr (WantsLargeTable<Functor>::value) {  // else no large-table kernel is compiled
+    if (large_table && launch_shape(device).large_table) {
+      launch_lists<Depth, kLargeTableBytes, kLargeParamLimit>(ptrs, numels, chunk_size, functor,
+                                                              device, stream, per_launch);
+      return;
+    }
   }
 #else
   (void)large_table;

@@ -67,14 +67,15 @@ __global__ void increment_steps_kernel(const __grid_constant__ StepPointers list
   for (int i = threadIdx.x; i < list.count; i += blockDim.x) *list.steps[i] += 1.0f;
 }
 
-// The weight of one chunk in every storage scheme (rounding.h's WeightIO, a pack at a time):
-// fp32 params; fp16/bf16 params with fp32 master weights; or fp16/bf16 alone, rounded to
-// nearest, stochastically (the random words of RandomStream), or with a Kahan compensation.
-// The branches are per chunk and per pack, never per element. The param slot loads only when
-// there is no master copy (WeightSlotsOf below).
 template <typename T>
 constexpr bool kLowPrecision = !std::is_same_v<T, float>;
 
+// The weight of one chunk in every storage scheme, a pack at a time: rounding.h's WeightIO
+// (which the CPU kernels use per element) with its branches per pack instead of per element;
+// the CPU/CUDA same-bits tests keep the two in step. fp32 params; fp16/bf16 params with fp32
+// master weights; or fp16/bf16 alone, rounded to nearest, stochastically (RandomStream's
+// words), or with a Kahan compensation. The functors' param slot loads only when there is no
+// master copy.
 template <typename T>
 struct Weights {
   WeightIO<T> io;

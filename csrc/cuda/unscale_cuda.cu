@@ -21,6 +21,11 @@ template <typename T, int Ilp>
 struct UnscaleFunctor {
   using opmath = std::conditional_t<std::is_same_v<T, double>, double, float>;
   static constexpr int kVec = 16 / sizeof(T);
+  // Register cap: at least 4 resident blocks (64 KiB of loads in flight per SM at Ilp 4). Left
+  // alone, nvcc gave the bf16 kernel 79 registers at Ilp 4 (3 blocks/SM); Ilp 8 gets 2 blocks.
+  static constexpr int kMinBlocksPerSM = Ilp <= 4 ? 4 : 2;
+  // May take the 32 KiB table; LaunchShape::unscale_large_table decides per device.
+  static constexpr bool kLargeTable = true;
 
   float* found_inf;
   const float* inv_scale;
