@@ -12,9 +12,10 @@
 #include <atomic>
 #include <cmath>
 
+#include "mixprec/clip.h"
 #include "mixprec/dense_spans.h"
+#include "mixprec/norm_kind.h"
 #include "mixprec/optim_checks.h"
-#include "mixprec/optim_math.h"
 
 namespace mixprec::cpu {
 namespace {

@@ -9,6 +9,7 @@
 
 #include "mixprec/optim_checks.h"
 #include "mixprec/optim_math.h"
+#include "mixprec/rounding.h"
 #include "parallel_spans.h"
 
 namespace mixprec::cpu {

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "mixprec/checks.h"
+#include "mixprec/scale_rule.h"
 
 namespace mixprec::cpu {
 

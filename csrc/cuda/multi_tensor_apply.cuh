@@ -2,48 +2,43 @@
 // exp_avg, ...) is cut into fixed-size chunks; a persistent grid of blocks strides over the
 // chunks of up to kMaxTensors tensors per launch. Tensor addresses and sizes travel as kernel
 // parameters (no host-to-device copy, so launches are CUDA-graph safe); all sizes are int64.
+// The launch shape (chunk bytes, blocks per SM, table size) comes from launch_shape.cuh; the
+// element loop inside a chunk from vector_io.cuh.
 #pragma once
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 #include <array>
-#include <cstdlib>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
+
+#include "launch_shape.cuh"
+#include "vector_io.cuh"
 
 namespace mixprec::cuda {
 
 constexpr int kBlockThreads = 256;
 
-// Tuning knobs, read once from the environment (for benchmarks; the defaults are what we ship):
-// MIXPREC_CHUNK_BYTES, the load-balancing unit a block takes at a time, and
-// MIXPREC_BLOCKS_PER_SM, resident blocks per multiprocessor (default: the occupancy limit).
-inline int64_t env_or(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  return v ? std::atoll(v) : fallback;
-}
-inline int64_t chunk_bytes() {
-  // 16 KiB measured best of 16/32/64/128 KiB on an H100 (GPT-2 124M grad lists).
-  static const int64_t bytes = env_or("MIXPREC_CHUNK_BYTES", 16 * 1024);
-  return bytes;
-}
-
-// Bytes of kernel parameters the tensor table may use: by default the classic 4 KiB limit,
-// portable to every toolkit. CUDA 12.1+ allows 32 KiB on Volta and newer, i.e. a whole model in
-// one launch, which saves the launch tails of a long list; a functor opts in with
-// `static constexpr int kTableBytes = kLargeTableBytes;`. Measured on an H100: about 2 % faster on the
-// GPT-2 124M AdamW step (4 launches -> 1), but it cost ~3 % on unscale, whose blocks each read
-// the bigger table, so only the optimizer updates take it.
-constexpr int kTableBytes = 3800;
+// Bytes of kernel parameters the tensor table may use. The classic limit is 4 KiB (the table
+// leaves room for the functor); CUDA 12.1+ builds also instantiate a 32 KiB table (a whole model
+// in one launch, which saves the launch tails of a long list), used only where the driver allows
+// it (launch_shape.cuh decides at run time) and the functor opts in.
+constexpr int kSmallTableBytes = 3800;
+constexpr int kSmallParamLimit = 4096;
 #if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+#define MIXPREC_HAS_LARGE_TABLE 1
 constexpr int kLargeTableBytes = 32000;
+constexpr int kLargeParamLimit = 32764;
 #else
-constexpr int kLargeTableBytes = kTableBytes;
+#define MIXPREC_HAS_LARGE_TABLE 0
+constexpr int kLargeTableBytes = kSmallTableBytes;
+constexpr int kLargeParamLimit = kSmallParamLimit;
 #endif
 
-template <int Depth, int TableBytes = kTableBytes>
+template <int Depth, int TableBytes>
 struct TensorListMeta {
   static constexpr int kMaxTensors = TableBytes / (8 * Depth + 16);
   void* ptrs[Depth][kMaxTensors];
@@ -53,21 +48,18 @@ struct TensorListMeta {
   int num_tensors;
 };
 
-// Each block walks chunks blockIdx.x, blockIdx.x + gridDim.x, ...; chunk indices only grow, so
-// the owning tensor is found by walking forward. Functor: init(), chunk(meta, t, start, n),
-// finish(); it is copied per thread so it may carry per-thread state (e.g. "saw an inf").
-// Resident blocks per SM the compiler must leave registers for: Functor::kMinBlocksPerSM when
-// the functor declares it, else 1 (no constraint).
-// The tensor table's bytes: Functor::kTableBytes when the functor declares it, else kTableBytes.
-template <typename F, typename = void>
-struct TableBytesOf {
-  static constexpr int value = kTableBytes;
-};
-template <typename F>
-struct TableBytesOf<F, std::void_t<decltype(F::kTableBytes)>> {
-  static constexpr int value = F::kTableBytes;
-};
+// Tensor t's list `slot` (a kernel family's named position, e.g. AdamSlot::exp_avg) from element
+// `offset` on, as a T*; null where the list is absent for this call.
+template <typename T, typename Meta>
+__device__ __forceinline__ T* slot_ptr(const Meta& meta, int slot, int t, int64_t offset = 0) {
+  void* p = meta.ptrs[slot][t];
+  return p == nullptr ? nullptr : static_cast<T*>(p) + offset;
+}
 
+// Functor traits. Functor::kMinBlocksPerSM (default 1: no constraint): resident blocks per SM
+// the compiler must leave registers for. Functor::kLargeTable (default false): the functor
+// may take the 32 KiB table where it is supported (multi_tensor_apply's large_table argument
+// can still decline it per call).
 template <typename F, typename = void>
 struct MinBlocksPerSM {
   static constexpr int value = 1;
@@ -76,10 +68,24 @@ template <typename F>
 struct MinBlocksPerSM<F, std::void_t<decltype(F::kMinBlocksPerSM)>> {
   static constexpr int value = F::kMinBlocksPerSM;
 };
+template <typename F, typename = void>
+struct WantsLargeTable {
+  static constexpr bool value = false;
+};
+template <typename F>
+struct WantsLargeTable<F, std::void_t<decltype(F::kLargeTable)>> {
+  static constexpr bool value = F::kLargeTable;
+};
 
-template <int Depth, typename Functor>
+// Functor interface: init(); chunk(meta, t, start, n) for elements [start, start + n) of tensor
+// t (start is a multiple of the chunk size, itself a multiple of 64 elements); finish(). The
+// functor is copied per thread, so it may carry per-thread state (e.g. "saw an inf").
+// Each block walks chunks blockIdx.x, blockIdx.x + gridDim.x, ...: a fixed assignment (which the
+// norm's deterministic reduction relies on); chunk indices only grow, so the owning tensor is
+// found by walking forward.
+template <int Depth, int TableBytes, typename Functor>
 __global__ void __launch_bounds__(kBlockThreads, MinBlocksPerSM<Functor>::value)
-    multi_tensor_apply_kernel(const __grid_constant__ TensorListMeta<Depth, TableBytesOf<Functor>::value> meta,
+    multi_tensor_apply_kernel(const __grid_constant__ TensorListMeta<Depth, TableBytes> meta,
                               const Functor functor) {
   Functor f = functor;
   f.init();
@@ -94,30 +100,36 @@ __global__ void __launch_bounds__(kBlockThreads, MinBlocksPerSM<Functor>::value)
   f.finish();
 }
 
-inline int multiprocessor_count(int device) {
-  static int counts[64] = {0};
-  if (counts[device] == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
-  }
-  return counts[device];
-}
-
-// Resident blocks of this kernel the device holds at once (the persistent grid's size).
-template <int Depth, typename Functor>
+// Blocks of this kernel in its persistent grid on `device`: the shape's blocks per SM (or the
+// kernel's occupancy limit) times the SM count. Cached per kernel and device.
+template <int Depth, int TableBytes, typename Functor>
 int64_t max_grid(int device) {
-  static int blocks_per_sm = 0;
-  if (blocks_per_sm == 0) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks_per_sm, multi_tensor_apply_kernel<Depth, Functor>, kBlockThreads, 0));
-    if (blocks_per_sm < 1) blocks_per_sm = 1;
-    const int64_t wanted = env_or("MIXPREC_BLOCKS_PER_SM", 0);
-    if (wanted > 0 && wanted < blocks_per_sm) blocks_per_sm = static_cast<int>(wanted);
+  static std::atomic<int> occupancy[kMaxDevices];
+  const LaunchShape& shape = launch_shape(device);
+  int per_sm = shape.blocks_per_sm;
+  if (per_sm == 0) {
+    per_sm = occupancy[device].load(std::memory_order_relaxed);
+    if (per_sm == 0) {
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, multi_tensor_apply_kernel<Depth, TableBytes, Functor>, kBlockThreads, 0));
+      if (per_sm < 1) per_sm = 1;
+      occupancy[device].store(per_sm, std::memory_order_relaxed);
+    }
   }
-  return static_cast<int64_t>(blocks_per_sm) * multiprocessor_count(device);
+  return static_cast<int64_t>(per_sm) * shape.sm_count;
 }
 
-// How many launches multi_tensor_apply makes for these sizes (reductions size buffers by it).
-template <int Depth, int TableBytes = kTableBytes>
+// Elements per chunk: the shape's chunk bytes over the bytes that size an element (e.g. the fp32
+// optimizer state), a multiple of 64 elements so every list's chunks start on 16-byte and
+// 4-element (random-word block) boundaries.
+inline int64_t chunk_elements(int device, int64_t elem_chunk_bytes) {
+  const int64_t n = launch_shape(device).chunk_bytes / elem_chunk_bytes / 64 * 64;
+  return n > 64 ? n : 64;
+}
+
+// How many launches multi_tensor_apply makes for these sizes with this table (reductions size
+// buffers by it).
+template <int Depth, int TableBytes>
 int64_t launch_count(const std::vector<int64_t>& numels) {
   int64_t nonempty = 0;
   for (int64_t n : numels) nonempty += n > 0;
@@ -130,20 +142,16 @@ struct NoPerLaunch {
   void operator()(F&, int, int64_t) const {}
 };
 
-// Launches `functor` over tensors[i] = {ptrs[i][0..Depth)} of numels[i] elements each.
-// elem_chunk_bytes sets the chunk size: every chunk is chunk_bytes() / elem_chunk_bytes elements.
-// per_launch(functor_copy, launch_index, first_tensor) may adjust the functor for each launch
-// (e.g. where a reduction writes its partial results); first_tensor is the index in `ptrs` of
-// the launch's first tensor, so first_tensor + t is distinct for every tensor of the call.
-template <int Depth, typename Functor, typename PerLaunch = NoPerLaunch>
-void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
-                        const std::vector<int64_t>& numels, int64_t elem_chunk_bytes,
-                        const Functor& functor, int device, cudaStream_t stream,
-                        PerLaunch per_launch = {}) {
-  using Meta = TensorListMeta<Depth, TableBytesOf<Functor>::value>;
-  const int64_t max_blocks = max_grid<Depth, Functor>(device);
+template <int Depth, int TableBytes, int ParamLimit, typename Functor, typename PerLaunch>
+void launch_lists(const std::vector<std::array<void*, Depth>>& ptrs,
+                  const std::vector<int64_t>& numels, int64_t chunk_size, const Functor& functor,
+                  int device, cudaStream_t stream, PerLaunch& per_launch) {
+  using Meta = TensorListMeta<Depth, TableBytes>;
+  static_assert(sizeof(Meta) + sizeof(Functor) <= ParamLimit,
+                "tensor table + functor exceed the kernel parameter limit");
+  const int64_t max_blocks = max_grid<Depth, TableBytes, Functor>(device);
   Meta meta;
-  meta.chunk_size = chunk_bytes() / elem_chunk_bytes;
+  meta.chunk_size = chunk_size;
   size_t i = 0;
   int launch = 0;
   while (i < ptrs.size()) {
@@ -154,8 +162,7 @@ void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
       if (numels[i] == 0) continue;
       for (int d = 0; d < Depth; ++d) meta.ptrs[d][n] = ptrs[i][d];
       meta.numel[n] = numels[i];
-      meta.chunk_begin[n + 1] =
-          meta.chunk_begin[n] + (numels[i] + meta.chunk_size - 1) / meta.chunk_size;
+      meta.chunk_begin[n + 1] = meta.chunk_begin[n] + (numels[i] + chunk_size - 1) / chunk_size;
       ++n;
     }
     if (n == 0) break;
@@ -164,15 +171,38 @@ void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
     const int grid = static_cast<int>(chunks < max_blocks ? chunks : max_blocks);
     Functor f = functor;
     per_launch(f, launch++, first_tensor);
-    multi_tensor_apply_kernel<Depth, Functor><<<grid, kBlockThreads, 0, stream>>>(meta, f);
+    multi_tensor_apply_kernel<Depth, TableBytes, Functor><<<grid, kBlockThreads, 0, stream>>>(meta, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-// A 16-byte aligned group of N elements: loads and stores compile to single 128-bit accesses.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+// Launches `functor` over tensors[i] = {ptrs[i][0..Depth)} of numels[i] elements each; every
+// chunk has chunk_elements(device, elem_chunk_bytes) elements. per_launch(functor_copy,
+// launch_index, first_tensor) may adjust the functor for each launch (e.g. where a reduction
+// writes its partial results); first_tensor is the index in `ptrs` of the launch's first
+// tensor, so first_tensor + t is distinct for every tensor of the call. large_table: take the
+// 32 KiB table if this build, driver and device support it; only functors that declare
+// kLargeTable = true have a large-table kernel, so for the others it is ignored.
+template <int Depth, typename Functor, typename PerLaunch = NoPerLaunch>
+void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
+                        const std::vector<int64_t>& numels, int64_t elem_chunk_bytes,
+                        const Functor& functor, int device, cudaStream_t stream,
+                        PerLaunch per_launch = {},
+                        bool large_table = WantsLargeTable<Functor>::value) {
+  const int64_t chunk_size = chunk_elements(device, elem_chunk_bytes);
+#if MIXPREC_HAS_LARGE_TABLE
+  if constexpr (WantsLargeTable<Functor>::value) {  // else no large-table kernel is compiled
+    if (large_table && launch_shape(device).large_table) {
+      launch_lists<Depth, kLargeTableBytes, kLargeParamLimit>(ptrs, numels, chunk_size, functor,
+                                                              device, stream, per_launch);
+      return;
+    }
+  }
+#else
+  (void)large_table;
+#endif
+  launch_lists<Depth, kSmallTableBytes, kSmallParamLimit>(ptrs, numels, chunk_size, functor,
+                                                          device, stream, per_launch);
+}
 
 }  // namespace mixprec::cuda

@@ -6,9 +6,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "mixprec/clip.h"
 #include "mixprec/dense_spans.h"
+#include "mixprec/norm_kind.h"
 #include "mixprec/optim_checks.h"
-#include "mixprec/optim_math.h"
 #include "multi_tensor_apply.cuh"
 
 namespace mixprec::cuda {
@@ -37,9 +38,20 @@ __device__ A block_reduce(A v) {
   return total;  // valid in thread 0
 }
 
+// The one list of the stage-1 launches.
+struct NormSlot {
+  enum : int { grad, count };
+};
+
+// The tensor table of the norm launches: the 4 KiB one always, so the partials' layout (one slice
+// per launch) does not depend on the driver.
+constexpr int kNormTableBytes = kSmallTableBytes;
+
 template <typename T, NormKind K>
 struct NormFunctor {
   static constexpr int kVec = 16 / sizeof(T);
+  // Loads in flight per thread. Fixed: it sets the order in which a thread accumulates its
+  // elements, so changing it would change the norm's bits (deterministically).
   static constexpr int kIlp = 4;
   const float* inv_scale;  // or null: the reciprocal of *scale, computed here
   const float* scale;
@@ -70,30 +82,13 @@ struct NormFunctor {
 
   template <typename Meta>
   __device__ void chunk(const Meta& meta, int t, int64_t start, int64_t n) {
-    const T* x = static_cast<const T*>(meta.ptrs[0][t]) + start;
-    int64_t first_scalar = 0;
-    if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
-      using P = Pack<T, kVec>;
-      const P* vx = reinterpret_cast<const P*>(x);
-      const int64_t nvec = n / kVec;
-      for (int64_t base = threadIdx.x; base < nvec; base += int64_t(blockDim.x) * kIlp) {
-        P r[kIlp];
+    for_each_pack<kVec, kIlp>(n, *this, reads(slot_ptr<const T>(meta, NormSlot::grad, t, start)));
+  }
+
+  template <int N>
+  __device__ void operator()(int64_t, const Pack<T, N>& x) {
 #pragma unroll
-        for (int k = 0; k < kIlp; ++k) {
-          const int64_t idx = base + int64_t(k) * blockDim.x;
-          if (idx < nvec) r[k] = vx[idx];
-        }
-#pragma unroll
-        for (int k = 0; k < kIlp; ++k) {
-          if (base + int64_t(k) * blockDim.x < nvec) {
-#pragma unroll
-            for (int j = 0; j < kVec; ++j) add(r[k].v[j]);
-          }
-        }
-      }
-      first_scalar = nvec * kVec;
-    }
-    for (int64_t i = first_scalar + threadIdx.x; i < n; i += blockDim.x) add(x[i]);
+    for (int j = 0; j < N; ++j) add(x.v[j]);
   }
 
   __device__ void finish() {
@@ -152,17 +147,18 @@ __global__ void finalize_norm_kernel(const float* partials, int64_t count, doubl
 template <typename T, NormKind K>
 void launch_norm_stage1(const std::vector<Span>& list, const NormFunctor<T, K>& f, float* partials,
                         float* flags, int64_t slot_stride, int device, cudaStream_t stream) {
-  std::vector<std::array<void*, 1>> ptrs;
+  std::vector<std::array<void*, NormSlot::count>> ptrs;
   std::vector<int64_t> numels;
   for (const Span& s : list) {
     ptrs.push_back({s.data});
     numels.push_back(s.numel);
   }
-  multi_tensor_apply<1>(ptrs, numels, sizeof(T), f, device, stream,
-                        [&](NormFunctor<T, K>& g, int launch, int64_t) {
-                          g.partials = partials + launch * slot_stride;
-                          if (flags != nullptr) g.flags = flags + launch * slot_stride;
-                        });
+  multi_tensor_apply<NormSlot::count>(ptrs, numels, sizeof(T), f, device, stream,
+                                      [&](NormFunctor<T, K>& g, int launch, int64_t) {
+                                        g.partials = partials + launch * slot_stride;
+                                        if (flags != nullptr) g.flags = flags + launch * slot_stride;
+                                      },
+                                      /*large_table=*/false);
 }
 
 // Stage 1 over every dtype's spans, then the finalize kernel. Either found_inf and inv_scale
@@ -174,14 +170,15 @@ void grad_norm_kind(const DenseSpans& spans, const float* inv_scale, float* foun
   const int device = options.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // One slot per block per launch: slot_stride bounds every functor's persistent grid.
-  const int64_t slot_stride = std::max({max_grid<1, NormFunctor<float, K>>(device),
-                                        max_grid<1, NormFunctor<c10::Half, K>>(device),
-                                        max_grid<1, NormFunctor<c10::BFloat16, K>>(device)});
+  constexpr int D = NormSlot::count;
+  const int64_t slot_stride = std::max({max_grid<D, kNormTableBytes, NormFunctor<float, K>>(device),
+                                        max_grid<D, kNormTableBytes, NormFunctor<c10::Half, K>>(device),
+                                        max_grid<D, kNormTableBytes, NormFunctor<c10::BFloat16, K>>(device)});
   int64_t launches = 0;
   for (const auto& [dtype, list] : spans.by_dtype) {
     std::vector<int64_t> numels;
     for (const Span& s : list) numels.push_back(s.numel);
-    launches += launch_count<1>(numels);
+    launches += launch_count<D, kNormTableBytes>(numels);
   }
   const bool flagged = found_inf == nullptr;
   // Every launch fills its whole slices; with no launch (only empty grads) the norm is 0.
@@ -205,7 +202,7 @@ void grad_norm_kind(const DenseSpans& spans, const float* inv_scale, float* foun
       launch_norm_stage1<c10::BFloat16, K>(list, {inv_scale, out.scale, found_inf, nullptr, nullptr, slot_stride, p},
                                            slot, flag, slot_stride, device, stream);
     }
-    const int64_t used = launch_count<1>(numels) * slot_stride;
+    const int64_t used = launch_count<D, kNormTableBytes>(numels) * slot_stride;
     slot += used;
     if (flag != nullptr) flag += used;
   }

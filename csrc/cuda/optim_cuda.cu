@@ -1,35 +1,28 @@
 // CUDA kernels of mixprec::adam_step_ and mixprec::sgd_step_. One multi-tensor pass per batch
 // of tensors reads each grad once, unscales and clips it in registers, updates fp32 master
 // weights and moments and writes the model weight (rounded to fp16/bf16 when there is a master
-// copy; without one, rounded to nearest, stochastically, or with a Kahan compensation). found_inf, inv_scale, clip_coef, lr and the step counts are read on the device, so
-// nothing synchronises and the whole step can be captured in a CUDA graph.
+// copy; without one, rounded to nearest, stochastically, or with a Kahan compensation).
+// found_inf, inv_scale, clip_coef, lr and the step counts are read on the device, so nothing
+// synchronises and the whole step can be captured in a CUDA graph. The element loop is
+// vector_io.cuh's; the functors below hold only the per-pack maths.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "mixprec/optim_checks.h"
 #include "mixprec/optim_math.h"
+#include "mixprec/rounding.h"
 #include "multi_tensor_apply.cuh"
 
 namespace mixprec::cuda {
 namespace {
 
-constexpr int kVec = 4;  // elements per vector access: 16 bytes of fp32, 8 of fp16/bf16
-
-template <typename T>
-__device__ __forceinline__ bool aligned_for_pack(const T* p) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T, kVec>) == 0;
-}
-
-template <typename T>
-__device__ __forceinline__ Pack<T, kVec> load_pack(const T* p, int64_t j) {
-  return reinterpret_cast<const Pack<T, kVec>*>(p)[j];
-}
-
-template <typename T>
-__device__ __forceinline__ void store_pack(T* p, int64_t j, const Pack<T, kVec>& v) {
-  reinterpret_cast<Pack<T, kVec>*>(p)[j] = v;
-}
+// Elements per pack of every list: 16 bytes of fp32 state, 8 of fp16/bf16 weights. All lists
+// are indexed together, so they share one pack size; one pack per thread in flight (with the
+// register cap below, more spilled or measured slower on an H100).
+constexpr int kPack = 4;
+constexpr int kUpdateIlp = 1;
+static_assert(kPack == 4, "the random words come in Philox blocks of 4 elements");
 
 // The update kernels are memory-bound: they need many resident warps to keep enough loads in
 // flight. Left alone, nvcc gives the Adam kernel 91 registers (2 blocks of 256 threads per SM);
@@ -37,9 +30,13 @@ __device__ __forceinline__ void store_pack(T* p, int64_t j, const Pack<T, kVec>&
 // H100, and 5 measured best of 4, 5 and 6 (6 spills).
 constexpr int kUpdateBlocksPerSM = 5;
 
-// The update kernels take the large tensor table (multi_tensor_apply.cuh): GPT-2 124M's 148
-// tensors in one launch instead of four, about 2 % faster for its AdamW step on an H100.
-constexpr int kUpdateTableBytes = kLargeTableBytes;
+// Named positions of the tensor lists (multi_tensor_apply.cuh's table) of each kernel family.
+struct AdamSlot {
+  enum : int { grad, param, exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, compensation, count };
+};
+struct SgdSlot {
+  enum : int { grad, param, momentum, master, step, compensation, count };
+};
 
 // Values every functor reads once per thread from the device.
 struct DeviceScalars {
@@ -70,87 +67,94 @@ __global__ void increment_steps_kernel(const __grid_constant__ StepPointers list
   for (int i = threadIdx.x; i < list.count; i += blockDim.x) *list.steps[i] += 1.0f;
 }
 
-// The per-element weight storage of one tensor: param (+ master or compensation) and the random
-// words for stochastic rounding, with 4-element vector accesses when every pointer allows.
 template <typename T>
-struct WeightSlots {
-  T* param;
-  float* master;  // or null
-  T* comp;        // or null
+constexpr bool kLowPrecision = !std::is_same_v<T, float>;
 
-  __device__ bool aligned() const {
-    return aligned_for_pack(param) && aligned_for_pack(master) && aligned_for_pack(comp);
-  }
-  // Whole-pack loads and stores, written out per storage scheme (no pointers into the packs, so
-  // they stay in registers).
-  __device__ void load4(int64_t j, Pack<float, kVec>& p32, Pack<T, kVec>& p_low, Pack<T, kVec>& c) const {
+// The weight of one chunk in every storage scheme, a pack at a time: rounding.h's WeightIO
+// (which the CPU kernels use per element) with its branches per pack instead of per element;
+// the CPU/CUDA same-bits tests keep the two in step. fp32 params; fp16/bf16 params with fp32
+// master weights; or fp16/bf16 alone, rounded to nearest, stochastically (RandomStream's
+// words), or with a Kahan compensation. The functors' param slot loads only when there is no
+// master copy.
+template <typename T>
+struct Weights {
+  WeightIO<T> io;
+  uint64_t seed;
+  bool master, comp;  // which lists this chunk has
+  RandomStream rs;
+  int64_t start;  // the chunk's first element in its tensor
+
+  template <int N>
+  __device__ void load(const Pack<T, N>& param, const Pack<float, N>& m32, const Pack<T, N>& c,
+                       Pack<float, N>& p32) const {
     if (master) {
-      p32 = load_pack(master, j);
-      return;
-    }
-    p_low = load_pack(param, j);
-    if (comp) {
-      c = load_pack(comp, j);
+      p32 = m32;
+    } else if (comp) {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) p32.v[k] = static_cast<float>(p_low.v[k]) + static_cast<float>(c.v[k]);
+      for (int k = 0; k < N; ++k) p32.v[k] = static_cast<float>(param.v[k]) + static_cast<float>(c.v[k]);
     } else {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) p32.v[k] = static_cast<float>(p_low.v[k]);
+      for (int k = 0; k < N; ++k) p32.v[k] = static_cast<float>(param.v[k]);
     }
   }
-  __device__ void store4(int64_t j, const WeightIO<T>& io, const Pack<float, kVec>& p32,
-                         const uint32_t* random) const {
-    Pack<T, kVec> out;
+
+  // Random words of elements [start + i, start + i + N): the Philox block (start + i) / 4 (zeros
+  // unless rounding is stochastic). On the vector path N == 4 and start + i is a multiple of 4.
+  template <int N>
+  __device__ void random_words(int64_t i, uint32_t out[N]) const {
+    static_assert(N == kPack || N == 1, "packs of 4 or single elements");
+    uint32_t r[4] = {0, 0, 0, 0};
+    const int64_t e = start + i;
+    if (!std::is_same_v<T, float> && io.rounding == Rounding::kStochastic) rs.block(e / 4, r);
+    if constexpr (N == 1) {
+      const int k = static_cast<int>(e % 4);  // selects, not a dynamically indexed local array
+      out[0] = k == 0 ? r[0] : k == 1 ? r[1] : k == 2 ? r[2] : r[3];
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) out[k] = r[k];
+    }
+  }
+
+  template <int N>
+  __device__ void store(int64_t i, const Pack<float, N>& p32, Pack<T, N>& param, Pack<float, N>& m32,
+                        Pack<T, N>& c) const {
     if constexpr (std::is_same_v<T, float>) {
-      out = p32;
+      param = p32;
     } else {
       if (master) {
-        store_pack(master, j, p32);
+        m32 = p32;
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) out.v[k] = static_cast<T>(p32.v[k]);
+        for (int k = 0; k < N; ++k) param.v[k] = static_cast<T>(p32.v[k]);
       } else if (comp) {
-        Pack<T, kVec> c;
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          out.v[k] = static_cast<T>(p32.v[k]);
-          c.v[k] = static_cast<T>(p32.v[k] - static_cast<float>(out.v[k]));
+        for (int k = 0; k < N; ++k) {
+          param.v[k] = static_cast<T>(p32.v[k]);
+          c.v[k] = static_cast<T>(p32.v[k] - static_cast<float>(param.v[k]));
         }
-        store_pack(comp, j, c);
       } else if (io.rounding == Rounding::kStochastic) {
+        uint32_t random[N];
+        random_words<N>(i, random);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) out.v[k] = round_stochastic<T>(p32.v[k], random[k]);
+        for (int k = 0; k < N; ++k) param.v[k] = round_stochastic<T>(p32.v[k], random[k]);
       } else {
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) out.v[k] = static_cast<T>(p32.v[k]);
+        for (int k = 0; k < N; ++k) param.v[k] = static_cast<T>(p32.v[k]);
       }
     }
-    store_pack(param, j, out);
   }
 };
 
-// Random words for elements [4 * block, 4 * block + 4) (zeros unless rounding is stochastic).
-template <typename T>
-__device__ __forceinline__ void random_block(const WeightIO<T>& io, const RandomStream& rs,
-                                             int64_t block, uint32_t out[4]) {
-  if (!std::is_same_v<T, float> && io.rounding == Rounding::kStochastic) {
-    rs.block(block, out);
-  } else {
-    out[0] = out[1] = out[2] = out[3] = 0;
-  }
-}
-
-// Lists: 0 grad, 1 param, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq (or null), 5 master (or
-// null), 6 step, 7 compensation (or null).
 template <typename T>
 struct AdamFunctor {
   static constexpr int kMinBlocksPerSM = kUpdateBlocksPerSM;
-  static constexpr int kTableBytes = kUpdateTableBytes;
+  // GPT-2 124M's 148 tensors in one launch instead of four: about 2 % faster on an H100.
+  static constexpr bool kLargeTable = true;
   AdamConfig config;
   DeviceScalars in;
-  WeightIO<T> io;
-  uint64_t seed;
+  Weights<T> w;
   int64_t first_tensor;  // set per launch: first_tensor + t names the tensor in the call
   bool skip;
+  bool amsgrad;  // this chunk has max_exp_avg_sq
   double lr;
   GradTransform transform;
   // The bias corrections depend on the tensor's step, and computing them takes double-precision
@@ -159,7 +163,6 @@ struct AdamFunctor {
   bool have_scalars;
   float scalars_step;
   AdamStepScalars s;
-  RandomStream rs;
 
   __device__ void init() {
     skip = in.skip();
@@ -170,72 +173,58 @@ struct AdamFunctor {
 
   template <typename Meta>
   __device__ void chunk(const Meta& meta, int t, int64_t start, int64_t n) {
+    using S = AdamSlot;
     if (skip) return;
-    const float step = *static_cast<const float*>(meta.ptrs[6][t]);
+    const float step = *slot_ptr<const float>(meta, S::step, t);
     if (!have_scalars || step != scalars_step) {
       s = adam_step_scalars(config, lr, step);
       scalars_step = step;
       have_scalars = true;
     }
-    rs = RandomStream{seed, static_cast<uint32_t>(step), static_cast<uint32_t>(first_tensor + t)};
-    const T* grad = static_cast<const T*>(meta.ptrs[0][t]) + start;
-    float* m = static_cast<float*>(meta.ptrs[2][t]) + start;
-    float* v = static_cast<float*>(meta.ptrs[3][t]) + start;
-    float* v_max = meta.ptrs[4][t] ? static_cast<float*>(meta.ptrs[4][t]) + start : nullptr;
-    const WeightSlots<T> w{static_cast<T*>(meta.ptrs[1][t]) + start,
-                           meta.ptrs[5][t] ? static_cast<float*>(meta.ptrs[5][t]) + start : nullptr,
-                           meta.ptrs[7][t] ? static_cast<T*>(meta.ptrs[7][t]) + start : nullptr};
-    int64_t first_scalar = 0;
-    if (w.aligned() && aligned_for_pack(grad) && aligned_for_pack(m) && aligned_for_pack(v) &&
-        aligned_for_pack(v_max)) {
-      const int64_t nvec = n / kVec;
-      for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
-        const Pack<T, kVec> g = load_pack(grad, j);
-        Pack<float, kVec> mm = load_pack(m, j), vv = load_pack(v, j), vm, p32;
-        if (v_max) vm = load_pack(v_max, j);
-        Pack<T, kVec> p_low, c;
-        w.load4(j, p32, p_low, c);
-        uint32_t random[4];
-        random_block(io, rs, start / kVec + j, random);
+    float* v_max = slot_ptr<float>(meta, S::max_exp_avg_sq, t, start);
+    // fp32 params have neither (checked on the host): say so at compile time, so the loop
+    // keeps no registers for them.
+    float* master = kLowPrecision<T> ? slot_ptr<float>(meta, S::master, t, start) : nullptr;
+    T* comp = kLowPrecision<T> ? slot_ptr<T>(meta, S::compensation, t, start) : nullptr;
+    amsgrad = v_max != nullptr;
+    w.master = master != nullptr;
+    w.comp = comp != nullptr;
+    w.rs = RandomStream{w.seed, static_cast<uint32_t>(step), static_cast<uint32_t>(first_tensor + t)};
+    w.start = start;
+    for_each_pack<kPack, kUpdateIlp>(
+        n, *this, reads(slot_ptr<const T>(meta, S::grad, t, start)),
+        updates(slot_ptr<float>(meta, S::exp_avg, t, start)),
+        updates(slot_ptr<float>(meta, S::exp_avg_sq, t, start)), updates(v_max), updates(master),
+        updates(comp), Slot<T>{slot_ptr<T>(meta, S::param, t, start), !w.master, true});
+  }
+
+  template <int N>
+  __device__ void operator()(int64_t i, const Pack<T, N>& g, Pack<float, N>& m, Pack<float, N>& v,
+                             Pack<float, N>& vm, Pack<float, N>& m32, Pack<T, N>& c, Pack<T, N>& param) {
+    Pack<float, N> p;
+    w.load(param, m32, c, p);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          adam_element<CudaOrder>(s, transform(static_cast<float>(g.v[k])), p32.v[k], mm.v[k],
-                                  vv.v[k], v_max ? &vm.v[k] : nullptr);
-        }
-        store_pack(m, j, mm);
-        store_pack(v, j, vv);
-        if (v_max) store_pack(v_max, j, vm);
-        w.store4(j, io, p32, random);
-      }
-      first_scalar = nvec * kVec;
+    for (int k = 0; k < N; ++k) {
+      adam_element<CudaOrder>(s, transform(static_cast<float>(g.v[k])), p.v[k], m.v[k], v.v[k],
+                              amsgrad ? &vm.v[k] : nullptr);
     }
-    for (int64_t i = first_scalar + threadIdx.x; i < n; i += blockDim.x) {
-      float* master = w.master ? w.master + i : nullptr;
-      T* comp = w.comp ? w.comp + i : nullptr;
-      float p = io.load(w.param[i], master, comp);
-      adam_element<CudaOrder>(s, transform(static_cast<float>(grad[i])), p, m[i], v[i],
-                              v_max ? v_max + i : nullptr);
-      uint32_t random[4];
-      random_block(io, rs, (start + i) / kVec, random);
-      io.store(p, w.param[i], master, comp, random[(start + i) % kVec]);
-    }
+    w.store(i, p, param, m32, c);
   }
 
   __device__ void finish() {}
 };
 
-// Lists: 0 grad, 1 param, 2 momentum buffer (or null), 3 master (or null), 4 step (or null),
-// 5 compensation (or null).
 template <typename T>
 struct SgdFunctor {
   static constexpr int kMinBlocksPerSM = kUpdateBlocksPerSM;
-  static constexpr int kTableBytes = kUpdateTableBytes;
+  static constexpr bool kLargeTable = true;
   SgdConfig config;
   DeviceScalars in;
-  WeightIO<T> io;
-  uint64_t seed;
+  Weights<T> w;
   int64_t first_tensor;
   bool skip;
+  bool first;       // this chunk's momentum buffer is new (step 1)
+  bool has_buffer;  // this chunk has a momentum buffer
   GradTransform transform;
   SgdStepScalars s;
 
@@ -247,49 +236,54 @@ struct SgdFunctor {
 
   template <typename Meta>
   __device__ void chunk(const Meta& meta, int t, int64_t start, int64_t n) {
+    using S = SgdSlot;
     if (skip) return;
-    const T* grad = static_cast<const T*>(meta.ptrs[0][t]) + start;
-    float* buf = meta.ptrs[2][t] ? static_cast<float*>(meta.ptrs[2][t]) + start : nullptr;
-    const float step = meta.ptrs[4][t] ? *static_cast<const float*>(meta.ptrs[4][t]) : 0.0f;
-    const bool first = step == 1.0f;
-    const RandomStream rs{seed, static_cast<uint32_t>(step), static_cast<uint32_t>(first_tensor + t)};
-    const WeightSlots<T> w{static_cast<T*>(meta.ptrs[1][t]) + start,
-                           meta.ptrs[3][t] ? static_cast<float*>(meta.ptrs[3][t]) + start : nullptr,
-                           meta.ptrs[5][t] ? static_cast<T*>(meta.ptrs[5][t]) + start : nullptr};
-    int64_t first_scalar = 0;
-    if (w.aligned() && aligned_for_pack(grad) && aligned_for_pack(buf)) {
-      const int64_t nvec = n / kVec;
-      for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
-        const Pack<T, kVec> g = load_pack(grad, j);
-        Pack<float, kVec> b, p32;
-        if (buf && !first) b = load_pack(buf, j);
-        Pack<T, kVec> p_low, c;
-        w.load4(j, p32, p_low, c);
-        uint32_t random[4];
-        random_block(io, rs, start / kVec + j, random);
+    const float* step_ptr = slot_ptr<const float>(meta, S::step, t);
+    const float step = step_ptr ? *step_ptr : 0.0f;
+    float* buf = slot_ptr<float>(meta, S::momentum, t, start);
+    // fp32 params have neither (checked on the host): say so at compile time, so the loop
+    // keeps no registers for them.
+    float* master = kLowPrecision<T> ? slot_ptr<float>(meta, S::master, t, start) : nullptr;
+    T* comp = kLowPrecision<T> ? slot_ptr<T>(meta, S::compensation, t, start) : nullptr;
+    first = step == 1.0f;
+    has_buffer = buf != nullptr;
+    w.master = master != nullptr;
+    w.comp = comp != nullptr;
+    w.rs = RandomStream{w.seed, static_cast<uint32_t>(step), static_cast<uint32_t>(first_tensor + t)};
+    w.start = start;
+    for_each_pack<kPack, kUpdateIlp>(
+        n, *this, reads(slot_ptr<const T>(meta, S::grad, t, start)), Slot<float>{buf, !first, true},
+        updates(master), updates(comp), Slot<T>{slot_ptr<T>(meta, S::param, t, start), !w.master, true});
+  }
+
+  template <int N>
+  __device__ void operator()(int64_t i, const Pack<T, N>& g, Pack<float, N>& b, Pack<float, N>& m32,
+                             Pack<T, N>& c, Pack<T, N>& param) {
+    Pack<float, N> p;
+    w.load(param, m32, c, p);
+    // One loop per case, so every pointer handed to sgd_element is known (a pointer that may be
+    // null put the pack in local memory here; Adam's amsgrad pointer did not, and splitting its
+    // loop spilled under the register cap).
+    if (has_buffer) {
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          sgd_element(s, transform(static_cast<float>(g.v[k])), p32.v[k], buf ? &b.v[k] : nullptr,
-                      first);
-        }
-        if (buf) store_pack(buf, j, b);
-        w.store4(j, io, p32, random);
-      }
-      first_scalar = nvec * kVec;
+      for (int k = 0; k < N; ++k) sgd_element(s, transform(static_cast<float>(g.v[k])), p.v[k], &b.v[k], first);
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) sgd_element(s, transform(static_cast<float>(g.v[k])), p.v[k], nullptr, first);
     }
-    for (int64_t i = first_scalar + threadIdx.x; i < n; i += blockDim.x) {
-      float* master = w.master ? w.master + i : nullptr;
-      T* comp = w.comp ? w.comp + i : nullptr;
-      float p = io.load(w.param[i], master, comp);
-      sgd_element(s, transform(static_cast<float>(grad[i])), p, buf ? buf + i : nullptr, first);
-      uint32_t random[4];
-      random_block(io, rs, (start + i) / kVec, random);
-      io.store(p, w.param[i], master, comp, random[(start + i) % kVec]);
-    }
+    w.store(i, p, param, m32, c);
   }
 
   __device__ void finish() {}
 };
+
+template <typename T>
+Weights<T> weights(int64_t rounding, int64_t seed) {
+  Weights<T> w{};
+  w.io = WeightIO<T>{static_cast<Rounding>(rounding)};
+  w.seed = static_cast<uint64_t>(seed);
+  return w;
+}
 
 void* ptr_or_null(at::TensorList list, size_t i) { return list.empty() ? nullptr : list[i].data_ptr(); }
 
@@ -341,12 +335,18 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = params[0].get_device();
   increment_steps(steps, scalar_ptr(found_inf), stream);
-  std::vector<std::array<void*, 8>> ptrs;
+  using S = AdamSlot;
+  std::vector<std::array<void*, S::count>> ptrs(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    ptrs.push_back({grads[i].data_ptr(), params[i].data_ptr(), exp_avgs[i].data_ptr(),
-                    exp_avg_sqs[i].data_ptr(), ptr_or_null(max_exp_avg_sqs, i),
-                    ptr_or_null(master_params, i), steps[i].data_ptr(),
-                    ptr_or_null(compensations, i)});
+    auto& row = ptrs[i];
+    row[S::grad] = grads[i].data_ptr();
+    row[S::param] = params[i].data_ptr();
+    row[S::exp_avg] = exp_avgs[i].data_ptr();
+    row[S::exp_avg_sq] = exp_avg_sqs[i].data_ptr();
+    row[S::max_exp_avg_sq] = ptr_or_null(max_exp_avg_sqs, i);
+    row[S::master] = ptr_or_null(master_params, i);
+    row[S::step] = steps[i].data_ptr();
+    row[S::compensation] = ptr_or_null(compensations, i);
   }
   const AdamConfig config{beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                           !max_exp_avg_sqs.empty()};
@@ -354,11 +354,10 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                          scalar_ptr(found_inf), maximize};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      AdamFunctor<scalar_t> f{config, in, WeightIO<scalar_t>{static_cast<Rounding>(rounding)},
-                              static_cast<uint64_t>(seed)};
+      AdamFunctor<scalar_t> f{config, in, weights<scalar_t>(rounding, seed)};
       // Chunks sized by the fp32 state, the bulk of the traffic.
       const auto per_launch = [](AdamFunctor<scalar_t>& g, int, int64_t first) { g.first_tensor = first; };
-      multi_tensor_apply<8>(ptrs, numels_of(params), sizeof(float), f, device, stream, per_launch);
+      multi_tensor_apply<S::count>(ptrs, numels_of(params), sizeof(float), f, device, stream, per_launch);
     }
   });
 }
@@ -381,20 +380,24 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = params[0].get_device();
   increment_steps(steps, scalar_ptr(found_inf), stream);
-  std::vector<std::array<void*, 6>> ptrs;
+  using S = SgdSlot;
+  std::vector<std::array<void*, S::count>> ptrs(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    ptrs.push_back({grads[i].data_ptr(), params[i].data_ptr(), ptr_or_null(momentum_buffers, i),
-                    ptr_or_null(master_params, i), ptr_or_null(steps, i),
-                    ptr_or_null(compensations, i)});
+    auto& row = ptrs[i];
+    row[S::grad] = grads[i].data_ptr();
+    row[S::param] = params[i].data_ptr();
+    row[S::momentum] = ptr_or_null(momentum_buffers, i);
+    row[S::master] = ptr_or_null(master_params, i);
+    row[S::step] = ptr_or_null(steps, i);
+    row[S::compensation] = ptr_or_null(compensations, i);
   }
   const SgdConfig config{momentum, dampening, weight_decay, nesterov};
   const DeviceScalars in{scalar_ptr(lr_tensor), lr, scalar_ptr(inv_scale), scalar_ptr(clip_coef),
                          scalar_ptr(found_inf), maximize};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      SgdFunctor<scalar_t> f{config, in, WeightIO<scalar_t>{static_cast<Rounding>(rounding)},
-                             static_cast<uint64_t>(seed)};
-      multi_tensor_apply<6>(ptrs, numels_of(params), sizeof(float), f, device, stream,
+      SgdFunctor<scalar_t> f{config, in, weights<scalar_t>(rounding, seed)};
+      multi_tensor_apply<S::count>(ptrs, numels_of(params), sizeof(float), f, device, stream,
                             [](SgdFunctor<scalar_t>& g, int, int64_t first) { g.first_tensor = first; });
     }
   });

@@ -1,4 +1,4 @@
-// CUDA kernel of mixprec::update_scale_: one thread applies the shared rule (checks.h) to the
+// CUDA kernel of mixprec::update_scale_: one thread applies the shared rule (scale_rule.h) to the
 // device-resident state, so the scale never visits the host.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "mixprec/checks.h"
+#include "mixprec/scale_rule.h"
 
 namespace mixprec::cuda {
 

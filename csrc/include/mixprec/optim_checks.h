@@ -182,14 +182,4 @@ inline void check_clip_coef_args(const at::Tensor& total_norm) {
   check_scalar_tensor(total_norm, "mixprec.clip_coef", "total_norm", at::kFloat);
 }
 
-// How grad_norm accumulates each element (|x|^p) and combines partial results.
-enum class NormKind { kL2, kL1, kInf, kP };
-
-inline NormKind norm_kind(double p) {
-  if (p == 2.0) return NormKind::kL2;
-  if (p == 1.0) return NormKind::kL1;
-  if (std::isinf(p)) return NormKind::kInf;
-  return NormKind::kP;
-}
-
 }  // namespace mixprec
