@@ -1,7 +1,7 @@
 """Bandwidth of mixprec's non_finite_check_and_unscale_ vs torch._amp_foreach_non_finite_check_and_unscale_
 on GPT-2 sized gradient lists, with a dst.copy_(src) reference timed in the same interleaved rounds.
 inv_scale alternates 0.5 / 2.0 between consecutive calls of each implementation, so values stay finite
-and every call really writes. Example: python benchmarks/bench_unscale.py --device cpu --repeats 3"""
+and every call really writes. Example: python -m benchmarks.bench_unscale --device cpu --repeats 3"""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +11,16 @@ import sys
 import torch
 
 import mixprec
+from benchmarks.harness import (
+    JSON_HELP,
+    copy_fn,
+    emit,
+    gpt2_shapes,
+    results_path,
+    summarize,
+    time_interleaved,
+)
 from mixprec import ops
-from harness import copy_fn, emit, gpt2_shapes, summarize, time_interleaved
 
 MODELS = {"124M": (12, 768), "1.5B": (48, 1600)}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -85,7 +93,7 @@ def main() -> None:
     p.add_argument("--models", default=None, help="comma list of 124M,1.5B (default: both on cuda, 124M on cpu)")
     p.add_argument("--dtypes", default="fp32,fp16,bf16")
     p.add_argument("--repeats", type=int, default=None, help="default 20 on cuda, 5 on cpu")
-    p.add_argument("--json", default=None, help="also write the JSON lines to this file")
+    p.add_argument("--json", default=None, help=JSON_HELP)
     args = p.parse_args()
 
     assert len(gpt2_shapes(*MODELS["124M"])) == 148 and len(gpt2_shapes(*MODELS["1.5B"])) == 580
@@ -104,7 +112,7 @@ def main() -> None:
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-    emit(rows, args.json, COLUMNS)
+    emit(rows, results_path(args.json, "unscale", args.device), COLUMNS)
     print(f"\n# {rows[0]['device_name']}, torch {torch.__version__}, {repeats} interleaved repeats; "
           "inv_scale alternates 0.5/2.0 between consecutive calls of each implementation; "
           "GB/s = 2 * bytes / median time (read + write)")

@@ -76,8 +76,9 @@ TORCH_LIBRARY(mixprec, lib) {
   // in fp32). The grad used is grad * inv_scale * clip_coef (each optional); a nonzero
   // found_inf skips everything (params, state, steps). fp16/bf16 params are updated through
   // their fp32 master_params (written back rounded to nearest), or, with no master_params,
-  // directly: rounding 0 nearest, 1 stochastic (Philox stream of seed, step, tensor, element),
-  // 2 kahan (weight = param + compensation, both in the params' dtype). fp32 params take
+  // directly, by `rounding` (keyword-only, by name): "nearest", "stochastic" (Philox stream of
+  // seed, step, tensor, element), or "kahan" (weight = param + compensation, both in the params'
+  // dtype); the names are parsed once, in C++ (rounding.h). fp32 params take
   // neither. steps (fp32, one per param) are incremented first, as in torch. lr_tensor, when
   // given, replaces lr (schedulers may keep lr on the device).
   m.def(
@@ -85,7 +86,8 @@ TORCH_LIBRARY(mixprec, lib) {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, "
       "Tensor(g!)[] compensations, Tensor(f!)[] steps, float lr, Tensor? lr_tensor, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool maximize, "
-      "Tensor? inv_scale, Tensor? clip_coef, Tensor? found_inf, int rounding, int seed) -> ()");
+      "Tensor? inv_scale, Tensor? clip_coef, Tensor? found_inf, *, str rounding=\"nearest\", "
+      "int seed=0) -> ()");
   // SGD: momentum_buffers empty when momentum == 0; otherwise steps say which buffers are new
   // (step 1: the buffer starts as the grad, torch's "momentum_buffer is None"). Stochastic
   // rounding needs steps (the random stream is keyed on them).
@@ -93,8 +95,8 @@ TORCH_LIBRARY(mixprec, lib) {
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] master_params, Tensor(e!)[] compensations, Tensor(d!)[] steps, float lr, "
       "Tensor? lr_tensor, float momentum, float dampening, float weight_decay, bool nesterov, "
-      "bool maximize, Tensor? inv_scale, Tensor? clip_coef, Tensor? found_inf, int rounding, "
-      "int seed) -> ()");
+      "bool maximize, Tensor? inv_scale, Tensor? clip_coef, Tensor? found_inf, *, "
+      "str rounding=\"nearest\", int seed=0) -> ()");
 }
 
 namespace mixprec::autocast {

@@ -109,13 +109,10 @@ def clip_grad_norm_scaled(grads: list[Tensor], scale: Tensor, norm_type: float, 
     return library().clip_grad_norm_scaled(grads, scale, float(norm_type), float(max_norm))
 
 
-ROUNDING = {"nearest": 0, "stochastic": 1, "kahan": 2}
-
-
-def _rounding_code(rounding: str) -> int:
-    if rounding not in ROUNDING:
-        raise ValueError(f"rounding must be one of {sorted(ROUNDING)}, got {rounding!r}")
-    return ROUNDING[rounding]
+# The rounding modes the optimizer ops take by name (C++ parses them: rounding.h's kRoundingNames;
+# tests/test_ops.py checks the two agree). Here so optimizers can refuse a bad name at construction,
+# before any kernel is loaded.
+ROUNDING_MODES = ("nearest", "stochastic", "kahan")
 
 
 def adam_step_(
@@ -134,7 +131,7 @@ def adam_step_(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, list(compensations),
         steps, lr_float, lr_tensor, float(beta1), float(beta2), float(eps), float(weight_decay),
         bool(decoupled_weight_decay), bool(maximize), inv_scale, clip_coef, found_inf,
-        _rounding_code(rounding), int(seed),
+        rounding=rounding, seed=int(seed),
     )
 
 
@@ -151,7 +148,7 @@ def sgd_step_(
     library().sgd_step_(
         params, grads, momentum_buffers, master_params, list(compensations), steps, lr_float,
         lr_tensor, float(momentum), float(dampening), float(weight_decay), bool(nesterov),
-        bool(maximize), inv_scale, clip_coef, found_inf, _rounding_code(rounding), int(seed),
+        bool(maximize), inv_scale, clip_coef, found_inf, rounding=rounding, seed=int(seed),
     )
 
 

@@ -49,8 +49,8 @@ def _check_lr(lr: float | Tensor) -> None:
 
 
 def _check_precision_options(master_weights: bool, rounding: str) -> None:
-    if rounding not in ops.ROUNDING:
-        raise ValueError(f"rounding must be one of {sorted(ops.ROUNDING)}, got {rounding!r}")
+    if rounding not in ops.ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {list(ops.ROUNDING_MODES)}, got {rounding!r}")
     if master_weights and rounding != "nearest":
         raise ValueError(
             f"rounding={rounding!r} applies to fp16/bf16 params updated without fp32 master weights; "

@@ -190,8 +190,8 @@ class Precision:
         else:
             self.precision = parse_precision(precision)
         self.mode = MODES[self.precision]
-        if rounding not in ops.ROUNDING:
-            raise ValueError(f"rounding must be one of {sorted(ops.ROUNDING)}, got {rounding!r}")
+        if rounding not in ops.ROUNDING_MODES:
+            raise ValueError(f"rounding must be one of {list(ops.ROUNDING_MODES)}, got {rounding!r}")
         if (not master_weights or rounding != "nearest") and not self.mode.half_weights:
             raise ValueError(
                 f"master_weights={master_weights!r}, rounding={rounding!r} apply to the weights of "

@@ -6,8 +6,8 @@ csrc/cuda/launch_shape.cuh) and prints, per setting, unscale's % of copy bandwid
 model/dtype and the optimizer's time over its traffic limit (x_limit) per model/variant. The
 best rows become the device's defaults in launch_shape.cu's kTuned table.
 
-    python scripts/sweep_launch.py                 # the default grid (a few minutes on an H200)
-    python scripts/sweep_launch.py --only unscale --repeats 5
+    python -m scripts.sweep_launch                 # the default grid (a few minutes on an H200)
+    python -m scripts.sweep_launch --only unscale --repeats 5
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def run(script: str, args: list[str], overrides: dict[str, int]) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIXPREC_")}
     env.update({k: str(v) for k, v in overrides.items()})
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as out:
-        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", out.name],
+        module = "benchmarks." + script.removesuffix(".py")
+        proc = subprocess.run([sys.executable, "-m", module, *args, "--json", out.name],
                               check=False, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"# {script} failed under {overrides}:\n{proc.stderr[-2000:]}", file=sys.stderr)

@@ -2,17 +2,13 @@
 runs torch.library.opcheck and the version-bump check on each, and fails for an op the dispatcher
 lists without an entry here. A new op adds its entry; a schema change edits it here only.
 
-Each entry maps the op's name to a function of the device returning a list of argument tuples,
-in schema order. Keep tensors small: opcheck runs each sample several times (eager, fake,
+Each entry maps the op's name to a function of the device returning a list of samples: a tuple
+of positional arguments in schema order, or (that tuple, a dict of keyword-only arguments). Keep tensors small: opcheck runs each sample several times (eager, fake,
 autograd registration, AOT dispatch).
 """
 import math
 
 import torch
-
-# The optimizer ops' rounding argument as the schema takes it today (an int code); when the schema
-# takes the rounding name instead, map each name to itself.
-ROUNDING = {"nearest": 0, "stochastic": 1, "kahan": 2}
 
 
 def _tensors(device):
@@ -58,14 +54,14 @@ def _adam_step(device):
     half, bf16 = [t.half() for t in p], [t.bfloat16() for t in p]
     return [
         # fp32, AdamW, every optional scalar given
-        (p, g, state(), state(), state(), [], [], steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, True, False,
-         _scalar(0.5, device), _scalar(0.9, device), _scalar(0.0, device), ROUNDING["nearest"], 0),
+        ((p, g, state(), state(), state(), [], [], steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, True, False,
+          _scalar(0.5, device), _scalar(0.9, device), _scalar(0.0, device)), {"rounding": "nearest", "seed": 0}),
         # fp16 with fp32 master weights, lr on the device
-        (half, [t.half() for t in g], state(), state(), [], [t.float() for t in half], [], steps, 0.0,
-         _scalar(1e-3, device), 0.9, 0.999, 1e-8, 0.0, False, True, None, None, None, ROUNDING["nearest"], 0),
+        ((half, [t.half() for t in g], state(), state(), [], [t.float() for t in half], [], steps, 0.0,
+         _scalar(1e-3, device), 0.9, 0.999, 1e-8, 0.0, False, True, None, None, None), {"rounding": "nearest", "seed": 0}),
         # bf16 without master weights, Kahan-compensated
-        (bf16, [t.bfloat16() for t in g], state(), state(), [], [], [torch.zeros_like(t) for t in bf16], steps,
-         1e-3, None, 0.9, 0.999, 1e-8, 0.1, True, False, None, None, None, ROUNDING["kahan"], 0),
+        ((bf16, [t.bfloat16() for t in g], state(), state(), [], [], [torch.zeros_like(t) for t in bf16], steps,
+         1e-3, None, 0.9, 0.999, 1e-8, 0.1, True, False, None, None, None), {"rounding": "kahan", "seed": 0}),
     ]
 
 
@@ -74,10 +70,10 @@ def _sgd_step(device):
     steps = [_scalar(3.0, device) for _ in p]
     bf16 = [t.bfloat16() for t in p]
     return [
-        (p, g, [torch.rand_like(t) for t in p], [], [], steps, 0.1, None, 0.9, 0.0, 0.0, True, False, None, None,
-         _scalar(0.0, device), ROUNDING["nearest"], 0),
-        (bf16, [t.bfloat16() for t in g], [], [], [], steps, 0.1, None, 0.0, 0.0, 0.0, False, False, None, None,
-         None, ROUNDING["stochastic"], 1234),
+        ((p, g, [torch.rand_like(t) for t in p], [], [], steps, 0.1, None, 0.9, 0.0, 0.0, True, False, None, None,
+         _scalar(0.0, device)), {"rounding": "nearest", "seed": 0}),
+        ((bf16, [t.bfloat16() for t in g], [], [], [], steps, 0.1, None, 0.0, 0.0, 0.0, False, False, None, None,
+         None), {"rounding": "stochastic", "seed": 1234}),
     ]
 
 

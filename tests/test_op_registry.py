@@ -45,20 +45,25 @@ def test_cuda_kernels_for_every_op_or_none():
     assert lacking in ([], OPS), f"the build has CUDA kernels, but not for {lacking}"
 
 
+def _args_kwargs(sample):
+    """A sample is positional arguments, or (positional, keyword-only) as op_samples.py says."""
+    return sample if isinstance(sample[-1], dict) else (sample, {})
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_written_arguments_bump_their_versions(name):
     written = _written(name)
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"mixprec::{name}", "ADInplaceOrView")
     assert has_kernel == bool(written)
-    for args in SAMPLES[name]("cpu"):
+    for args, kwargs in map(_args_kwargs, SAMPLES[name]("cpu")):
         tensors = [t for i in written for t in (args[i] if isinstance(args[i], list) else [args[i]])]
         before = [t._version for t in tensors]
-        _op(name)(*args)
+        _op(name)(*args, **kwargs)
         assert all(t._version > v for t, v in zip(tensors, before)), f"{name}: a written tensor kept its version"
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", OPS)
 def test_opcheck(name, device):
-    for args in SAMPLES[name](device):
-        torch.library.opcheck(_op(name), args)
+    for args, kwargs in map(_args_kwargs, SAMPLES[name](device)):
+        torch.library.opcheck(_op(name), args, kwargs)

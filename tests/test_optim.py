@@ -582,36 +582,6 @@ def test_layouts_channels_last_and_transposed_params(device):
         torch.testing.assert_close(po, pr, rtol=1e-6, atol=1e-7)
 
 
-def _op_samples(device):
-    p = [torch.randn(37, device=device), torch.randn(4, 5, device=device)]
-    g = [torch.randn_like(t) for t in p]
-    state = lambda: [torch.rand_like(t) for t in p]
-    steps = [torch.full((), 3.0, device=device) for _ in p]
-    scalar = lambda v: torch.full((), v, device=device)
-    yield torch.ops.mixprec.adam_step_.default, (
-        p, g, state(), state(), state(), [], [], steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, True, False,
-        scalar(0.5), scalar(0.9), scalar(0.0), 0, 0)
-    half = [t.half() for t in p]
-    yield torch.ops.mixprec.adam_step_.default, (
-        half, [t.half() for t in g], state(), state(), [], [t.float() for t in half], [], steps, 0.0,
-        scalar(1e-3), 0.9, 0.999, 1e-8, 0.0, False, True, None, None, None, 0, 0)
-    bf16 = [t.bfloat16() for t in p]
-    yield torch.ops.mixprec.adam_step_.default, (
-        bf16, [t.bfloat16() for t in g], state(), state(), [], [], [torch.zeros_like(t) for t in bf16],
-        steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.1, True, False, None, None, None, 2, 0)
-    yield torch.ops.mixprec.sgd_step_.default, (
-        p, g, state(), [], [], steps, 0.1, None, 0.9, 0.0, 0.0, True, False, None, None, scalar(0.0), 0, 0)
-    yield torch.ops.mixprec.sgd_step_.default, (
-        bf16, [t.bfloat16() for t in g], [], [], [], steps, 0.1, None, 0.0, 0.0, 0.0, False, False,
-        None, None, None, 1, 1234)
-    yield torch.ops.mixprec.grad_norm.default, (g, scalar(0.0), scalar(0.5), 2.0)
-
-
-def test_opcheck(device):
-    for op, args in _op_samples(device):
-        torch.library.opcheck(op, args)
-
-
 def test_convergence_16_mixed_matches_torch_amp_within_1_percent(device):
     """300 steps of a small regression model in mixed precision (fp16 autocast on CUDA, bf16 on
     the CPU) with mixprec.GradScaler + mixprec.optim.AdamW + clipping reach torch.amp +

@@ -278,9 +278,9 @@ struct SgdFunctor {
 };
 
 template <typename T>
-Weights<T> weights(int64_t rounding, int64_t seed) {
+Weights<T> weights(Rounding rounding, int64_t seed) {
   Weights<T> w{};
-  w.io = WeightIO<T>{static_cast<Rounding>(rounding)};
+  w.io = WeightIO<T>{rounding};
   w.seed = static_cast<uint64_t>(seed);
   return w;
 }
@@ -322,8 +322,10 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     bool decoupled_weight_decay, bool maximize,
                     const c10::optional<at::Tensor>& inv_scale,
                     const c10::optional<at::Tensor>& clip_coef,
-                    const c10::optional<at::Tensor>& found_inf, int64_t rounding, int64_t seed) {
+                    const c10::optional<at::Tensor>& found_inf, c10::string_view rounding_name,
+                    int64_t seed) {
   const char* op = "mixprec.adam_step_";
+  const Rounding rounding = parse_rounding(op, rounding_name);
   check_optim_args(op, params, grads,
                    {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true},
                     {"max_exp_avg_sqs", max_exp_avg_sqs, false}},
@@ -368,8 +370,10 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                    double momentum, double dampening, double weight_decay, bool nesterov,
                    bool maximize, const c10::optional<at::Tensor>& inv_scale,
                    const c10::optional<at::Tensor>& clip_coef,
-                   const c10::optional<at::Tensor>& found_inf, int64_t rounding, int64_t seed) {
+                   const c10::optional<at::Tensor>& found_inf, c10::string_view rounding_name,
+                    int64_t seed) {
   const char* op = "mixprec.sgd_step_";
+  const Rounding rounding = parse_rounding(op, rounding_name);
   check_optim_args(op, params, grads, {{"momentum_buffers", momentum_buffers, false}},
                    master_params, compensations, rounding, steps,
                    sgd_needs_steps(params, momentum_buffers, master_params, rounding), lr_tensor,

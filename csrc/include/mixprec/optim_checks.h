@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "mixprec/checks.h"
+#include "mixprec/rounding.h"
 
 namespace mixprec {
 
@@ -52,11 +53,11 @@ inline void check_same_layout(const at::Tensor& t, const at::Tensor& p, const ch
 
 // Checks one fused-optimizer call. Params: one dtype (fp32, fp16 or bf16), one device, dense.
 // fp16/bf16 params either have fp32 master_params, or are updated directly with `rounding`
-// (0 nearest, 1 stochastic, 2 kahan: then one compensation per param, in the params' dtype).
+// (nearest, stochastic, or kahan: then one compensation per param, in the params' dtype).
 // fp32 params take neither.
 inline void check_optim_args(const char* op, at::TensorList params, at::TensorList grads,
                              const std::vector<ParallelList>& states, at::TensorList masters,
-                             at::TensorList compensations, int64_t rounding, at::TensorList steps,
+                             at::TensorList compensations, Rounding rounding, at::TensorList steps,
                              bool steps_required, const c10::optional<at::Tensor>& lr_tensor,
                              const c10::optional<at::Tensor>& inv_scale,
                              const c10::optional<at::Tensor>& clip_coef,
@@ -70,9 +71,6 @@ inline void check_optim_args(const char* op, at::TensorList params, at::TensorLi
   }
   TORCH_CHECK(steps.size() == n || (!steps_required && steps.empty()), op, ": got ",
               std::to_string(n), " params but ", std::to_string(steps.size()), " steps");
-  TORCH_CHECK(rounding >= 0 && rounding <= 2, op,
-              ": rounding must be 0 (nearest), 1 (stochastic) or 2 (kahan), got ",
-              std::to_string(rounding));
   if (n == 0) return;
   const at::Tensor& p0 = params[0];
   const at::ScalarType dtype = p0.scalar_type();
@@ -85,7 +83,7 @@ inline void check_optim_args(const char* op, at::TensorList params, at::TensorLi
               (low_precision ? "give one float32 master_params entry per param (or none)"
                              : "float32 params take no master_params"),
               "; got ", std::to_string(masters.size()), " for ", std::to_string(n), " params");
-  const bool kahan = low_precision && !with_masters && rounding == 2;
+  const bool kahan = low_precision && !with_masters && rounding == Rounding::kKahan;
   TORCH_CHECK(compensations.size() == (kahan ? n : 0), op, ": ",
               (kahan ? "rounding=kahan needs one compensation tensor per param"
                      : "compensations are only used by fp16/bf16 params with rounding=kahan and "
@@ -135,12 +133,12 @@ inline void check_optim_args(const char* op, at::TensorList params, at::TensorLi
 }
 
 // SGD keeps step counts when momentum buffers need a first-step flag, or when stochastic
-// rounding (1) keys its random stream on the step.
+// rounding keys its random stream on the step.
 inline bool sgd_needs_steps(at::TensorList params, at::TensorList momentum_buffers,
-                            at::TensorList master_params, int64_t rounding) {
+                            at::TensorList master_params, Rounding rounding) {
   const bool direct_low_precision =
       !params.empty() && params[0].scalar_type() != at::kFloat && master_params.empty();
-  return !momentum_buffers.empty() || (direct_low_precision && rounding == 1);
+  return !momentum_buffers.empty() || (direct_low_precision && rounding == Rounding::kStochastic);
 }
 
 // grads for a norm: dense fp32/fp16/bf16 tensors on `ref`'s device.
