@@ -39,7 +39,9 @@ namespace {
 using fVec = at::vec::Vectorized<float>;
 static_assert(fVec::size() == 8, "this file is the AVX2 build: 8 floats a vector");
 constexpr int64_t kLanes = 8;
-constexpr int64_t kBatch = 32;  // elements per inner step: 4 vectors, 8 Philox blocks
+constexpr int kChains = 4;                // independent runs of 8 Philox blocks
+constexpr int kVectors = 4 * kChains;     // vectors per inner step
+constexpr int64_t kBatch = kLanes * kVectors;  // elements per inner step: 128, 32 Philox blocks
 
 // How the fp32 result reaches memory (optim_math.h's WeightIO, one case each).
 enum class Store { kFloat, kMaster, kNearest, kStochastic, kKahan };
@@ -149,46 +151,57 @@ inline void mul_wide(__m256i c, __m256i k, __m256i& hi, __m256i& lo) {
   const __m256i even = _mm256_mul_epu32(c, k);                          // lanes 0, 2, 4, 6
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), k);    // lanes 1, 3, 5, 7
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  lo = _mm256_mullo_epi32(c, k);
 }
 
-// The words of elements [4 * first_block, 4 * first_block + 32), as RandomStream::block draws
-// them one block at a time: out[v] holds elements 8v .. 8v + 7.
-void philox_batch(const RandomStream& stream, int64_t first_block, __m256i out[4]) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i index_lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first_block)), lane);
-  // The high word of the 64-bit block index carries when the low word wraps.
-  const __m256i wrapped = _mm256_cmpgt_epi32(
-      _mm256_xor_si256(_mm256_set1_epi32(static_cast<int32_t>(first_block)), _mm256_set1_epi32(INT32_MIN)),
-      _mm256_xor_si256(index_lo, _mm256_set1_epi32(INT32_MIN)));
-  __m256i c0 = index_lo;
-  __m256i c1 = _mm256_sub_epi32(
-      _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint64_t>(first_block) >> 32)), wrapped);
-  __m256i c2 = _mm256_set1_epi32(static_cast<int32_t>(stream.step));
-  __m256i c3 = _mm256_set1_epi32(static_cast<int32_t>(stream.tensor));
+// The words of elements [4 * first_block, 4 * first_block + kBatch), as RandomStream::block draws
+// them one block at a time: out[v] holds elements 8v .. 8v + 7. kChains runs of 8 blocks go
+// through the rounds side by side: one run alone would wait on its multiplies' latency.
+void philox_batch(const RandomStream& stream, int64_t first_block, __m256i out[kVectors]) {
+  const __m256i first_lo = _mm256_set1_epi32(static_cast<int32_t>(first_block));
+  const __m256i first_hi =
+      _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint64_t>(first_block) >> 32));
+  const __m256i flip = _mm256_set1_epi32(INT32_MIN);  // unsigned compare through signed
+  __m256i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
+  for (int r = 0; r < kChains; ++r) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    c0[r] = _mm256_add_epi32(first_lo, _mm256_add_epi32(lane, _mm256_set1_epi32(8 * r)));
+    // The high word of the 64-bit block index carries where the low word wrapped.
+    const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(first_lo, flip),
+                                               _mm256_xor_si256(c0[r], flip));
+    c1[r] = _mm256_sub_epi32(first_hi, wrapped);
+    c2[r] = _mm256_set1_epi32(static_cast<int32_t>(stream.step));
+    c3[r] = _mm256_set1_epi32(static_cast<int32_t>(stream.tensor));
+  }
   uint32_t k0 = static_cast<uint32_t>(stream.seed), k1 = static_cast<uint32_t>(stream.seed >> 32);
   const __m256i m0 = _mm256_set1_epi32(static_cast<int32_t>(0xD2511F53u));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int32_t>(0xCD9E8D57u));
   for (int round = 0; round < 10; ++round) {
-    __m256i hi0, lo0, hi1, lo1;
-    mul_wide(c0, m0, hi0, lo0);
-    mul_wide(c2, m1, hi1, lo1);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int32_t>(k0)));
-    c1 = lo1;
-    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int32_t>(k1)));
-    c3 = lo0;
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int32_t>(k0));
+    const __m256i key1 = _mm256_set1_epi32(static_cast<int32_t>(k1));
+    for (int r = 0; r < kChains; ++r) {
+      __m256i hi0, lo0, hi1, lo1;
+      mul_wide(c0[r], m0, hi0, lo0);
+      mul_wide(c2[r], m1, hi1, lo1);
+      c0[r] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[r]), key0);
+      c1[r] = lo1;
+      c2[r] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[r]), key1);
+      c3[r] = lo0;
+    }
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
   // Lane b of c0..c3 is block b's four words; element 4b + k takes word k: transpose.
-  const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
-  const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
-  const __m256i b04 = _mm256_unpacklo_epi64(t0, t2), b15 = _mm256_unpackhi_epi64(t0, t2);
-  const __m256i b26 = _mm256_unpacklo_epi64(t1, t3), b37 = _mm256_unpackhi_epi64(t1, t3);
-  out[0] = _mm256_permute2x128_si256(b04, b15, 0x20);
-  out[1] = _mm256_permute2x128_si256(b26, b37, 0x20);
-  out[2] = _mm256_permute2x128_si256(b04, b15, 0x31);
-  out[3] = _mm256_permute2x128_si256(b26, b37, 0x31);
+  for (int r = 0; r < kChains; ++r) {
+    const __m256i t0 = _mm256_unpacklo_epi32(c0[r], c1[r]), t1 = _mm256_unpackhi_epi32(c0[r], c1[r]);
+    const __m256i t2 = _mm256_unpacklo_epi32(c2[r], c3[r]), t3 = _mm256_unpackhi_epi32(c2[r], c3[r]);
+    const __m256i b04 = _mm256_unpacklo_epi64(t0, t2), b15 = _mm256_unpackhi_epi64(t0, t2);
+    const __m256i b26 = _mm256_unpacklo_epi64(t1, t3), b37 = _mm256_unpackhi_epi64(t1, t3);
+    out[4 * r + 0] = _mm256_permute2x128_si256(b04, b15, 0x20);
+    out[4 * r + 1] = _mm256_permute2x128_si256(b26, b37, 0x20);
+    out[4 * r + 2] = _mm256_permute2x128_si256(b04, b15, 0x31);
+    out[4 * r + 3] = _mm256_permute2x128_si256(b26, b37, 0x31);
+  }
 }
 
 // -- The weight, read and written per storage scheme --------------------------------------------
@@ -236,17 +249,17 @@ fVec transform(const GradTransform& t, fVec g) {
 }
 
 // Runs body(i, random) for the 8-element vectors of [begin, end) that lie in whole batches of
-// 32 (so Philox blocks are whole), and `portable` over the rest: the same elements either way.
+// kBatch (so Philox blocks are whole), and `portable` over the rest: the same elements either way.
 template <Store S, typename Body, typename Rest>
 void batches(const RandomStream& stream, int64_t begin, int64_t end, const Body& body,
              const Rest& portable) {
   const int64_t first = std::min(end, (begin + kBatch - 1) / kBatch * kBatch);
   portable(begin, first);
   int64_t i = first;
-  __m256i random[4] = {};
+  __m256i random[kVectors] = {};
   for (; i + kBatch <= end; i += kBatch) {
     if constexpr (S == Store::kStochastic) philox_batch(stream, i / 4, random);
-    for (int v = 0; v < 4; ++v) body(i + v * kLanes, random[v]);
+    for (int v = 0; v < kVectors; ++v) body(i + v * kLanes, random[v]);
   }
   portable(i, end);
 }
