@@ -16,6 +16,12 @@ Variants run in groups that fit in GPU memory, each with its own torch set; rati
 torch time of the same group. Examples:
   python benchmarks/bench_optimizer.py                       # cuda, 124M and 1.5B
   python benchmarks/bench_optimizer.py --device cpu --models tiny --repeats 2   # smoke test
+
+CPU step rows (--cpu-step): the optimizer step alone (no scaler, no clipping) on 34.6M params in 17
+fp32/bf16 tensors, ours in every storage mode against torch.optim.AdamW(fused=True), interleaved.
+GB/s counts each mode's own bytes per param (STEP_BYTES); pct_torch is that over the GB/s of
+torch's fused fp32 step in the same run (issue 13's target: fp32 at least as fast, every mode >= 90 %):
+  python benchmarks/bench_optimizer.py --device cpu --cpu-step --repeats 15
 """
 from __future__ import annotations
 
@@ -37,6 +43,16 @@ VARIANTS = {"torch": torch.float32, "ours-fp32": torch.float32, "ours-fp16": tor
 # Without master weights: grad 2*2 + weight r/w 4 + moments 16 (+ compensation r/w 4 for kahan).
 MOVED_BYTES = {"torch": 32, "ours-fp32": 32, "ours-fp16": 30, "ours-bf16": 30, "ours-bf16-stochastic": 24,
                "ours-bf16-kahan": 28, "ours-bf16-nearest": 24}
+# The step alone (--cpu-step), bytes per param: fp32 AdamW reads grad, param, m, v and writes param,
+# m, v (28); with fp32 master: grad 2 + master r/w 8 + m, v r/w 16 + weight written 2 (28); without
+# master: grad 2 + weight r/w 4 + m, v 16 (22), + compensation r/w 4 for kahan (26); amsgrad adds
+# max_exp_avg_sq r/w 8; SGD with momentum: grad 4 + param r/w 8 + buffer r/w 8 (20); torch's fused
+# bf16 step keeps bf16 moments: grad 2 + param, m, v r/w 12 (14).
+STEP_BYTES = {"torch-fused": 28, "torch-fused-bf16": 14, "ours-fp32": 28, "ours-fp32-amsgrad": 36,
+              "ours-fp16": 28, "ours-bf16": 28, "ours-bf16-stochastic": 22, "ours-bf16-nearest": 22,
+              "ours-bf16-kahan": 26, "torch-sgd-fused": 20, "ours-sgd-fp32": 20}
+CPU_STEP_SHAPES = [(2035, 1000)] * 17   # 34.6M params in 17 tensors (issue 13's CPU measurement)
+CPU_STEP_COLUMNS = ["variant", "ms", "spread", "gbps", "pct_torch", "x_torch", "B_per_param"]
 SET_BYTES = 16   # params + grads + state per param, at most (4+4+8 or 2+2+12; 2+2+8(+2) without master)
 TARGETS_MS = {"124M": 1.5, "1.5B": 19.0}   # the issue's targets
 COLUMNS = ["model", "group", "variant", "ms", "spread", "gbps", "x_limit", "x_torch", "held_B_per_param",
@@ -145,6 +161,47 @@ def bench_group(model: str, group: int, names: list[str], device: str, repeats: 
     return rows
 
 
+def make_cpu_step(name: str, shapes: list[tuple[int, ...]]) -> Callable[[], None]:
+    """Params with grads and an optimizer for one --cpu-step variant; returns its step."""
+    dtype = torch.bfloat16 if "bf16" in name else torch.float16 if "fp16" in name else torch.float32
+    params = [(torch.randn(s, dtype=dtype) * 0.02).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    if name.startswith("torch-sgd"):
+        return torch.optim.SGD(params, lr=1e-2, momentum=0.9, fused=True).step
+    if name.startswith("torch"):
+        return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, fused=True).step
+    if name.startswith("ours-sgd"):
+        return mixprec.optim.SGD(params, lr=1e-2, momentum=0.9).step
+    rounding = name.removeprefix("ours-bf16-") if name.startswith("ours-bf16-") else None
+    options = {"master_weights": False, "rounding": rounding} if rounding else {}
+    return mixprec.optim.AdamW(params, lr=3e-4, weight_decay=0.1, amsgrad=name.endswith("amsgrad"),
+                               **options).step
+
+
+def bench_cpu_step(repeats: int, variants: list[str]) -> list[dict]:
+    """Times the step alone of every variant, interleaved; rates against torch's fused fp32 step."""
+    shapes = CPU_STEP_SHAPES
+    n = sum(torch.Size(s).numel() for s in shapes)
+    torch.manual_seed(0)
+    fns = {name: make_cpu_step(name, shapes) for name in variants}
+    stats = {k: summarize(v) for k, v in time_interleaved(fns, repeats, "cpu").items()}
+    del fns
+    torch_ms = stats["torch-fused"]["median"]
+    torch_gbps = STEP_BYTES["torch-fused"] * n / torch_ms / 1e6
+    rows = []
+    for name in variants:
+        ms = stats[name]["median"]
+        gbps = STEP_BYTES[name] * n / ms / 1e6
+        rows.append({"variant": name, "ms": ms, "spread": stats[name]["spread"], "gbps": gbps,
+                     "pct_torch": 100 * gbps / torch_gbps, "x_torch": ms / torch_ms,
+                     "B_per_param": STEP_BYTES[name], "params": n, "n_tensors": len(shapes),
+                     "min_ms": stats[name]["min"], "max_ms": stats[name]["max"], "repeats": repeats,
+                     "device": "cpu", "threads": torch.get_num_threads(), "torch_version": torch.__version__,
+                     "mixprec_version": getattr(mixprec, "__version__", None)})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -154,7 +211,24 @@ def main() -> None:
     p.add_argument("--sets-per-group", type=int, default=0,
                    help="variants timed together (torch included); 0 = as many as fit in free memory")
     p.add_argument("--json", default=None, help="also write the JSON lines to this file")
+    p.add_argument("--cpu-step", action="store_true",
+                   help="CPU only: the step alone of every storage mode against torch's fused AdamW (34.6M params)")
     args = p.parse_args()
+
+    if args.cpu_step:
+        if torch.device(args.device).type != "cpu":
+            p.error("--cpu-step measures the CPU kernels: pass --device cpu")
+        variants = list(STEP_BYTES) if args.variants == ",".join(VARIANTS) else args.variants.split(",")
+        unknown = [v for v in variants if v not in STEP_BYTES]
+        if unknown or "torch-fused" not in variants:
+            p.error(f"--cpu-step variants are {list(STEP_BYTES)} (torch-fused included); unknown: {unknown}")
+        rows = bench_cpu_step(args.repeats or 11, variants)
+        emit(rows, args.json, CPU_STEP_COLUMNS)
+        print(f"\n# cpu, {torch.get_num_threads()} threads, torch {torch.__version__}, {rows[0]['repeats']} "
+              "interleaved repeats; ms = median wall time per step, spread = (max - min) / median; GB/s over "
+              "each mode's own bytes (B_per_param); pct_torch = GB/s as % of torch's fused fp32 AdamW step; "
+              "x_torch = ms / that step's ms. Target (issue 13): ours-fp32 x_torch <= 1, every mode pct_torch >= 90")
+        return
 
     cuda = torch.device(args.device).type == "cuda"
     models = (args.models or ("124M,1.5B" if cuda else "tiny")).split(",")

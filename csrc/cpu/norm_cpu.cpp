@@ -16,6 +16,7 @@
 #include "mixprec/dense_spans.h"
 #include "mixprec/norm_kind.h"
 #include "mixprec/optim_checks.h"
+#include "parallel_spans.h"
 
 namespace mixprec::cpu {
 namespace {
@@ -112,26 +113,22 @@ at::Tensor grad_norm_cpu(at::TensorList grads, const at::Tensor& found_inf,
   double total = 0.0;
   bool found = false;
   for (const auto& [dtype, list] : spans.by_dtype) {
-    std::vector<int64_t> starts(list.size() + 1, 0);
-    for (size_t s = 0; s < list.size(); ++s) starts[s + 1] = starts[s] + list[s].numel;
-    const int64_t blocks = (starts.back() + kBlock - 1) / kBlock;
+    std::vector<int64_t> numels;
+    for (const Span& s : list) numels.push_back(s.numel);
+    const Concatenation all(numels);
+    const int64_t blocks = (all.total() + kBlock - 1) / kBlock;
     std::vector<float> partial(blocks, 0.0f);
     std::atomic<bool> any_bad{false};
     const size_t elem = c10::elementSize(dtype);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t begin = b * kBlock, end = std::min(starts.back(), begin + kBlock);
-        size_t s = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
         float acc = 0.0f;
         bool bad = false;
-        for (int64_t pos = begin; pos < end; ++s) {
-          const int64_t stop = std::min(end, starts[s + 1]);
-          if (stop > pos) {
-            const char* data = static_cast<const char*>(list[s].data) + (pos - starts[s]) * elem;
-            bad |= accumulate_dispatch(dtype, data, stop - pos, acc_rule, acc);
-          }
-          pos = std::max(pos, stop);
-        }
+        all.walk(b * kBlock, std::min(all.total(), (b + 1) * kBlock),
+                 [&](size_t s, int64_t begin, int64_t end) {
+                   const char* data = static_cast<const char*>(list[s].data) + begin * elem;
+                   bad |= accumulate_dispatch(dtype, data, end - begin, acc_rule, acc);
+                 });
         partial[b] = acc;
         if (bad) any_bad.store(true, std::memory_order_relaxed);
       }

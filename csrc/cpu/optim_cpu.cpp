@@ -1,21 +1,26 @@
 // CPU kernels of mixprec::adam_step_ and mixprec::sgd_step_: one at::parallel_for over every
-// element of every tensor, the per-element maths from optim_math.h (shared with CUDA). A set
-// found_inf skips the whole update (params, state and step counts untouched).
+// element of every tensor, the per-element maths from optim_math.h (shared with CUDA). The
+// per-element loops here are the reference; the AVX2 loops (optim_cpu_avx2.cpp) run the same
+// operations eight elements at a time and give the same bits. A set found_inf skips the whole
+// update (params, state and step counts untouched).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "cpu_isa.h"
 #include "mixprec/optim_checks.h"
 #include "mixprec/optim_math.h"
 #include "mixprec/rounding.h"
+#include "optim_span.h"
 #include "parallel_spans.h"
 
 namespace mixprec::cpu {
 namespace {
 
-constexpr int64_t kGrain = 16384;
+// Elements per thread at least: below this a second thread costs more than it saves.
+constexpr int64_t kGrain = 32768;
 
 float* f32(const at::Tensor& t) { return t.data_ptr<float>(); }
 
@@ -78,7 +83,63 @@ std::vector<int64_t> numels_of(at::TensorList params) {
   return n;
 }
 
+WeightSlice weight_slice(at::TensorList params, at::TensorList grads, at::TensorList masters,
+                         at::TensorList compensations, at::TensorList steps, int64_t seed,
+                         size_t t) {
+  return WeightSlice{params[t].data_ptr(), grads[t].data_ptr(),
+                     ptr_or_null<float>(masters, t),
+                     compensations.empty() ? nullptr : compensations[t].data_ptr(),
+                     RandomStream{static_cast<uint64_t>(seed), step_of(steps, t),
+                                  static_cast<uint32_t>(t)}};
+}
+
+template <typename T>
+void adam_loop(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end) {
+  const WeightIO<T> io{rule.rounding};
+  T* param = static_cast<T*>(a.w.param);
+  const T* grad = static_cast<const T*>(a.w.grad);
+  float* master = a.w.master;
+  T* comp = static_cast<T*>(a.w.compensation);
+  float* v_max = a.max_exp_avg_sq;
+  RandomWords random(io, a.w.random);
+  for (int64_t i = begin; i < end; ++i) {
+    float p = io.load(param[i], master ? master + i : nullptr, comp ? comp + i : nullptr);
+    adam_element<CpuOrder>(a.scalars, rule.transform(static_cast<float>(grad[i])), p,
+                           a.exp_avg[i], a.exp_avg_sq[i], v_max ? v_max + i : nullptr);
+    io.store(p, param[i], master ? master + i : nullptr, comp ? comp + i : nullptr, random(i));
+  }
+}
+
+template <typename T>
+void sgd_loop(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a, int64_t begin,
+              int64_t end) {
+  const WeightIO<T> io{rule.rounding};
+  T* param = static_cast<T*>(a.w.param);
+  const T* grad = static_cast<const T*>(a.w.grad);
+  float* master = a.w.master;
+  T* comp = static_cast<T*>(a.w.compensation);
+  float* buf = a.momentum_buffer;
+  RandomWords random(io, a.w.random);
+  for (int64_t i = begin; i < end; ++i) {
+    float p = io.load(param[i], master ? master + i : nullptr, comp ? comp + i : nullptr);
+    sgd_element(s, rule.transform(static_cast<float>(grad[i])), p, buf ? buf + i : nullptr,
+                a.first);
+    io.store(p, param[i], master ? master + i : nullptr, comp ? comp + i : nullptr, random(i));
+  }
+}
+
 }  // namespace
+
+void adam_slice_portable(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rule.dtype, "adam_cpu",
+                                  [&] { adam_loop<scalar_t>(rule, a, begin, end); });
+}
+
+void sgd_slice_portable(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a,
+                        int64_t begin, int64_t end) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rule.dtype, "sgd_cpu",
+                                  [&] { sgd_loop<scalar_t>(rule, s, a, begin, end); });
+}
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
@@ -88,8 +149,10 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    bool decoupled_weight_decay, bool maximize,
                    const c10::optional<at::Tensor>& inv_scale,
                    const c10::optional<at::Tensor>& clip_coef,
-                   const c10::optional<at::Tensor>& found_inf, int64_t rounding, int64_t seed) {
+                   const c10::optional<at::Tensor>& found_inf, c10::string_view rounding_name,
+                   int64_t seed) {
   const char* op = "mixprec.adam_step_";
+  const Rounding rounding = parse_rounding(op, rounding_name);
   check_optim_args(op, params, grads,
                    {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true},
                     {"max_exp_avg_sqs", max_exp_avg_sqs, false}},
@@ -106,24 +169,16 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     *f32(s) += 1.0f;  // torch: state_steps += 1 (an fp32 tensor), before the update uses it
     scalars.push_back(adam_step_scalars(config, in.lr, *f32(s)));
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_cpu", [&] {
-    const WeightIO<scalar_t> io{static_cast<Rounding>(rounding)};
-    parallel_over_tensors(numels_of(params), kGrain, [&](size_t t, int64_t begin, int64_t end) {
-      scalar_t* param = params[t].data_ptr<scalar_t>();
-      const scalar_t* grad = grads[t].data_ptr<scalar_t>();
-      float* m = f32(exp_avgs[t]);
-      float* v = f32(exp_avg_sqs[t]);
-      float* v_max = ptr_or_null<float>(max_exp_avg_sqs, t);
-      float* master = ptr_or_null<float>(master_params, t);
-      scalar_t* comp = ptr_or_null<scalar_t>(compensations, t);
-      RandomWords random(io, RandomStream{static_cast<uint64_t>(seed), step_of(steps, t), static_cast<uint32_t>(t)});
-      for (int64_t i = begin; i < end; ++i) {
-        float p = io.load(param[i], master ? master + i : nullptr, comp ? comp + i : nullptr);
-        adam_element<CpuOrder>(scalars[t], in.transform(static_cast<float>(grad[i])), p, m[i], v[i],
-                               v_max ? v_max + i : nullptr);
-        io.store(p, param[i], master ? master + i : nullptr, comp ? comp + i : nullptr, random(i));
-      }
-    });
+  const StepRule rule{params[0].scalar_type(), in.transform, rounding};
+  const bool vector = use_avx2() && rule.dtype != at::kDouble;
+  Concatenation(numels_of(params)).parallel_walk(kGrain, [&](size_t t, int64_t begin, int64_t end) {
+    const AdamSlice slice{
+        weight_slice(params, grads, master_params, compensations, steps, seed, t),
+        f32(exp_avgs[t]), f32(exp_avg_sqs[t]), ptr_or_null<float>(max_exp_avg_sqs, t), scalars[t]};
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (vector) return adam_slice_avx2(rule, slice, begin, end);
+#endif
+    adam_slice_portable(rule, slice, begin, end);
   });
 }
 
@@ -133,9 +188,10 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   double dampening, double weight_decay, bool nesterov, bool maximize,
                   const c10::optional<at::Tensor>& inv_scale,
                   const c10::optional<at::Tensor>& clip_coef,
-                  const c10::optional<at::Tensor>& found_inf, int64_t rounding, int64_t seed) {
+                  const c10::optional<at::Tensor>& found_inf, c10::string_view rounding_name,
+                   int64_t seed) {
   const char* op = "mixprec.sgd_step_";
-  const bool has_momentum = !momentum_buffers.empty();
+  const Rounding rounding = parse_rounding(op, rounding_name);
   check_optim_args(op, params, grads, {{"momentum_buffers", momentum_buffers, false}},
                    master_params, compensations, rounding, steps,
                    sgd_needs_steps(params, momentum_buffers, master_params, rounding), lr_tensor,
@@ -151,22 +207,15 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     *f32(steps[t]) += 1.0f;
     first[t] = *f32(steps[t]) == 1.0f;  // the momentum buffer starts as a copy of the grad
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_cpu", [&] {
-    const WeightIO<scalar_t> io{static_cast<Rounding>(rounding)};
-    parallel_over_tensors(numels_of(params), kGrain, [&](size_t t, int64_t begin, int64_t end) {
-      scalar_t* param = params[t].data_ptr<scalar_t>();
-      const scalar_t* grad = grads[t].data_ptr<scalar_t>();
-      float* buf = ptr_or_null<float>(momentum_buffers, t);
-      float* master = ptr_or_null<float>(master_params, t);
-      scalar_t* comp = ptr_or_null<scalar_t>(compensations, t);
-      RandomWords random(io, RandomStream{static_cast<uint64_t>(seed), step_of(steps, t), static_cast<uint32_t>(t)});
-      for (int64_t i = begin; i < end; ++i) {
-        float p = io.load(param[i], master ? master + i : nullptr, comp ? comp + i : nullptr);
-        sgd_element(scalars, in.transform(static_cast<float>(grad[i])), p,
-                    buf ? buf + i : nullptr, first[t] != 0);
-        io.store(p, param[i], master ? master + i : nullptr, comp ? comp + i : nullptr, random(i));
-      }
-    });
+  const StepRule rule{params[0].scalar_type(), in.transform, rounding};
+  const bool vector = use_avx2() && rule.dtype != at::kDouble;
+  Concatenation(numels_of(params)).parallel_walk(kGrain, [&](size_t t, int64_t begin, int64_t end) {
+    const SgdSlice slice{weight_slice(params, grads, master_params, compensations, steps, seed, t),
+                         ptr_or_null<float>(momentum_buffers, t), first[t] != 0};
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (vector) return sgd_slice_avx2(rule, scalars, slice, begin, end);
+#endif
+    sgd_slice_portable(rule, scalars, slice, begin, end);
   });
 }
 

@@ -1,6 +1,7 @@
-// Runs a loop over the concatenation of many tensors with one at::parallel_for, so hundreds of
-// small tensors don't each pay for a parallel region; the body sees (tensor index, begin, end)
-// ranges that never cross a tensor boundary.
+// The one CPU span walker: many tensors (or flat spans) seen as one concatenated range, so a
+// single at::parallel_for covers them all and hundreds of small tensors don't each pay for a
+// parallel region. Bodies see (span index, begin, end) ranges local to one span, never crossing
+// a span boundary.
 #pragma once
 #include <ATen/Parallel.h>
 
@@ -10,19 +11,36 @@
 
 namespace mixprec::cpu {
 
-template <typename Body>
-void parallel_over_tensors(const std::vector<int64_t>& numels, int64_t grain_size, const Body& body) {
-  std::vector<int64_t> starts(numels.size() + 1, 0);
-  for (size_t t = 0; t < numels.size(); ++t) starts[t + 1] = starts[t] + numels[t];
-  if (starts.back() == 0) return;
-  at::parallel_for(0, starts.back(), grain_size, [&](int64_t begin, int64_t end) {
-    size_t t = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
-    for (int64_t pos = begin; pos < end; ++t) {
-      const int64_t stop = std::min(end, starts[t + 1]);
-      if (stop > pos) body(t, pos - starts[t], stop - starts[t]);
+class Concatenation {
+ public:
+  explicit Concatenation(const std::vector<int64_t>& numels) : starts_(numels.size() + 1, 0) {
+    for (size_t s = 0; s < numels.size(); ++s) starts_[s + 1] = starts_[s] + numels[s];
+  }
+
+  int64_t total() const { return starts_.back(); }
+
+  // Calls body(span, local_begin, local_end) for the pieces of [begin, end), in order.
+  template <typename Body>
+  void walk(int64_t begin, int64_t end, const Body& body) const {
+    if (begin >= end) return;
+    size_t s = std::upper_bound(starts_.begin(), starts_.end(), begin) - starts_.begin() - 1;
+    for (int64_t pos = begin; pos < end; ++s) {
+      const int64_t stop = std::min(end, starts_[s + 1]);
+      if (stop > pos) body(s, pos - starts_[s], stop - starts_[s]);  // skips empty spans
       pos = std::max(pos, stop);
     }
-  });
-}
+  }
+
+  // walk() over the whole range, split across threads by at::parallel_for.
+  template <typename Body>
+  void parallel_walk(int64_t grain_size, const Body& body) const {
+    if (total() == 0) return;
+    at::parallel_for(0, total(), grain_size,
+                     [&](int64_t begin, int64_t end) { walk(begin, end, body); });
+  }
+
+ private:
+  std::vector<int64_t> starts_;  // starts_[s]: offset of span s in the concatenation
+};
 
 }  // namespace mixprec::cpu

@@ -2,14 +2,14 @@
 // all grads of one dtype at once (so hundreds of small tensors don't each pay for a parallel
 // region), vectorised with ATen's Vectorized<T>; the AVX2 build is used when available.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <atomic>
 
 #include "mixprec/checks.h"
 #include "mixprec/dense_spans.h"
+#include "cpu_isa.h"
+#include "parallel_spans.h"
 
 #define MIXPREC_CPU_NS generic
 #include "unscale_kernel.h"
@@ -18,38 +18,24 @@ namespace mixprec::cpu {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 bool unscale_span_avx2(at::ScalarType dtype, void* data, int64_t n, float inv_scale);
-static bool have_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
 #endif
 
 static bool unscale_span(at::ScalarType dtype, void* data, int64_t n, float inv_scale) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (have_avx2()) return unscale_span_avx2(dtype, data, n, inv_scale);
+  if (use_avx2()) return unscale_span_avx2(dtype, data, n, inv_scale);
 #endif
   return generic::unscale_span_dispatch(dtype, data, n, inv_scale);
 }
 
 // Runs the loop over the concatenation of `spans` in parallel; returns whether any was non-finite.
 static bool unscale_spans(at::ScalarType dtype, const std::vector<Span>& spans, float inv_scale) {
-  std::vector<int64_t> starts(spans.size() + 1, 0);
-  for (size_t s = 0; s < spans.size(); ++s) starts[s + 1] = starts[s] + spans[s].numel;
+  std::vector<int64_t> numels;
+  for (const Span& s : spans) numels.push_back(s.numel);
   const size_t elem = c10::elementSize(dtype);
   std::atomic<bool> found{false};
-  at::parallel_for(0, starts.back(), /*grain_size=*/32768, [&](int64_t begin, int64_t end) {
-    // First span overlapping [begin, end).
-    size_t s = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
-    bool local = false;
-    for (int64_t pos = begin; pos < end; ++s) {
-      const int64_t offset = pos - starts[s];
-      const int64_t len = std::min(end, starts[s + 1]) - pos;
-      char* data = static_cast<char*>(spans[s].data) + offset * elem;
-      local |= unscale_span(dtype, data, len, inv_scale);
-      pos += len;
-    }
-    if (local) found.store(true, std::memory_order_relaxed);
+  Concatenation(numels).parallel_walk(/*grain_size=*/32768, [&](size_t s, int64_t begin, int64_t end) {
+    char* data = static_cast<char*>(spans[s].data) + begin * elem;
+    if (unscale_span(dtype, data, end - begin, inv_scale)) found.store(true, std::memory_order_relaxed);
   });
   return found.load();
 }

@@ -29,7 +29,6 @@ enum class Rounding : int {
   kKahan,       // nearest, and keep the rounding error in a compensation buffer
 };
 
-#if !defined(__CUDA_ARCH__)
 inline constexpr std::pair<const char*, Rounding> kRoundingNames[] = {
     {"nearest", Rounding::kNearest}, {"stochastic", Rounding::kStochastic}, {"kahan", Rounding::kKahan}};
 
@@ -42,7 +41,6 @@ inline Rounding parse_rounding(const char* op, c10::string_view name) {
   }
   TORCH_CHECK_VALUE(false, op, ": rounding must be one of ", valid, ", got '", std::string(name), "'");
 }
-#endif
 
 // Philox4x32-10 (Salmon et al., SC'11): a counter-based generator, so the random number of an
 // element is a pure function of (seed, step, tensor, element): reproducible, parallel, and

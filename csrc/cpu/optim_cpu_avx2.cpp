@@ -1,0 +1,382 @@
+// The AVX2 build of the CPU Adam/AdamW and SGD loops, chosen at run time (cpu_isa.h). Eight
+// elements at a time, the same operations in the same order as the per-element reference in
+// optim_cpu.cpp (optim_math.h's CpuOrder): fmadd where it calls fmaf (both are one exact fused
+// multiply-add), separate roundings elsewhere, and sqrt and division correctly rounded in both,
+// so every mode gives the same bits. Conversions to fp16/bf16 are done on the bit patterns to
+// match c10's exactly, NaNs included (c10 writes 0x7FC0 for a bf16 NaN; ATen's vector
+// conversion would write 0xFFFF). Stochastic rounding draws the same Philox words, eight
+// blocks at once.
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC target("avx2,fma,f16c")
+// The target pragma enables the instructions but not the feature macros that ATen's AVX2
+// Vectorized<float> (and sleef.h) test; define them for this file only.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "optim_span.h"
+
+namespace mixprec::cpu {
+namespace {
+
+using fVec = at::vec::Vectorized<float>;
+static_assert(fVec::size() == 8, "this file is the AVX2 build: 8 floats a vector");
+constexpr int64_t kLanes = 8;
+constexpr int kChains = 4;                // independent runs of 8 Philox blocks
+constexpr int kVectors = 4 * kChains;     // vectors per inner step
+constexpr int64_t kBatch = kLanes * kVectors;  // elements per inner step: 128, 32 Philox blocks
+
+// How the fp32 result reaches memory (optim_math.h's WeightIO, one case each).
+enum class Store { kFloat, kMaster, kNearest, kStochastic, kKahan };
+
+// -- fp16/bf16 bit patterns, 8 lanes --------------------------------------------------------------
+
+__m256i bits(fVec x) { return _mm256_castps_si256(x); }
+
+// 8 int32 lanes holding 16-bit patterns -> 8 uint16.
+__m128i narrow(__m256i x) {
+  return _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+}
+
+// An 8-lane float compare mask -> 8 16-bit masks.
+__m128i narrow_mask(fVec m) {
+  const __m256i x = bits(m);
+  return _mm_packs_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+}
+
+template <typename T>
+fVec widen(__m128i h) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm256_cvtph_ps(h);
+  }
+}
+
+template <typename T>
+fVec load_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return fVec::loadu(p);
+  } else {
+    return widen<T>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+
+fVec is_nan(fVec x) { return _mm256_cmp_ps(x, x, _CMP_UNORD_Q); }
+
+// bf16 round to nearest even as c10 does it (bias 0x7FFF + lsb, NaN -> 0x7FC0), in int32 lanes.
+__m256i bf16_nearest32(fVec x) {
+  const __m256i b = bits(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), bits(is_nan(x)));
+}
+
+// fp16 round to nearest even: F16C is IEEE's rounding, as c10's portable conversion is; c10
+// writes a NaN as its sign | 0x7E00, where F16C would keep payload bits.
+__m128i fp16_nearest(fVec x) {
+  __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const fVec nan = is_nan(x);
+  if (_mm256_movemask_ps(nan) != 0) {
+    const __m256i canonical = _mm256_or_si256(
+        _mm256_and_si256(_mm256_srli_epi32(bits(x), 16), _mm256_set1_epi32(0x8000)),
+        _mm256_set1_epi32(0x7E00));
+    h = _mm_blendv_epi8(h, narrow(canonical), narrow_mask(nan));
+  }
+  return h;
+}
+
+template <typename T>
+__m128i round_nearest(fVec x) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return narrow(bf16_nearest32(x));
+  } else {
+    return fp16_nearest(x);
+  }
+}
+
+// optim_math.h's round_stochastic, 8 lanes; `random` holds each element's Philox word.
+template <typename T>
+__m128i round_stochastic(fVec x, __m256i random) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // Add the top 16 random bits to the low half and truncate; step back from inf.
+    const __m256i b = bits(x);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_srli_epi32(random, 16)), 16);
+    const __m256i carried = _mm256_cmpeq_epi32(_mm256_and_si256(r, _mm256_set1_epi32(0x7FFF)),
+                                               _mm256_set1_epi32(0x7F80));
+    r = _mm256_add_epi32(r, carried);  // carried lanes are -1
+    const __m256i finite = _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(0x7F800000), _mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF)));
+    return narrow(_mm256_blendv_epi8(bf16_nearest32(x), r, finite));
+  } else {
+    const fVec ax = x.abs();
+    __m128i down = _mm256_cvtps_ph(ax, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // Nearest went up: step back toward zero (the mask lanes are -1).
+    down = _mm_add_epi16(down, narrow_mask(_mm256_cmp_ps(widen<T>(down), ax, _CMP_GT_OQ)));
+    const __m128i up = _mm_add_epi16(down, _mm_set1_epi16(1));
+    const fVec lo = widen<T>(down);
+    // lo == ax gives p = 0 and u < p never holds: the reference's `if (lo != ax)` skips the same.
+    const fVec p = (ax - lo) / (widen<T>(up) - lo);
+    const fVec u = fVec(_mm256_cvtepi32_ps(_mm256_srli_epi32(random, 8))) * fVec(1.0f / 16777216.0f);
+    __m128i r = _mm_blendv_epi8(down, up, narrow_mask(_mm256_cmp_ps(u, p, _CMP_LT_OQ)));
+    const __m128i negative = narrow_mask(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+    r = _mm_or_si128(r, _mm_and_si128(negative, _mm_set1_epi16(static_cast<int16_t>(0x8000))));
+    const __m128i finite = narrow_mask(_mm256_cmp_ps(ax, fVec(INFINITY), _CMP_LT_OQ));
+    return _mm_blendv_epi8(fp16_nearest(x), r, finite);
+  }
+}
+
+// -- Philox, 8 blocks at once --------------------------------------------------------------------
+
+// 32 x 32 -> 64-bit products of every lane with k: (high words, low words).
+inline void mul_wide(__m256i c, __m256i k, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(c, k);                          // lanes 0, 2, 4, 6
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), k);    // lanes 1, 3, 5, 7
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_mullo_epi32(c, k);
+}
+
+// The words of elements [4 * first_block, 4 * first_block + kBatch), as RandomStream::block draws
+// them one block at a time: out[v] holds elements 8v .. 8v + 7. kChains runs of 8 blocks go
+// through the rounds side by side: one run alone would wait on its multiplies' latency.
+void philox_batch(const RandomStream& stream, int64_t first_block, __m256i out[kVectors]) {
+  const __m256i first_lo = _mm256_set1_epi32(static_cast<int32_t>(first_block));
+  const __m256i first_hi =
+      _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint64_t>(first_block) >> 32));
+  const __m256i flip = _mm256_set1_epi32(INT32_MIN);  // unsigned compare through signed
+  __m256i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
+  for (int r = 0; r < kChains; ++r) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    c0[r] = _mm256_add_epi32(first_lo, _mm256_add_epi32(lane, _mm256_set1_epi32(8 * r)));
+    // The high word of the 64-bit block index carries where the low word wrapped.
+    const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(first_lo, flip),
+                                               _mm256_xor_si256(c0[r], flip));
+    c1[r] = _mm256_sub_epi32(first_hi, wrapped);
+    c2[r] = _mm256_set1_epi32(static_cast<int32_t>(stream.step));
+    c3[r] = _mm256_set1_epi32(static_cast<int32_t>(stream.tensor));
+  }
+  uint32_t k0 = static_cast<uint32_t>(stream.seed), k1 = static_cast<uint32_t>(stream.seed >> 32);
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int32_t>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int32_t>(0xCD9E8D57u));
+  for (int round = 0; round < 10; ++round) {
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int32_t>(k0));
+    const __m256i key1 = _mm256_set1_epi32(static_cast<int32_t>(k1));
+    for (int r = 0; r < kChains; ++r) {
+      __m256i hi0, lo0, hi1, lo1;
+      mul_wide(c0[r], m0, hi0, lo0);
+      mul_wide(c2[r], m1, hi1, lo1);
+      c0[r] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[r]), key0);
+      c1[r] = lo1;
+      c2[r] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[r]), key1);
+      c3[r] = lo0;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  // Lane b of c0..c3 is block b's four words; element 4b + k takes word k: transpose.
+  for (int r = 0; r < kChains; ++r) {
+    const __m256i t0 = _mm256_unpacklo_epi32(c0[r], c1[r]), t1 = _mm256_unpackhi_epi32(c0[r], c1[r]);
+    const __m256i t2 = _mm256_unpacklo_epi32(c2[r], c3[r]), t3 = _mm256_unpackhi_epi32(c2[r], c3[r]);
+    const __m256i b04 = _mm256_unpacklo_epi64(t0, t2), b15 = _mm256_unpackhi_epi64(t0, t2);
+    const __m256i b26 = _mm256_unpacklo_epi64(t1, t3), b37 = _mm256_unpackhi_epi64(t1, t3);
+    out[4 * r + 0] = _mm256_permute2x128_si256(b04, b15, 0x20);
+    out[4 * r + 1] = _mm256_permute2x128_si256(b26, b37, 0x20);
+    out[4 * r + 2] = _mm256_permute2x128_si256(b04, b15, 0x31);
+    out[4 * r + 3] = _mm256_permute2x128_si256(b26, b37, 0x31);
+  }
+}
+
+// -- The weight, read and written per storage scheme --------------------------------------------
+
+template <typename T, Store S>
+struct Weight {
+  T* param;
+  const T* grad;
+  float* master;
+  T* comp;
+
+  explicit Weight(const WeightSlice& w)
+      : param(static_cast<T*>(w.param)), grad(static_cast<const T*>(w.grad)), master(w.master),
+        comp(static_cast<T*>(w.compensation)) {}
+
+  fVec load(int64_t i) const {
+    if constexpr (S == Store::kMaster) return fVec::loadu(master + i);
+    if constexpr (S == Store::kKahan) return load_float(param + i) + load_float(comp + i);
+    return load_float(param + i);
+  }
+
+  void store(int64_t i, fVec p, __m256i random) const {
+    auto put = [](T* at, __m128i h) { _mm_storeu_si128(reinterpret_cast<__m128i*>(at), h); };
+    if constexpr (S == Store::kFloat) {
+      p.store(param + i);
+    } else if constexpr (S == Store::kMaster) {
+      p.store(master + i);
+      put(param + i, round_nearest<T>(p));
+    } else if constexpr (S == Store::kNearest) {
+      put(param + i, round_nearest<T>(p));
+    } else if constexpr (S == Store::kStochastic) {
+      put(param + i, round_stochastic<T>(p, random));
+    } else {
+      const __m128i rounded = round_nearest<T>(p);
+      put(param + i, rounded);
+      put(comp + i, round_nearest<T>(p - widen<T>(rounded)));
+    }
+  }
+};
+
+fVec transform(const GradTransform& t, fVec g) {
+  g = g * fVec(t.inv_scale);
+  g = g * fVec(t.clip_coef);
+  return t.maximize ? g.neg() : g;
+}
+
+// Runs body(i, random) for the 8-element vectors of [begin, end) that lie in whole batches of
+// kBatch (so Philox blocks are whole), and `portable` over the rest: the same elements either way.
+template <Store S, typename Body, typename Rest>
+void batches(const RandomStream& stream, int64_t begin, int64_t end, const Body& body,
+             const Rest& portable) {
+  const int64_t first = std::min(end, (begin + kBatch - 1) / kBatch * kBatch);
+  portable(begin, first);
+  int64_t i = first;
+  __m256i random[kVectors] = {};
+  for (; i + kBatch <= end; i += kBatch) {
+    if constexpr (S == Store::kStochastic) philox_batch(stream, i / 4, random);
+    for (int v = 0; v < kVectors; ++v) body(i + v * kLanes, random[v]);
+  }
+  portable(i, end);
+}
+
+template <typename T, Store S>
+void adam_loop(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end) {
+  const Weight<T, S> w(a.w);
+  const AdamStepScalars& s = a.scalars;
+  const GradTransform tr = rule.transform;
+  const bool decay = s.weight_decay != 0.0f;
+  const bool low_weight = s.one_minus_beta1 < 0.5f;  // torch.lerp's branch, the same for all
+  const fVec weight_decay(s.weight_decay), decay_factor(s.decay);
+  const fVec lerp_weight(low_weight ? s.one_minus_beta1 : s.one_minus_beta1 - 1.0f);
+  const fVec beta2(s.beta2), one_minus_beta2(s.one_minus_beta2);
+  const fVec bias_correction2_sqrt(s.bias_correction2_sqrt), eps(s.eps), neg_step(s.neg_step_size);
+  float* m_ptr = a.exp_avg;
+  float* v_ptr = a.exp_avg_sq;
+  float* vmax_ptr = a.max_exp_avg_sq;
+  auto body = [&](int64_t i, __m256i random) {
+    fVec g = transform(tr, load_float(w.grad + i));
+    fVec p = w.load(i);
+    if (decay) {
+      if (s.decoupled) {
+        p = p * decay_factor;
+      } else {
+        g = at::vec::fmadd(weight_decay, p, g);
+      }
+    }
+    fVec m = fVec::loadu(m_ptr + i);
+    const fVec diff = g - m;
+    m = at::vec::fmadd(lerp_weight, diff, low_weight ? m : g);
+    fVec v = at::vec::fmadd(one_minus_beta2 * g, g, fVec::loadu(v_ptr + i) * beta2);
+    fVec second = v;
+    if (vmax_ptr != nullptr) {
+      const fVec vm = fVec::loadu(vmax_ptr + i);
+      second = fVec::blendv(v, vm, is_nan(vm) | fVec(_mm256_cmp_ps(vm, v, _CMP_GT_OQ)));
+      second.store(vmax_ptr + i);
+    }
+    const fVec denom = second.sqrt() / bias_correction2_sqrt + eps;
+    p = p + (neg_step * m) / denom;
+    m.store(m_ptr + i);
+    v.store(v_ptr + i);
+    w.store(i, p, random);
+  };
+  batches<S>(a.w.random, begin, end, body,
+             [&](int64_t b, int64_t e) { adam_slice_portable(rule, a, b, e); });
+}
+
+template <typename T, Store S>
+void sgd_loop(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a, int64_t begin,
+              int64_t end) {
+  const Weight<T, S> w(a.w);
+  const GradTransform tr = rule.transform;
+  const bool decay = s.weight_decay != 0.0f;
+  const fVec weight_decay(s.weight_decay), momentum(s.momentum);
+  const fVec one_minus_dampening(s.one_minus_dampening), neg_lr(s.neg_lr);
+  float* buf = a.momentum_buffer;
+  auto body = [&](int64_t i, __m256i random) {
+    fVec g = transform(tr, load_float(w.grad + i));
+    fVec p = w.load(i);
+    if (decay) g = at::vec::fmadd(weight_decay, p, g);
+    if (buf != nullptr) {
+      const fVec b =
+          a.first ? g : at::vec::fmadd(one_minus_dampening, g, fVec::loadu(buf + i) * momentum);
+      b.store(buf + i);
+      g = s.nesterov ? at::vec::fmadd(momentum, b, g) : b;
+    }
+    p = at::vec::fmadd(neg_lr, g, p);
+    w.store(i, p, random);
+  };
+  batches<S>(a.w.random, begin, end, body,
+             [&](int64_t b, int64_t e) { sgd_slice_portable(rule, s, a, b, e); });
+}
+
+// Picks the loop for the dtype and storage scheme (as WeightIO::store decides per element).
+template <template <typename, Store> class Loop, typename... Args>
+void dispatch(const StepRule& rule, const WeightSlice& w, Args&&... args) {
+  auto low = [&](auto tag) {
+    using T = decltype(tag);
+    if (w.master != nullptr) return Loop<T, Store::kMaster>::run(rule, args...);
+    if (w.compensation != nullptr) return Loop<T, Store::kKahan>::run(rule, args...);
+    if (rule.rounding == Rounding::kStochastic) return Loop<T, Store::kStochastic>::run(rule, args...);
+    return Loop<T, Store::kNearest>::run(rule, args...);
+  };
+  switch (rule.dtype) {
+    case at::kFloat: return Loop<float, Store::kFloat>::run(rule, args...);
+    case at::kHalf: return low(c10::Half());
+    case at::kBFloat16: return low(c10::BFloat16());
+    default: TORCH_INTERNAL_ASSERT(false, "optim_cpu_avx2: unexpected dtype ", rule.dtype);
+  }
+}
+
+template <typename T, Store S>
+struct AdamLoop {
+  static void run(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end) {
+    adam_loop<T, S>(rule, a, begin, end);
+  }
+};
+
+template <typename T, Store S>
+struct SgdLoop {
+  static void run(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a, int64_t begin,
+                  int64_t end) {
+    sgd_loop<T, S>(rule, s, a, begin, end);
+  }
+};
+
+}  // namespace
+
+void adam_slice_avx2(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end) {
+  dispatch<AdamLoop>(rule, a.w, a, begin, end);
+}
+
+void sgd_slice_avx2(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a,
+                    int64_t begin, int64_t end) {
+  dispatch<SgdLoop>(rule, a.w, s, a, begin, end);
+}
+
+}  // namespace mixprec::cpu
+#endif

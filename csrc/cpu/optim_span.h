@@ -1,0 +1,57 @@
+// One tensor's share of a fused optimizer step on the CPU, as optim_cpu.cpp hands it to the
+// element loops: the portable per-element loop (the reference, in optim_cpu.cpp) and the AVX2
+// loop (optim_cpu_avx2.cpp), which must give the same bits.
+#pragma once
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+#include "mixprec/optim_math.h"
+#include "mixprec/rounding.h"
+
+namespace mixprec::cpu {
+
+// Element 0 of each buffer of one tensor (null where the mode has none); loops run over
+// elements [begin, end) of it.
+struct WeightSlice {
+  void* param;            // fp32, fp16 or bf16 (or fp64, portable loop only)
+  const void* grad;       // the param's dtype
+  float* master;          // fp32 master weights
+  void* compensation;     // Kahan rounding error, the param's dtype
+  RandomStream random;    // stochastic rounding's stream for this tensor at this step
+};
+
+struct AdamSlice {
+  WeightSlice w;
+  float* exp_avg;
+  float* exp_avg_sq;
+  float* max_exp_avg_sq;  // amsgrad only
+  AdamStepScalars scalars;
+};
+
+struct SgdSlice {
+  WeightSlice w;
+  float* momentum_buffer;  // null without momentum
+  bool first;              // the buffer starts as a copy of the grad
+};
+
+// What is the same for every tensor of one call.
+struct StepRule {
+  at::ScalarType dtype;
+  GradTransform transform;
+  Rounding rounding;
+};
+
+void adam_slice_portable(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end);
+void sgd_slice_portable(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a,
+                        int64_t begin, int64_t end);
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The AVX2 loops (fp32, fp16 and bf16 params; fp64 stays portable). Elements whose Philox block
+// or vector is incomplete go through the portable loop.
+void adam_slice_avx2(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end);
+void sgd_slice_avx2(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a,
+                    int64_t begin, int64_t end);
+#endif
+
+}  // namespace mixprec::cpu
