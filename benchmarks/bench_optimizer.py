@@ -14,25 +14,33 @@ The limit is the ideal bytes per call (32 B/param for fp32 params, also used for
 30 B/param with master weights) over the copy bandwidth measured in the same run.
 Variants run in groups that fit in GPU memory, each with its own torch set; ratios to torch use the
 torch time of the same group. Examples:
-  python benchmarks/bench_optimizer.py                       # cuda, 124M and 1.5B
-  python benchmarks/bench_optimizer.py --device cpu --models tiny --repeats 2   # smoke test
+  python -m benchmarks.bench_optimizer                       # cuda, 124M and 1.5B
+  python -m benchmarks.bench_optimizer --device cpu --models tiny --repeats 2   # smoke test
 
 CPU step rows (--cpu-step): the optimizer step alone (no scaler, no clipping) on 34.6M params in 17
 fp32/bf16 tensors, ours in every storage mode against torch.optim.AdamW(fused=True), interleaved.
 GB/s counts each mode's own bytes per param (STEP_BYTES); pct_torch is that over the GB/s of
 torch's fused fp32 step in the same run (issue 13's target: fp32 at least as fast, every mode >= 90 %):
-  python benchmarks/bench_optimizer.py --device cpu --cpu-step --repeats 15
+  python -m benchmarks.bench_optimizer --device cpu --cpu-step --repeats 15
 """
 from __future__ import annotations
 
 import argparse
 import gc
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 import mixprec
-from harness import copy_fn, emit, gpt2_shapes, summarize, time_interleaved
+from benchmarks.harness import (
+    JSON_HELP,
+    copy_fn,
+    emit,
+    gpt2_shapes,
+    results_path,
+    summarize,
+    time_interleaved,
+)
 
 MODELS = {"tiny": (2, 64, 1000, 64), "124M": (12, 768), "1.5B": (48, 1600)}
 VARIANTS = {"torch": torch.float32, "ours-fp32": torch.float32, "ours-fp16": torch.float16,
@@ -210,7 +218,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None, help="default 20 on cuda, 5 on cpu")
     p.add_argument("--sets-per-group", type=int, default=0,
                    help="variants timed together (torch included); 0 = as many as fit in free memory")
-    p.add_argument("--json", default=None, help="also write the JSON lines to this file")
+    p.add_argument("--json", default=None, help=JSON_HELP)
     p.add_argument("--cpu-step", action="store_true",
                    help="CPU only: the step alone of every storage mode against torch's fused AdamW (34.6M params)")
     args = p.parse_args()
@@ -223,7 +231,7 @@ def main() -> None:
         if unknown or "torch-fused" not in variants:
             p.error(f"--cpu-step variants are {list(STEP_BYTES)} (torch-fused included); unknown: {unknown}")
         rows = bench_cpu_step(args.repeats or 11, variants)
-        emit(rows, args.json, CPU_STEP_COLUMNS)
+        emit(rows, results_path(args.json, "optimizer_cpu_step", args.device), CPU_STEP_COLUMNS)
         print(f"\n# cpu, {torch.get_num_threads()} threads, torch {torch.__version__}, {rows[0]['repeats']} "
               "interleaved repeats; ms = median wall time per step, spread = (max - min) / median; GB/s over "
               "each mode's own bytes (B_per_param); pct_torch = GB/s as % of torch's fused fp32 AdamW step; "
@@ -247,7 +255,7 @@ def main() -> None:
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-    emit(rows, args.json, COLUMNS)
+    emit(rows, results_path(args.json, "optimizer", args.device), COLUMNS)
     print(f"\n# {rows[0]['device_name']}, torch {torch.__version__}, {repeats} interleaved repeats; "
           f"torch variant: {next((r['optimizer'] for r in rows if r['variant'] == 'torch'), '-')}; "
           "ms = median time per call (GPU time on cuda), spread = (max - min) / median; "
