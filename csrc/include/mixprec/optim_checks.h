@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "mixprec/checks.h"
-#include "mixprec/rounding.h"
+#include "mixprec/rounding_names.h"
 
 namespace mixprec {
 

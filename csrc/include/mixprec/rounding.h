@@ -6,15 +6,11 @@
 // rounded to nearest, stochastically, or with a Kahan compensation).
 #pragma once
 #include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
-#include <c10/util/string_view.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <string>
-#include <utility>
 #include <type_traits>
 
 #include "mixprec/host_device.h"
@@ -22,25 +18,12 @@
 namespace mixprec {
 
 // How an fp32 result becomes an fp16/bf16 weight. The op schemas take the mode by name
-// (`str rounding="nearest"`); kRoundingNames is the one table of names, parsed once per call.
+// (`str rounding="nearest"`): rounding_names.h is the one table of names, parsed once per call.
 enum class Rounding : int {
   kNearest,     // plain round-to-nearest: updates below half an ulp are lost
   kStochastic,  // round up with probability (x - down) / (up - down): unbiased
   kKahan,       // nearest, and keep the rounding error in a compensation buffer
 };
-
-inline constexpr std::pair<const char*, Rounding> kRoundingNames[] = {
-    {"nearest", Rounding::kNearest}, {"stochastic", Rounding::kStochastic}, {"kahan", Rounding::kKahan}};
-
-// The Rounding a schema's `rounding` string names; a ValueError listing the valid names otherwise.
-inline Rounding parse_rounding(const char* op, c10::string_view name) {
-  std::string valid;
-  for (const auto& [n, mode] : kRoundingNames) {
-    if (name == n) return mode;
-    valid += (valid.empty() ? "'" : ", '") + std::string(n) + "'";
-  }
-  TORCH_CHECK_VALUE(false, op, ": rounding must be one of ", valid, ", got '", std::string(name), "'");
-}
 
 // Philox4x32-10 (Salmon et al., SC'11): a counter-based generator, so the random number of an
 // element is a pure function of (seed, step, tensor, element): reproducible, parallel, and
