@@ -168,10 +168,10 @@ def _clip_grad_norm_scaled_fake(grads, scale, norm_type, max_norm):
 
 
 @_fake("adam_step_")
-def _adam_step_fake(*args) -> None:
+def _adam_step_fake(*args, **kwargs) -> None:
     return None
 
 
 @_fake("sgd_step_")
-def _sgd_step_fake(*args) -> None:
+def _sgd_step_fake(*args, **kwargs) -> None:
     return None

@@ -425,7 +425,11 @@ def test_device_types_torch_rejects_raise_what_torch_raises(device_type):
 
 
 def test_decorating_a_non_callable_raises_type_error_as_torch():
-    with pytest.raises(TypeError, match="requires a callable"):
-        torch.autocast("cpu")(torch.randn(2))
+    # torch 2.14 raises this TypeError; 2.11 (the GPU machine's) returns a wrapper that fails only
+    # when called. We raise on every version.
     with pytest.raises(TypeError, match=r"requires a callable, but got Tensor.*context manager"):
         mixprec.autocast("cpu")(torch.randn(2))
+    try:
+        torch.autocast("cpu")(torch.randn(2))
+    except TypeError as err:
+        assert "requires a callable" in str(err)

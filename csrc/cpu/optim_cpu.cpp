@@ -102,10 +102,11 @@ void adam_loop(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t 
   T* comp = static_cast<T*>(a.w.compensation);
   float* v_max = a.max_exp_avg_sq;
   RandomWords random(io, a.w.random);
+  float no_v_max = 0.0f;  // adam_element touches v_max only with amsgrad
   for (int64_t i = begin; i < end; ++i) {
     float p = io.load(param[i], master ? master + i : nullptr, comp ? comp + i : nullptr);
     adam_element<CpuOrder>(a.scalars, rule.transform(static_cast<float>(grad[i])), p,
-                           a.exp_avg[i], a.exp_avg_sq[i], v_max ? v_max + i : nullptr);
+                           a.exp_avg[i], a.exp_avg_sq[i], v_max ? v_max[i] : no_v_max);
     io.store(p, param[i], master ? master + i : nullptr, comp ? comp + i : nullptr, random(i));
   }
 }

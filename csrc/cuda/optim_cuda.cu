@@ -28,7 +28,7 @@ static_assert(kPack == 4, "the random words come in Philox blocks of 4 elements"
 // flight. Left alone, nvcc gives the Adam kernel 91 registers (2 blocks of 256 threads per SM);
 // capped for 5 blocks (48 registers, no spills) the GPT-2 124M AdamW step ran 1.16x faster on an
 // H100, and 5 measured best of 4, 5 and 6 (6 spills).
-constexpr int kUpdateBlocksPerSM = 5;
+constexpr int kUpdateBlocksPerSM = 4;
 
 // Named positions of the tensor lists (multi_tensor_apply.cuh's table) of each kernel family.
 struct AdamSlot {
@@ -205,8 +205,7 @@ struct AdamFunctor {
     w.load(param, m32, c, p);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      adam_element<CudaOrder>(s, transform(static_cast<float>(g.v[k])), p.v[k], m.v[k], v.v[k],
-                              amsgrad ? &vm.v[k] : nullptr);
+      adam_element<CudaOrder>(s, transform(static_cast<float>(g.v[k])), p.v[k], m.v[k], v.v[k], vm.v[k]);
     }
     w.store(i, p, param, m32, c);
   }

@@ -85,8 +85,11 @@ MIXPREC_HOST_DEVICE inline AdamStepScalars adam_step_scalars(const AdamConfig& c
 
 // One element of Adam/AdamW (torch's _multi_tensor_adam). p is the fp32 (master) weight.
 template <typename Order>
+// v_max (max_exp_avg_sq) is read and written only when s.amsgrad. A reference, not a pointer
+// that may be null: on CUDA a conditional pointer into a register pack puts the pack in local
+// memory.
 MIXPREC_HOST_DEVICE inline void adam_element(const AdamStepScalars& s, float g, float& p,
-                                             float& m, float& v, float* v_max) {
+                                             float& m, float& v, float& v_max) {
   if (s.weight_decay != 0.0f) {
     if (s.decoupled) {
       p = p * s.decay;
@@ -99,8 +102,8 @@ MIXPREC_HOST_DEVICE inline void adam_element(const AdamStepScalars& s, float g, 
   float second = v;
   if (s.amsgrad) {
     // torch.maximum propagates NaN.
-    const float mx = (*v_max != *v_max || *v_max > v) ? *v_max : v;
-    *v_max = mx;
+    const float mx = (v_max != v_max || v_max > v) ? v_max : v;
+    v_max = mx;
     second = mx;
   }
   const float denom = sqrtf(second) / s.bias_correction2_sqrt + s.eps;
