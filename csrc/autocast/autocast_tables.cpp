@@ -60,7 +60,7 @@ int64_t swap_active(c10::DeviceType dev, int64_t id) {
   if (id != 0) {
     std::lock_guard<std::mutex> lock(g_tables_mutex);
     TORCH_CHECK_VALUE(id > 0 && id <= static_cast<int64_t>(g_tables.size()),
-                      "mixprec.autocast: no table with id ", id);
+                      "mixprec.autocast: no table with id ", std::to_string(id));
     table = g_tables[id - 1].get();
   }
   const Table*& slot = tls_active[slot_of(dev)];
