@@ -7,23 +7,7 @@
 // conversion would write 0xFFFF). Stochastic rounding draws the same Philox words, eight
 // blocks at once.
 #if defined(__x86_64__) && defined(__GNUC__)
-#pragma GCC target("avx2,fma,f16c")
-// The target pragma enables the instructions but not the feature macros that ATen's AVX2
-// Vectorized<float> (and sleef.h) test; define them for this file only.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
+#include "avx2_target.h"  // first: the rest of this file compiles for AVX2
 #include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 
