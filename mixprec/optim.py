@@ -36,6 +36,8 @@ from mixprec.loss_scaler import reciprocal_fp32
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _SUPPORTED = (torch.float32,) + _LOW_PRECISION
+# Where our kernels run: fused=True elsewhere (e.g. meta params) is refused as torch refuses it.
+_FUSED_DEVICES = ("cpu", "cuda")
 
 
 def _check_lr(lr: float | Tensor) -> None:
@@ -46,6 +48,29 @@ def _check_lr(lr: float | Tensor) -> None:
             raise ValueError(f"Tensor lr must be a floating-point tensor, got {lr.dtype}")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {float(lr)}")
+
+
+def _check_tensor_lr_for_foreach(lr: float | Tensor, foreach: bool | None, capturable: bool) -> None:
+    # torch.optim.Adam's foreach path takes a Tensor lr only when capturable; torch refuses it.
+    if isinstance(lr, Tensor) and foreach and not capturable:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+
+
+def _check_betas(betas: tuple, foreach: bool | None, capturable: bool) -> None:
+    """torch.optim.Adam's checks of the betas' types, with its messages."""
+    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            if foreach and not capturable:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+
+
+def _check_fused_flags(fused: bool | None, foreach: bool | None) -> None:
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
 def _check_precision_options(master_weights: bool, rounding: str) -> None:
@@ -77,6 +102,9 @@ class _Batch:
         self.params: list[Tensor] = []
         self.tensors: list[Tensor] = []
         self.grads: list[Tensor] = []
+        # (param, contiguous copy) of params that are not dense (strided views): the kernel
+        # updates the copy, step() writes it back.
+        self.write_back: list[tuple[Tensor, Tensor]] = []
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -136,11 +164,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                         f"{name}: a grad of dtype {g.dtype} and shape {tuple(g.shape)} belongs to a "
                         f"param of dtype {p.dtype} and shape {tuple(p.shape)}"
                     )
+                if group["fused"] and (p.device.type not in _FUSED_DEVICES or not p.is_floating_point()):
+                    raise RuntimeError(  # torch's message, raised by torch at the step too
+                        "`fused=True` requires all the params to be floating point Tensors of supported "
+                        f"devices: {list(_FUSED_DEVICES)} but {p.dtype} and {p.device.type}"
+                    )
+                batch = batches[(p.device, p.dtype)]
                 if not p.is_contiguous() and not _is_dense(p):
-                    raise RuntimeError(f"{name}: param of shape {tuple(p.shape)} is not dense in memory")
+                    copy = p.contiguous()  # the kernel needs dense memory; step() writes it back
+                    batch.write_back.append((p, copy))
+                    p = copy
                 if g.stride() != p.stride():
                     g = torch.empty_like(p).copy_(g)  # the kernel walks param and grad in step
-                batch = batches[(p.device, p.dtype)]
                 batch.params.append(param)
                 batch.tensors.append(p)
                 batch.grads.append(g)
@@ -187,17 +222,22 @@ class FusedOptimizer(torch.optim.Optimizer):
                     clip_coef=None if clip is None else clip.clip_coef.get(device),
                     found_inf=on(device, "found_inf", found_inf),
                 )
+                for param, copy in batch.write_back:
+                    param.copy_(copy)
         self._clip_result = None
         return loss
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
-        state = self.state[p]
+        # No entry for a param that keeps no state (SGD without momentum), as in torch.
+        state = self.state.get(p, {})
         if "step" not in state and self._needs_step(p, group):
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for key in self._fp32_state_keys_for(group):
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         self._init_weight_state(p, group, state)
+        if state:
+            self.state[p] = state
 
     def _init_weight_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """fp16/bf16 params: the fp32 master copy, or the Kahan compensation buffer."""
@@ -259,18 +299,16 @@ class FusedOptimizer(torch.optim.Optimizer):
     # -- checkpoints -------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads ours or torch.optim's (fp32 state is kept fp32 even for fp16/bf16 params; missing
-        master weights are made from the params). Checked before anything changes."""
+        master weights are made from the params; a Python-number step becomes our fp32 step
+        tensor). Checked before anything changes."""
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         if len(saved_ids) == len(params):  # otherwise torch's own check raises below
+            saved_group_of = {i: g for g in state_dict["param_groups"] for i in g["params"]}
             for saved_id, p in zip(saved_ids, params):
-                for key, value in state_dict["state"].get(saved_id, {}).items():
-                    if key != "step" and isinstance(value, Tensor) and value.shape != p.shape:
-                        raise ValueError(
-                            f"{type(self).__name__}.load_state_dict: state['{key}'] of param {saved_id} "
-                            f"has shape {tuple(value.shape)} but the param has shape {tuple(p.shape)}; "
-                            "the checkpoint belongs to a different model"
-                        )
+                saved = state_dict["state"].get(saved_id)
+                if saved:
+                    self._check_loaded_state(saved_id, saved, p, {**self.defaults, **saved_group_of[saved_id]})
         super().load_state_dict(state_dict)
         # torch casts state to the param's dtype; re-read the checkpoint's values in fp32 (the
         # compensation buffer alone is in the param's dtype).
@@ -281,10 +319,46 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             for key, value in saved.items():
-                if isinstance(value, Tensor):
+                if key == "step":
+                    step = value.detach().reshape(()) if isinstance(value, Tensor) else torch.tensor(float(value))
+                    state[key] = step.to(device=p.device, dtype=torch.float32, copy=True)
+                elif isinstance(value, Tensor):
                     dtype = p.dtype if key == "compensation" else torch.float32
                     state[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
             self._complete_loaded_state(p, group_of[id(p)], state)
+
+    def _check_loaded_state(self, saved_id: Any, saved: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
+        """Refuse a checkpoint's state for one param that the next step could not use: missing
+        keys (KeyError, as torch raises at that step), values of the wrong type or shape."""
+        where = f"{type(self).__name__}.load_state_dict: state['{{}}'] of param {saved_id}"
+        for key in self._required_state_keys(group):
+            if key not in saved:
+                raise KeyError(f"{where.format(key)} is missing (a checkpoint of another optimizer or options?)")
+        for key, value in saved.items():
+            if key == "step":
+                is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                is_count = isinstance(value, Tensor) and value.numel() == 1 and value.dtype != torch.bool
+                if not (is_number or is_count and not value.is_complex()):
+                    raise ValueError(f"{where.format(key)} must be a number or a 1-element real tensor, got {value!r}")
+            elif key in self._tensor_state_keys:
+                if value is None and key in self._optional_state_keys:
+                    continue
+                if not isinstance(value, Tensor):
+                    raise TypeError(f"{where.format(key)} must be a Tensor, got {type(value).__name__}")
+                if value.shape != p.shape:
+                    raise ValueError(
+                        f"{where.format(key)} has shape {tuple(value.shape)} but the param has shape "
+                        f"{tuple(p.shape)}; the checkpoint belongs to a different model"
+                    )
+
+    # The state keys our optimizers keep as tensors of the param's shape; None is allowed for the
+    # optional ones (torch's SGD saves momentum_buffer=None before its first step).
+    _tensor_state_keys = frozenset(
+        {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "master_param", "compensation"})
+    _optional_state_keys = frozenset({"momentum_buffer"})
+
+    def _required_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Groups loaded from torch.optim checkpoints lack our options (master_weights, rounding,
@@ -327,6 +401,7 @@ class Adam(FusedOptimizer):
         rounding: str = "nearest",
         seed: int | None = None,
     ) -> None:
+        _check_tensor_lr_for_foreach(lr, foreach, capturable)
         _check_lr(lr)
         _check_precision_options(master_weights, rounding)
         if not 0.0 <= eps:
@@ -337,6 +412,7 @@ class Adam(FusedOptimizer):
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _check_betas(betas, foreach, capturable)
         _ignored_torch_flags(differentiable)
         defaults = {
             "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad,
@@ -346,9 +422,13 @@ class Adam(FusedOptimizer):
             "seed": _default_seed() if seed is None else int(seed),
         }
         super().__init__(params, defaults)
+        _check_fused_flags(fused, foreach)
 
     def _fp32_state_keys_for(self, group):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def _required_state_keys(self, group):
+        return ("step",) + self._fp32_state_keys_for(group)
 
     def _update(self, group, batch, *, lr, inv_scale, clip_coef, found_inf) -> None:
         states = [self.state[p] for p in batch.params]
@@ -390,6 +470,12 @@ class AdamW(Adam):
             decoupled_weight_decay=True, master_weights=master_weights, rounding=rounding, seed=seed,
         )
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # An Adam checkpoint's groups say decoupled_weight_decay=False; AdamW stays AdamW, as torch's.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
 
 class SGD(FusedOptimizer):
     """torch.optim.SGD (momentum, dampening, nesterov, weight decay, maximize) in one fused pass.
@@ -428,6 +514,7 @@ class SGD(FusedOptimizer):
             "seed": _default_seed() if seed is None else int(seed),
         }
         super().__init__(params, defaults)
+        _check_fused_flags(fused, foreach)
 
     def _fp32_state_keys_for(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -446,7 +533,7 @@ class SGD(FusedOptimizer):
             state["step"] = torch.ones((), dtype=torch.float32, device=p.device)
 
     def _update(self, group, batch, *, lr, inv_scale, clip_coef, found_inf) -> None:
-        states = [self.state[p] for p in batch.params]
+        states = [self.state.get(p, {}) for p in batch.params]
         has_momentum = group["momentum"] != 0
         ops.sgd_step_(
             batch.tensors, batch.grads, self._states(batch, "momentum_buffer") if has_momentum else [],

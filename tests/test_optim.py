@@ -737,3 +737,256 @@ def test_clip_grad_norm_scaled_opcheck_and_errors(device):
         ops.clip_grad_norm_scaled(grads, scale, 0.0, 1.0)
     with pytest.raises(RuntimeError, match=r"grads\[1\]"):
         ops.clip_grad_norm_scaled([grads[0], grads[1].double()], scale, 2.0, 1.0)
+
+
+# -- issue 14: checkpoints, state and errors as torch.optim has them -----------------------------------
+
+
+def stepped_adam_checkpoint(device, weight_decay=0.5):
+    """torch.optim.Adam (L2 decay) after two steps: its model weights and its state_dict."""
+    model = mlp(device)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=weight_decay, foreach=True)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.ones(4, 16, device=device)).square().mean().backward()
+        opt.step()
+    return model.state_dict(), opt.state_dict()
+
+
+def test_adamw_loading_an_adam_checkpoint_keeps_decoupled_decay(device):
+    """torch's AdamW forces decoupled decay on load; ours must not turn into Adam's L2 decay:
+    it steps bit for bit as from the same checkpoint saying decoupled_weight_decay=True, and
+    equals torch's AdamW loaded from it (within the fp32 rounding of the module docstring)."""
+    weights, saved = stepped_adam_checkpoint(device)
+    assert saved["param_groups"][0]["decoupled_weight_decay"] is False
+    as_adamw = copy.deepcopy(saved)
+    as_adamw["param_groups"][0]["decoupled_weight_decay"] = True
+    models = [mlp(device) for _ in range(3)]
+    opts = [optim.AdamW(models[0].parameters()), optim.AdamW(models[1].parameters()),
+            torch.optim.AdamW(models[2].parameters(), foreach=True)]
+    for model, opt, sd in zip(models, opts, [saved, as_adamw, saved]):
+        model.load_state_dict(weights)
+        opt.load_state_dict(copy.deepcopy(sd))
+        assert all(g["decoupled_weight_decay"] is True for g in opt.param_groups)
+        model.zero_grad()
+        model(torch.ones(4, 16, device=device)).square().mean().backward()
+        opt.step()
+    for ours, same, theirs in zip(*(m.parameters() for m in models)):
+        assert_bitwise_equal(ours, same)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    # Adam keeps the checkpoint's L2 decay (torch's Adam does too).
+    adam = optim.Adam(mlp(device).parameters())
+    adam.load_state_dict(copy.deepcopy(saved))
+    assert adam.param_groups[0]["decoupled_weight_decay"] is False
+
+
+@pytest.mark.parametrize("cls", ["Adam", "SGD"])
+def test_python_number_step_loads_as_fp32_tensor(device, cls):
+    """A checkpoint whose "step" is a Python number (old torch checkpoints, hand-made ones) loads
+    as our fp32 step tensor on the param's device; training goes on exactly as from the tensor."""
+    kwargs = {"lr": 0.05, "momentum": 0.9} if cls == "SGD" else {"lr": 0.05}
+    model = mlp(device)
+    opt = getattr(optim, cls)(model.parameters(), **kwargs)
+    model(torch.ones(4, 16, device=device)).square().mean().backward()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    as_numbers = copy.deepcopy(saved)
+    for i, s in as_numbers["state"].items():
+        s["step"] = int(s["step"].item()) if i % 2 else s["step"].item()
+    results = []
+    for sd in (saved, as_numbers):
+        m = mlp(device)
+        m.load_state_dict(model.state_dict())
+        o = getattr(optim, cls)(m.parameters(), **kwargs)
+        o.load_state_dict(sd)
+        for s in o.state.values():
+            assert isinstance(s["step"], torch.Tensor) and s["step"].dtype == torch.float32
+            assert s["step"].shape == () and s["step"].device.type == torch.device(device).type
+        m(torch.ones(4, 16, device=device)).square().mean().backward()
+        o.step()
+        results.append(m)
+    for pa, pb in zip(*(r.parameters() for r in results)):
+        assert_bitwise_equal(pa, pb)
+    if cls == "Adam":  # torch accepts the number too
+        t = torch.optim.Adam(mlp(device).parameters(), lr=0.05)
+        t.load_state_dict(copy.deepcopy(as_numbers))
+
+
+def test_sgd_without_momentum_keeps_no_state(device):
+    """torch's SGD(momentum=0) keeps no per-param state: state_dict()["state"] is {}. Ours too,
+    unless something is kept (fp32 masters, or the step count of stochastic rounding)."""
+    ours, ref = mlp(device), mlp(device)
+    o_opt = optim.SGD(ours.parameters(), lr=0.1)
+    t_opt = torch.optim.SGD(ref.parameters(), lr=0.1, foreach=True)
+    for model, opt in [(ours, o_opt), (ref, t_opt)]:
+        model(torch.ones(4, 16, device=device)).square().mean().backward()
+        opt.step()
+    assert o_opt.state_dict()["state"] == t_opt.state_dict()["state"] == {}
+    assert len(o_opt.state) == 0
+    for po, pt in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(po, pt, rtol=1e-6, atol=1e-7)
+    torch.optim.SGD(mlp(device).parameters(), lr=0.1).load_state_dict(o_opt.state_dict())
+    # Where the kernel needs state, it is kept: the stochastic-rounding stream counts steps.
+    half = mlp(device, torch.bfloat16)
+    sr = optim.SGD(half.parameters(), lr=0.1, master_weights=False, rounding="stochastic", seed=1)
+    half(torch.ones(4, 16, device=device, dtype=torch.bfloat16)).float().sum().backward()
+    sr.step()
+    sr.step()
+    assert all(sr.state[p]["step"].item() == 2 for p in half.parameters())
+    masters = optim.SGD(mlp(device, torch.float16).parameters(), lr=0.1)
+    for p in masters.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    masters.step()
+    assert all(set(s) == {"master_param"} for s in masters.state_dict()["state"].values())
+
+
+def _raised(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 (the exception is what we compare)
+        return type(e), str(e)
+    return None
+
+
+def _with_grad(device="cpu"):
+    p = torch.nn.Parameter(torch.ones(3, device=device))
+    p.grad = torch.ones(3, device=device)
+    return [p]
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "device"), [
+    ("Adam", {"lr": torch.tensor(0.01), "foreach": True}, "cpu"),
+    ("AdamW", {"lr": torch.tensor(0.01), "foreach": True}, "cpu"),
+    ("Adam", {"betas": (torch.tensor(0.9), 0.999)}, "cpu"),
+    ("AdamW", {"betas": (0.9, torch.tensor(0.999))}, "cpu"),
+    ("AdamW", {"betas": (torch.tensor(0.9), torch.tensor(0.999)), "foreach": True}, "cpu"),
+    ("Adam", {"betas": (0.9, torch.tensor(0.999)), "foreach": True}, "cpu"),
+    ("AdamW", {"betas": (torch.tensor(0.9), torch.tensor([0.9, 0.999]))}, "cpu"),
+    ("Adam", {"fused": True}, "meta"),
+    ("AdamW", {"fused": True}, "meta"),
+    ("SGD", {"fused": True}, "meta"),
+    ("SGD", {"fused": True, "foreach": True}, "cpu"),
+    ("AdamW", {"fused": True, "foreach": True}, "cpu"),
+])
+def test_flag_and_tensor_hyperparameter_errors_match_torch(cls, kwargs, device):
+    """What torch.optim refuses (in its constructor or at the step) we refuse the same way:
+    same exception type and message (the device list of fused=True names our devices)."""
+    def attempt(module):
+        return _raised(lambda: getattr(module, cls)(_with_grad(device), **kwargs).step())
+    ours, theirs = attempt(optim), attempt(torch.optim)
+    assert theirs is not None and ours is not None, (ours, theirs)
+    assert ours[0] is theirs[0]
+    if device == "meta":
+        assert ours[1].startswith("`fused=True` requires all the params to be floating point Tensors")
+        assert ours[1].endswith("but torch.float32 and meta")
+    else:
+        assert ours[1] == theirs[1]
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), [
+    ("SGD", {"lr": torch.tensor(0.01), "foreach": True}),  # torch's SGD takes it
+    ("AdamW", {"betas": (torch.tensor(0.9), torch.tensor(0.999))}),
+    ("Adam", {"betas": (torch.tensor(0.9), torch.tensor(0.999)), "fused": True}),
+])
+def test_tensor_hyperparameters_torch_accepts_step_as_floats(cls, kwargs):
+    """The combinations torch accepts step as with the same values given as floats."""
+    floats = {k: (float(v) if isinstance(v, torch.Tensor) else tuple(float(b) for b in v) if k == "betas" else v)
+              for k, v in kwargs.items()}
+    results = []
+    for kw in (kwargs, floats):
+        params = _with_grad()
+        getattr(optim, cls)(params, **kw).step()
+        results.append(params[0])
+    assert_bitwise_equal(results[0], results[1])
+    getattr(torch.optim, cls)(_with_grad(), **kwargs).step()
+
+
+def _adam_checkpoint_of(model, device):
+    opt = optim.Adam(model.parameters(), lr=0.05)
+    model(torch.ones(4, 16, device=device)).square().mean().backward()
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize(("spoil", "error", "match"), [
+    (lambda s: s.update(exp_avg="oops"), TypeError, r"state\['exp_avg'\] of param 0 must be a Tensor, got str"),
+    (lambda s: s.pop("exp_avg_sq"), KeyError, r"state\['exp_avg_sq'\] of param 0 is missing"),
+    (lambda s: s.pop("step"), KeyError, r"state\['step'\] of param 0 is missing"),
+    (lambda s: s.update(step=torch.tensor([1.0, 2.0])), ValueError, r"state\['step'\] of param 0 must be a number"),
+    (lambda s: s.update(step="3"), ValueError, r"state\['step'\] of param 0 must be a number"),
+    (lambda s: s.update(exp_avg=torch.zeros(3)), ValueError, "different model"),
+])
+def test_load_state_dict_refuses_bad_contents_untouched(device, spoil, error, match):
+    """A checkpoint the next step could not use is refused at load, before anything changes:
+    params, state and param_groups stay as they were."""
+    model = mlp(device)
+    opt = _adam_checkpoint_of(model, device)
+    opt.param_groups[0]["lr"] = 0.123  # something a successful load would overwrite
+    params_before = [p.detach().clone() for p in model.parameters()]
+    state_before = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(opt.state_dict())
+    bad["param_groups"][0]["lr"] = 0.5
+    spoil(bad["state"][0])
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert after["param_groups"] == state_before["param_groups"]
+    assert opt.param_groups[0]["lr"] == 0.123
+    assert after["state"].keys() == state_before["state"].keys()
+    for i, s in state_before["state"].items():
+        assert after["state"][i].keys() == s.keys()
+        for key, v in s.items():
+            assert_bitwise_equal(after["state"][i][key], v, f"state {i} {key}")
+    for p, b in zip(model.parameters(), params_before):
+        assert_bitwise_equal(p, b)
+
+
+def test_missing_state_key_is_a_key_error_in_torch_too(device):
+    """torch raises KeyError for a missing exp_avg_sq (at its next step); ours raises it at load
+    instead of zero-filling the moment. A state that is empty (param never stepped) is fine."""
+    model = mlp(device)
+    saved = copy.deepcopy(_adam_checkpoint_of(model, device).state_dict())
+    del saved["state"][0]["exp_avg_sq"]
+    t_opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    t_opt.load_state_dict(copy.deepcopy(saved))
+    with pytest.raises(KeyError, match="exp_avg_sq"):
+        t_opt.step()
+    with pytest.raises(KeyError, match="exp_avg_sq"):
+        optim.Adam(model.parameters(), lr=0.05).load_state_dict(saved)
+    saved["state"][0] = {}
+    fresh = optim.Adam(model.parameters(), lr=0.05)
+    fresh.load_state_dict(saved)
+    fresh.step()
+    assert fresh.state[next(iter(model.parameters()))]["step"].item() == 1
+
+
+@pytest.mark.parametrize("cls", ["AdamW", "SGD"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_view_params_step_like_contiguous_ones(device, cls, dtype):
+    """Params that are strided views (not dense in memory) are updated as torch updates them:
+    through a contiguous copy written back, bit for bit what the same values give as a
+    contiguous param; the elements of the base tensor outside the view stay untouched."""
+    torch.manual_seed(0)
+    base = torch.randn(10, 5, 2, device=device, dtype=dtype)
+    kwargs = {"lr": 0.1, "momentum": 0.9} if cls == "SGD" else {"lr": 0.1}
+    view = torch.nn.Parameter(base[..., 0])
+    assert not view.is_contiguous()
+    dense = torch.nn.Parameter(base[..., 0].contiguous())
+    other_before = base[..., 1].clone()
+    opts = [getattr(optim, cls)([view], **kwargs), getattr(optim, cls)([dense], **kwargs)]
+    for _ in range(3):
+        g = torch.randn(10, 5, device=device, dtype=dtype)
+        view.grad, dense.grad = g.clone(), g.clone()
+        for opt in opts:
+            opt.step()
+    assert_bitwise_equal(view, dense)
+    assert_bitwise_equal(base[..., 0], dense)
+    assert_bitwise_equal(base[..., 1], other_before)
+    if dtype == torch.float32:  # torch.optim steps the view too; ours agrees with it
+        ref = torch.nn.Parameter(torch.randn(10, 5, 2, device=device)[..., 0])
+        ours = torch.nn.Parameter(torch.empty(10, 5, 2, device=device)[..., 0].copy_(ref.detach()))
+        g = torch.randn(10, 5, device=device)
+        ref.grad, ours.grad = g.clone(), g.clone()
+        getattr(torch.optim, cls)([ref], foreach=True, **kwargs).step()
+        getattr(optim, cls)([ours], **kwargs).step()
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
