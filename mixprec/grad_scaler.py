@@ -225,6 +225,9 @@ class GradScaler:
         # skipped from the host. Optimizers with _step_supports_amp_scaling never get here.
         if not sum(v.item() for v in optimizer_state["found_inf_per_device"].values()):
             return optimizer.step(*args, **kwargs)
+        # Known on the host at no extra cost: update() may look at the scale's floor (nothing but
+        # the scale update is queued after a skipped step, so reading it waits for nothing).
+        optimizer_state["host_saw_overflow"] = True
         return None
 
     def step(self, optimizer, *args, **kwargs):
@@ -323,6 +326,8 @@ class GradScaler:
             for other in found_infs[1:]:
                 found_inf_combined += other
             self._scaler.update(found_inf_combined)
+            if any(state.get("host_saw_overflow") for state in self._per_optimizer_states.values()):
+                self._scaler.check_floor(stacklevel=3)  # the CPU's update() already checked
         self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
 
     def _warn_mistake(self, key: str, message: str) -> None:
@@ -364,7 +369,9 @@ class GradScaler:
         return self._enabled
 
     def stats(self) -> dict[str, Any]:
-        """Scale, trackers, skipped-step count (synchronises: for logging, not every step)."""
+        """Scale, trackers, skipped-step count, and scale_at_floor / nonfinite_since_step (the
+        scale backed off to its floor because every step since that one was non-finite; warns
+        once). Synchronises: for logging, not every step."""
         return self._scaler.stats() if self._enabled else {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -380,6 +387,12 @@ class GradScaler:
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load torch.amp.GradScaler's or our state_dict. Atomic: every value is checked as the
+        constructor checks it (e.g. growth_interval >= 1, hysteresis >= 1, a finite scale > 0)
+        before anything changes, so a refused checkpoint leaves this scaler as it was."""
+        if not isinstance(state_dict, abc.Mapping):
+            raise TypeError(f"state_dict must be a dict (from GradScaler.state_dict()), got "
+                            f"{type(state_dict).__name__}")
         if not self._enabled:
             return
         if len(state_dict) == 0:

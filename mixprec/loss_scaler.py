@@ -5,13 +5,18 @@ overflows at min_scale). Every step-time method only enqueues kernels; nothing r
 to the host, so a training loop built on it never waits for the GPU. Reading the state
 (`stats()`, `state_dict()`, `get_scale()`) does synchronise and is meant for logging/checkpoints.
 
-With hysteresis=1, min_scale=None and max_scale=None the rule is exactly torch.amp's.
+With hysteresis=1, min_scale=None and max_scale=None the rule is exactly torch.amp's, except that
+the scale never backs off below SCALE_FLOOR (torch.amp's halves on to subnormals and then exactly
+0.0, after which the first finite step multiplies the grads by 1/0 = inf and writes NaN into every
+weight). At the floor, steps keep being skipped; the scaler warns once and stats() reports it.
 """
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -27,6 +32,51 @@ def reciprocal_fp32(scale: Tensor) -> Tensor:
     if scale.dtype == torch.float32:
         return torch.reciprocal(scale)
     return scale.double().reciprocal().float()
+
+
+# The lowest scale the dynamic rule backs off to (when min_scale is None or lower). 2**-24: a power
+# of two, so scaling and unscaling stay exact, far above fp32's subnormals (2**-126) so 1/scale is
+# finite; and it is fp16's smallest subnormal, so at any lower scale a scaled loss of order 1 is
+# already 0 in fp16: no run ever needs less. torch.amp only gets there after dozens of overflows
+# in a row (40 from its default 2**16), i.e. when every step is non-finite.
+SCALE_FLOOR = 2.0**-24
+
+
+def _check_options(init_scale, growth_factor, backoff_factor, growth_interval, hysteresis,
+                   min_scale, max_scale, names: dict[str, str] | None = None) -> None:
+    """The constructor's checks, shared with load_state_dict (`names` maps an option to the
+    state_dict key that carried it, for the message). Raises TypeError/ValueError; assigns nothing."""
+    def name(option: str) -> str:
+        return (names or {}).get(option, option)
+
+    def real(option: str, value: Any, optional: bool = False) -> None:
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name(option)} must be a real number, got {type(value).__name__} {value!r}")
+
+    def integral(option: str, value: Any, low: int) -> None:
+        real(option, value)
+        if not math.isfinite(value) or int(value) != value or value < low:
+            raise ValueError(f"{name(option)} must be an integer >= {low}, got {value}")
+
+    real("init_scale", init_scale)
+    if not (init_scale > 0 and math.isfinite(init_scale)):
+        raise ValueError(f"{name('init_scale')} must be a positive finite number, got {init_scale}")
+    real("growth_factor", growth_factor)
+    if not (growth_factor > 1.0 and math.isfinite(growth_factor)):
+        raise ValueError(f"{name('growth_factor')} must be > 1.0 and finite, got {growth_factor}")
+    real("backoff_factor", backoff_factor)
+    if not 0.0 < backoff_factor < 1.0:
+        raise ValueError(f"{name('backoff_factor')} must be in (0, 1), got {backoff_factor}")
+    integral("growth_interval", growth_interval, 1)
+    integral("hysteresis", hysteresis, 1)
+    real("min_scale", min_scale, optional=True)
+    real("max_scale", max_scale, optional=True)
+    if min_scale is not None and not (min_scale >= 0 and math.isfinite(min_scale)):
+        raise ValueError(f"{name('min_scale')} must be >= 0, got {min_scale}")
+    if max_scale is not None and not max_scale >= (min_scale or 0.0):
+        raise ValueError(f"{name('max_scale')} must be >= min_scale, got max_scale={max_scale}, min_scale={min_scale}")
 
 
 class MinScaleOverflowError(RuntimeError):
@@ -49,20 +99,8 @@ class DynamicLossScaler:
         min_scale: float | None = None,
         max_scale: float | None = None,
     ) -> None:
-        if not (init_scale > 0 and math.isfinite(init_scale)):
-            raise ValueError(f"init_scale must be a positive finite number, got {init_scale}")
-        if not growth_factor > 1.0:
-            raise ValueError(f"growth_factor must be > 1.0, got {growth_factor}")
-        if not 0.0 < backoff_factor < 1.0:
-            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor}")
-        if int(growth_interval) != growth_interval or growth_interval < 1:
-            raise ValueError(f"growth_interval must be an integer >= 1, got {growth_interval}")
-        if int(hysteresis) != hysteresis or hysteresis < 1:
-            raise ValueError(f"hysteresis must be an integer >= 1, got {hysteresis}")
-        if min_scale is not None and not min_scale >= 0:
-            raise ValueError(f"min_scale must be >= 0, got {min_scale}")
-        if max_scale is not None and not max_scale >= (min_scale or 0.0):
-            raise ValueError(f"max_scale must be >= min_scale, got max_scale={max_scale}, min_scale={min_scale}")
+        _check_options(init_scale, growth_factor, backoff_factor, growth_interval, hysteresis,
+                       min_scale, max_scale)
         self.init_scale = float(init_scale)
         self.growth_factor = growth_factor
         self.backoff_factor = backoff_factor
@@ -73,6 +111,12 @@ class DynamicLossScaler:
         self.init_growth_tracker = 0
         self.init_hysteresis_tracker = self.hysteresis
         self.init_counters = (0, 0)
+        # Host-side count of update() calls (1-based step numbers in messages) and, on the device,
+        # the length of the current run of non-finite steps: N = updates - run + 1 costs no sync.
+        self.updates = 0
+        self.init_nonfinite_run = 0
+        self.nonfinite_run: Tensor | None = None
+        self._floor_warned = False
         self.scale: Tensor | None = None
         self.growth_tracker: Tensor | None = None
         self.hysteresis_tracker: Tensor | None = None
@@ -98,7 +142,13 @@ class DynamicLossScaler:
         for i, value in enumerate(self.init_counters):
             if value:
                 self.counters[i].fill_(value)
+        self.nonfinite_run = torch.full((), self.init_nonfinite_run, dtype=torch.int64, device=device)
         self._min_scale_watch = None
+
+    @property
+    def floor(self) -> float:
+        """The lowest scale update() backs off to: min_scale, but never below SCALE_FLOOR."""
+        return max(SCALE_FLOOR, self.min_scale or 0.0)
 
     def _require_state(self, funcname: str) -> Tensor:
         if self.scale is None:
@@ -140,13 +190,17 @@ class DynamicLossScaler:
         """Advance the state machine by one step given this step's found_inf (nonzero = overflow)."""
         scale = self._require_state("update")
         self._raise_if_overflowed_at_min_scale()
+        found_inf = found_inf.to(scale.device, non_blocking=True)
         ops.update_scale_(
-            scale, self.growth_tracker, self.hysteresis_tracker, self.counters,
-            found_inf.to(scale.device, non_blocking=True),
+            scale, self.growth_tracker, self.hysteresis_tracker, self.counters, found_inf,
             self.growth_factor, self.backoff_factor, self.growth_interval, self.hysteresis,
-            0.0 if self.min_scale is None else self.min_scale,
-            math.inf if self.max_scale is None else self.max_scale,
+            self.floor, math.inf if self.max_scale is None else self.max_scale,
         )
+        # The run of non-finite steps, on the device (tiny kernels, no sync).
+        self.nonfinite_run.add_(1).mul_(found_inf != 0)
+        self.updates += 1
+        if scale.device.type == "cpu":  # reading CPU tensors costs no sync
+            self.check_floor(stacklevel=4)
         if self.min_scale is not None:
             if self._min_scale_watch is None:
                 self._min_scale_watch = _AsyncFlagWatch(self.counters[1])
@@ -165,6 +219,32 @@ class DynamicLossScaler:
             )
 
     # -- reading and checkpoints (these synchronise) ----------------------------------------------
+    def floor_state(self) -> tuple[bool, int | None]:
+        """(scale at the floor, first step of the current run of non-finite steps or None).
+        Reads two device scalars: call it only where the host already waits (see check_floor)."""
+        if self.scale is None:
+            return False, None
+        run = int(self.nonfinite_run.item())
+        since = self.updates - run + 1 if run > 0 else None
+        return float(self.scale.item()) <= self.floor, since
+
+    def check_floor(self, stacklevel: int = 2) -> None:
+        """Warn once if non-finite steps drove the scale down to SCALE_FLOOR (with min_scale=None).
+        Reads the device: the CPU's update(), stats(), and GradScaler.update() after a plain
+        optimizer's step already synchronised on an overflow call it; the fused loop never."""
+        # A min_scale of the user's has its own, louder signal: MinScaleOverflowError.
+        if self._floor_warned or self.min_scale is not None:
+            return
+        at_floor, since = self.floor_state()
+        if at_floor and since is not None:
+            self._floor_warned = True
+            warnings.warn(
+                f"the loss scale reached its floor {self.floor:g}: every step non-finite since step "
+                f"{since} (inf/NaN in the gradients at every scale, so lowering it cannot help). "
+                "These steps are skipped and the weights are untouched; check the loss and inputs "
+                "for NaN/inf, lower the learning rate, or train in bf16.",
+                UserWarning, stacklevel=stacklevel)
+
     def get_scale(self) -> float:
         return self.init_scale if self.scale is None else float(self.scale.item())
 
@@ -172,8 +252,11 @@ class DynamicLossScaler:
         return self.init_growth_tracker if self.growth_tracker is None else int(self.growth_tracker.item())
 
     def stats(self) -> dict[str, Any]:
-        """Scale, trackers and counters as Python numbers (synchronises: for logging)."""
+        """Scale, trackers and counters as Python numbers (synchronises: for logging), and whether
+        the scale sits at its floor with the step since which every step was non-finite."""
         counters = self.init_counters if self.counters is None else tuple(self.counters.tolist())
+        self.check_floor(stacklevel=3)
+        at_floor, since = self.floor_state()
         return {
             "scale": self.get_scale(),
             "growth_tracker": self.get_growth_tracker(),
@@ -181,6 +264,8 @@ class DynamicLossScaler:
             if self.hysteresis_tracker is None else int(self.hysteresis_tracker.item()),
             "skipped_steps": int(counters[0]),
             "overflows_at_min_scale": int(counters[1]),
+            "scale_at_floor": at_floor,
+            "nonfinite_since_step": since,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -199,27 +284,53 @@ class DynamicLossScaler:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads ours or torch.amp.GradScaler's (whose keys are a subset: ours are optional)."""
+        """Loads ours or torch.amp.GradScaler's (whose keys are a subset: ours are optional).
+        Atomic: every value is checked as the constructor checks it before anything changes."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         required = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
         missing = [k for k in required if k not in state_dict]
         if missing:
             raise KeyError(f"loss-scaler state_dict is missing {missing}; got keys {sorted(state_dict)}")
-        self.init_scale = float(state_dict["scale"])
+        scale = state_dict["scale"]
+        if isinstance(scale, Tensor) and scale.numel() == 1:  # what torch's fill_ would accept
+            scale = scale.item()
+        hysteresis = state_dict.get("hysteresis", self.hysteresis)
+        min_scale = state_dict.get("min_scale", self.min_scale)
+        max_scale = state_dict.get("max_scale", self.max_scale)
+        _check_options(scale, state_dict["growth_factor"], state_dict["backoff_factor"],
+                       state_dict["growth_interval"], hysteresis, min_scale, max_scale,
+                       names={k: f"state_dict[{k!r}]" for k in (
+                           "growth_factor", "backoff_factor", "growth_interval", "hysteresis",
+                           "min_scale", "max_scale")} | {"init_scale": "state_dict['scale']"})
+        growth_tracker = state_dict["_growth_tracker"]
+        hysteresis_tracker = state_dict.get("_hysteresis_tracker", hysteresis)
+        skipped = state_dict.get("skipped_steps", 0)
+        for key, value, high in (("_growth_tracker", growth_tracker, 2**31 - 1),
+                                 ("_hysteresis_tracker", hysteresis_tracker, int(hysteresis)),
+                                 ("skipped_steps", skipped, 2**63 - 1)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= high:
+                raise ValueError(f"state_dict[{key!r}] must be an integer in [0, {high}], got {value!r}")
+        # Everything checked: assign.
+        self.init_scale = float(scale)
         self.growth_factor = float(state_dict["growth_factor"])
         self.backoff_factor = float(state_dict["backoff_factor"])
         self.growth_interval = int(state_dict["growth_interval"])
-        self.init_growth_tracker = int(state_dict["_growth_tracker"])
-        self.hysteresis = int(state_dict.get("hysteresis", self.hysteresis))
-        self.init_hysteresis_tracker = int(state_dict.get("_hysteresis_tracker", self.hysteresis))
-        self.min_scale = state_dict.get("min_scale", self.min_scale)
-        self.max_scale = state_dict.get("max_scale", self.max_scale)
-        self.init_counters = (int(state_dict.get("skipped_steps", 0)), 0)
+        self.init_growth_tracker = int(growth_tracker)
+        self.hysteresis = int(hysteresis)
+        self.init_hysteresis_tracker = int(hysteresis_tracker)
+        self.min_scale = min_scale
+        self.max_scale = max_scale
+        self.init_counters = (int(skipped), 0)
+        self.init_nonfinite_run = 0
         if self.scale is not None:
             self.scale.fill_(self.init_scale)
             self.growth_tracker.fill_(self.init_growth_tracker)
             self.hysteresis_tracker.fill_(self.init_hysteresis_tracker)
             self.counters.zero_()
             self.counters[0].fill_(self.init_counters[0])
+            self.nonfinite_run.zero_()
+            self._min_scale_watch = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickle plain numbers, not device tensors, like torch.amp.GradScaler.
@@ -230,11 +341,17 @@ class DynamicLossScaler:
             state["init_growth_tracker"] = stats["growth_tracker"]
             state["init_hysteresis_tracker"] = stats["hysteresis_tracker"]
             state["init_counters"] = (stats["skipped_steps"], stats["overflows_at_min_scale"])
-        for key in ("scale", "growth_tracker", "hysteresis_tracker", "counters", "_min_scale_watch"):
+            state["init_nonfinite_run"] = int(self.nonfinite_run.item())
+        for key in ("scale", "growth_tracker", "hysteresis_tracker", "counters", "nonfinite_run",
+                    "_min_scale_watch"):
             state[key] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Pickles from before the floor existed lack its bookkeeping: start it afresh.
+        for key, value in (("updates", 0), ("init_nonfinite_run", 0), ("nonfinite_run", None),
+                           ("_floor_warned", False)):
+            state.setdefault(key, value)
         self.__dict__.update(state)
 
 

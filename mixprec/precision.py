@@ -476,15 +476,19 @@ class Precision:
 
     # -- monitoring and checkpoints --------------------------------------------------------------------
     def stats(self, model: nn.Module | None = None) -> dict[str, Any]:
-        """precision, scale, skipped_steps (= overflows: every overflow skips its step) and
-        overflow_params: the params whose grads overflowed in the last overflowing step (with
+        """precision, scale, skipped_steps (= overflows: every overflow skips its step),
+        scale_at_floor and nonfinite_since_step (see GradScaler.stats) and overflow_params: the params whose grads overflowed in the last overflowing step (with
         track_overflow_names=True), or, when `model` is given, those whose current grads hold
         inf/NaN. Synchronises: for logging."""
         scaler = self._scaler.stats() if self._scaling() else {}
         names = nonfinite_grad_names(model.named_parameters()) if model is not None else list(self._overflow_names)
         skipped = int(scaler.get("skipped_steps", 0))
+        # scale_at_floor / nonfinite_since_step: every step since that one was non-finite and the
+        # scale backed off to its floor (GradScaler warns once); False / None otherwise.
         return {"precision": self.precision, "scale": float(scaler.get("scale", 1.0)),
-                "skipped_steps": skipped, "overflows": skipped, "overflow_params": names}
+                "skipped_steps": skipped, "overflows": skipped, "overflow_params": names,
+                "scale_at_floor": bool(scaler.get("scale_at_floor", False)),
+                "nonfinite_since_step": scaler.get("nonfinite_since_step")}
 
     def state_dict(self) -> dict[str, Any]:
         """The loss-scaler state (16-mixed; torch.amp.GradScaler's format), else {}."""

@@ -2,6 +2,7 @@
 same state_dict, same exceptions. torch is the oracle."""
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -361,3 +362,128 @@ def test_found_inf_per_device_is_public_and_changes_nothing(device):
     s.update()
     assert s.found_inf_per_device(opt) == {}
     assert mixprec.GradScaler(device, enabled=False).found_inf_per_device(opt) == {}
+
+
+def _steps(device, scaler, opt, model, nan_steps, finite_steps):
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).to(device)
+    for step in range(nan_steps + finite_steps):
+        loss = model(x).square().mean() * (float("nan") if step < nan_steps else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_scale_underflow_never_corrupts_weights(device):
+    """200 NaN losses drive torch.amp's scale to 0.0 (step 165), and the next finite batch then
+    writes NaN into every weight. Ours stops at SCALE_FLOOR (2**-24, reached at step 40), keeps
+    skipping, warns once naming the first non-finite step, and the finite batch is an ordinary
+    step: the weights equal a fresh scaler + optimizer's first step from the same weights."""
+    model = make_model(device)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = mixprec.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = mixprec.GradScaler(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _steps(device, scaler, opt, model, 200, 0)
+        during = scaler.stats()
+        _steps(device, scaler, opt, model, 0, 1)
+        after = scaler.stats()
+    floor_warnings = [w for w in caught if "floor" in str(w.message)]
+    assert len(floor_warnings) == 1
+    assert "every step non-finite since step 1 " in str(floor_warnings[0].message)
+    assert during["skipped_steps"] == 200 and during["scale"] == mixprec.loss_scaler.SCALE_FLOOR
+    assert during["scale_at_floor"] is True and during["nonfinite_since_step"] == 1
+    assert during["overflows_at_min_scale"] == 200 - 40  # 2**16 -> 2**-24 takes 40 back-offs
+    # the finite step ends the run; the scale stays at the floor until it grows again
+    assert after["scale_at_floor"] is True and after["nonfinite_since_step"] is None
+
+    fresh_model = make_model(device)
+    fresh_opt = mixprec.optim.AdamW(fresh_model.parameters(), lr=1e-2)
+    _steps(device, mixprec.GradScaler(device), fresh_opt, fresh_model, 0, 1)
+    for p, q, s in zip(model.parameters(), fresh_model.parameters(), start):
+        assert torch.isfinite(p).all() and not torch.equal(p, s)
+        assert_bitwise_equal(p, q)
+
+
+def test_scale_floor_changes_nothing_above_it(device):
+    """Until the floor, the scale follows torch.amp's rule exactly; torch's goes on to 0.0."""
+    ours, theirs = mixprec.GradScaler(device, init_scale=2.0**-20), TorchGradScaler(device, init_scale=2.0**-20)
+    for s in (ours, theirs):
+        s.scale(torch.ones((), device=device))
+    scales = {id(ours): [], id(theirs): []}
+    for _ in range(6):
+        for s in (ours, theirs):
+            p = torch.nn.Parameter(torch.ones(2, device=device))
+            opt = torch.optim.SGD([p], lr=0.1)
+            s.scale(p.sum()).backward()
+            p.grad[0] = float("inf")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                s.step(opt)
+                s.update()
+            scales[id(s)].append(s.get_scale())
+    assert scales[id(ours)] == [2.0**-21, 2.0**-22, 2.0**-23, 2.0**-24, 2.0**-24, 2.0**-24]
+    assert scales[id(theirs)][:4] == scales[id(ours)][:4] and scales[id(theirs)][-1] == 2.0**-26
+
+
+GOOD_STATE = {"scale": 32.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 3,
+              "_growth_tracker": 1}
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"growth_interval": 0}, ValueError, r"state_dict\['growth_interval'\] must be an integer >= 1, got 0"),
+    ({"growth_interval": -5}, ValueError, "growth_interval"),
+    ({"growth_interval": 2.5}, ValueError, "growth_interval"),
+    ({"growth_interval": "3"}, TypeError, r"growth_interval'\] must be a real number, got str"),
+    ({"hysteresis": 0}, ValueError, r"state_dict\['hysteresis'\] must be an integer >= 1, got 0"),
+    ({"scale": 0.0}, ValueError, r"state_dict\['scale'\] must be a positive finite number"),
+    ({"scale": -1.0}, ValueError, "scale"),
+    ({"scale": float("inf")}, ValueError, "scale"),
+    ({"scale": float("nan")}, ValueError, "scale"),
+    ({"scale": None}, TypeError, "scale"),
+    ({"growth_factor": 1.0}, ValueError, r"state_dict\['growth_factor'\] must be > 1.0"),
+    ({"backoff_factor": 1.0}, ValueError, r"state_dict\['backoff_factor'\] must be in \(0, 1\)"),
+    ({"backoff_factor": 0.0}, ValueError, "backoff_factor"),
+    ({"_growth_tracker": -1}, ValueError, r"state_dict\['_growth_tracker'\] must be an integer"),
+    ({"_growth_tracker": 1.5}, ValueError, "_growth_tracker"),
+    ({"hysteresis": 2, "_hysteresis_tracker": 3}, ValueError, "_hysteresis_tracker"),
+    ({"min_scale": -1.0}, ValueError, r"state_dict\['min_scale'\] must be >= 0"),
+    ({"min_scale": 4.0, "max_scale": 2.0}, ValueError, r"max_scale.\] must be >= min_scale"),
+    ({"skipped_steps": -1}, ValueError, "skipped_steps"),
+])
+def test_load_state_dict_is_atomic_and_checks_like_the_constructor(device, change, error, message):
+    """A refused checkpoint changes nothing (before: a bad growth_interval raised after scale,
+    growth and backoff were overwritten; hysteresis=0 / growth_interval=0 failed only at the next
+    update(), after the params were stepped)."""
+    s = mixprec.GradScaler(device, init_scale=2.0**5, growth_factor=4.0, backoff_factor=0.25,
+                           growth_interval=7, hysteresis=2, min_scale=1.0)
+    p = torch.nn.Parameter(torch.ones(2, device=device))
+    opt = torch.optim.SGD([p], lr=0.1)
+    s.scale(p.sum()).backward()
+    s.step(opt)
+    s.update()
+    before, before_stats = s.state_dict(), s.stats()
+    with pytest.raises(error, match=message):
+        s.load_state_dict({**GOOD_STATE, **change})
+    assert s.state_dict() == before and s.stats() == before_stats
+    assert (s.get_growth_factor(), s.get_backoff_factor(), s.get_growth_interval()) == (4.0, 0.25, 7)
+
+
+@pytest.mark.parametrize("bad", ["scale", None, 3, ["scale"]])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_load_state_dict_refuses_a_non_dict_with_a_type_error(device, bad, enabled):
+    s = mixprec.GradScaler(device, enabled=enabled)
+    before = s.state_dict()
+    with pytest.raises(TypeError, match=f"state_dict must be a dict .*got {type(bad).__name__}"):
+        s.load_state_dict(bad)
+    assert s.state_dict() == before
+
+
+def test_load_state_dict_still_takes_torch_and_tensor_scales(device):
+    t = TorchGradScaler(device, init_scale=2.0**7, growth_interval=5)
+    ours = mixprec.GradScaler(device)
+    ours.load_state_dict(t.state_dict())
+    assert ours.state_dict() == t.state_dict()
+    ours.load_state_dict({**GOOD_STATE, "scale": torch.tensor(8.0), "growth_interval": 4.0})
+    assert ours.get_scale() == 8.0 and ours.get_growth_interval() == 4

@@ -1,11 +1,13 @@
 """DynamicLossScaler: the state machine on its own, and the options torch does not have."""
 import pickle
+import warnings
 
 import pytest
 import torch
 
 import mixprec
 from mixprec import DynamicLossScaler, MinScaleOverflowError
+from mixprec.loss_scaler import SCALE_FLOOR
 
 
 def overflow(device):
@@ -21,7 +23,8 @@ def test_defaults_follow_torch_rule(device):
     for f in [clean, clean, overflow, clean]:
         s.update(f(device))
     assert s.stats() == {"scale": 8.0, "growth_tracker": 1, "hysteresis_tracker": 1,
-                         "skipped_steps": 1, "overflows_at_min_scale": 0}
+                         "skipped_steps": 1, "overflows_at_min_scale": 0,
+                         "scale_at_floor": False, "nonfinite_since_step": None}
 
 
 def test_unscale_groups_mixed_dtypes_and_returns_found_inf_per_device(device):
@@ -107,3 +110,47 @@ def test_grad_scaler_hysteresis_skips_but_keeps_scale(device):
         scales.append(scaler.get_scale())
     assert scales == [64.0, 32.0, 16.0]  # the first overflow is tolerated, then it backs off
     assert torch.equal(p.detach().cpu(), torch.ones(3)) and scaler.stats()["skipped_steps"] == 3
+
+
+def test_scale_backs_off_to_the_floor_not_to_zero(device):
+    """torch.amp's rule halves to subnormals and 0.0; ours stops at SCALE_FLOOR, counts the
+    overflows there, and reports since when every step was non-finite (warning once)."""
+    s = DynamicLossScaler(device, init_scale=2.0**-20)
+    s.update(clean(device))  # step 1 is finite
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(10):
+            s.update(overflow(device))
+        stats = s.stats()
+    floor_warnings = [str(w.message) for w in caught if "floor" in str(w.message)]
+    assert len(floor_warnings) == 1
+    assert "floor 5.96046e-08: every step non-finite since step 2 " in floor_warnings[0]
+    assert stats["scale"] == SCALE_FLOOR == 2.0**-24 and stats["scale_at_floor"] is True
+    assert stats["nonfinite_since_step"] == 2 and stats["overflows_at_min_scale"] == 6
+    s.update(clean(device))
+    assert s.stats()["nonfinite_since_step"] is None and s.get_scale() == SCALE_FLOOR
+
+
+def test_min_scale_below_the_floor_is_raised_to_it(device):
+    s = DynamicLossScaler(device, init_scale=2.0**-23, min_scale=0.0)
+    with pytest.raises(MinScaleOverflowError):
+        for _ in range(20):
+            s.update(overflow(device))
+            if device == "cuda":
+                torch.cuda.synchronize()
+    assert s.get_scale() == SCALE_FLOOR
+
+
+def test_floor_bookkeeping_survives_pickle_and_resets_on_load(device):
+    s = DynamicLossScaler(device, init_scale=2.0**-23)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            s.update(overflow(device))
+        s.stats()  # on CUDA the check waits for a host-visible point
+    assert ["since step 1 " in str(w.message) for w in caught] == [True]
+    restored = pickle.loads(pickle.dumps(s))
+    restored.materialize(torch.device(device))
+    assert restored.stats() == s.stats()
+    s.load_state_dict(s.state_dict())
+    assert s.stats()["nonfinite_since_step"] is None

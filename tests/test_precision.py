@@ -361,7 +361,8 @@ def test_overflow_monitoring_names_the_params():
     assert stats["skipped_steps"] == stats["overflows"] == 1 and stats["scale"] == 2.0**9
     assert "b.weight" in stats["overflow_params"] and not any(n.startswith("a.") for n in stats["overflow_params"])
     assert Precision("bf16-mixed").stats() == {"precision": "bf16-mixed", "scale": 1.0, "skipped_steps": 0,
-                                               "overflows": 0, "overflow_params": []}
+                                               "overflows": 0, "overflow_params": [],
+                                               "scale_at_floor": False, "nonfinite_since_step": None}
 
 
 def test_validation_under_no_grad_needs_no_scaler():
@@ -425,3 +426,26 @@ def test_nonfinite_grad_names_reads_the_grads_without_touching_them():
     assert [p.grad._version for p in model.parameters()] == versions  # read only: no warning later
     for p, g in zip(model.parameters(), grads):
         assert torch.equal(p.grad.nan_to_num(), g.nan_to_num())
+
+
+def test_16_mixed_reports_a_scale_stuck_at_its_floor():
+    """Issue 14 item 24: every step non-finite drives the scale to GradScaler's floor (2**-24),
+    never to 0; Precision's stats say so and since when, and one warning names the cause."""
+    model = make_model()
+    prec = Precision("16-mixed", device="cpu")
+    model, opt = prec.setup(model, mixprec.optim.AdamW(model.parameters(), lr=1e-2))
+    x, y = data(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(60):
+            with prec.autocast():
+                loss = F.mse_loss(model(x), y) * float("nan")
+            prec.backward(loss)
+            prec.step(opt)
+            opt.zero_grad()
+        stats = prec.stats()
+    floor_warnings = [str(w.message) for w in caught if "floor" in str(w.message)]
+    assert len(floor_warnings) == 1 and "every step non-finite since step 1 " in floor_warnings[0]
+    assert stats["scale"] == 2.0**-24 and stats["skipped_steps"] == 60
+    assert stats["scale_at_floor"] is True and stats["nonfinite_since_step"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
