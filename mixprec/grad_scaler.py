@@ -55,8 +55,17 @@ def _params_with_grad(optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
-class GradScaler:
+class GradScaler(torch.amp.GradScaler):
     """Drop-in replacement for ``torch.amp.GradScaler``.
+
+    A subclass of it, so that code checking ``isinstance(scaler, torch.amp.GradScaler)`` (user
+    code, framework plugins) accepts ours; but none of torch's code runs: every method and
+    attribute torch's class defines, public or private (``_unscale_grads_``, ``_maybe_opt_step``,
+    ``_check_scale_growth_tracker``, ``_lazy_init_scale_growth_tracker``, ...), is overridden
+    here with torch's signature, and ``__init__`` does not call torch's (the state lives in a
+    DynamicLossScaler, not in torch's attributes), so a method torch adds later fails loudly
+    (AttributeError) instead of silently running on state we don't keep. tests/test_grad_scaler.py
+    checks that no method of torch's class is inherited.
 
     Extra keyword-only options (torch's behaviour with their defaults): ``hysteresis`` (back off
     only after that many consecutive overflows), ``min_scale`` (an overflow at this scale raises
@@ -118,6 +127,12 @@ class GradScaler:
         """The device-resident state machine behind this facade."""
         return self._scaler
 
+    def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
+        # torch's hook for creating the state on first use (ShardedGradScaler and others call it).
+        if self._scaler.scale is not None:
+            raise AssertionError("_growth_tracker initialized before _scale")
+        self._scaler.materialize(torch.device(dev))
+
     def _check_scale_growth_tracker(self, funcname: str) -> tuple[Tensor, Tensor]:
         fix = "This may indicate your script did not use scaler.scale(loss or outputs) earlier in the iteration."
         if self._scale is None:
@@ -145,8 +160,10 @@ class GradScaler:
 
         return apply_scale(outputs)
 
-    def _unscale_grads_(self, optimizer, inv_scale: Tensor, allow_fp16: bool) -> dict[torch.device, Tensor]:
-        """Unscale every grad of `optimizer` in place; one found_inf tensor per device."""
+    def _unscale_grads_(self, optimizer, inv_scale: Tensor, found_inf: Tensor | None, allow_fp16: bool
+                        ) -> dict[torch.device, Tensor]:
+        """Unscale every grad of `optimizer` in place; one fresh found_inf tensor per device.
+        torch's signature: its `found_inf` is a zero template every caller builds, unused here."""
         grads: list[Tensor] = []
         originals: list[Tensor] = []
         with torch.no_grad():
@@ -184,7 +201,7 @@ class GradScaler:
         elif optimizer_state["stage"] is OptState.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
         inv_scale = self._scaler.inv_scale()
-        optimizer_state["found_inf_per_device"] = self._unscale_grads_(optimizer, inv_scale, False)
+        optimizer_state["found_inf_per_device"] = self._unscale_grads_(optimizer, inv_scale, None, False)
         optimizer_state["stage"] = OptState.UNSCALED
 
     def clip_grad_norm_(self, optimizer, max_norm: float, norm_type: float = 2.0) -> Tensor:
@@ -419,7 +436,7 @@ class GradScaler:
         """Check (not unscale) grads for inf/NaN: for optimizers that unscale themselves."""
         scale, _ = self._check_scale_growth_tracker("_check_inf_per_device")
         dummy_inv_scale = torch.full((), 1.0, dtype=torch.float32, device=scale.device)
-        found = self._unscale_grads_(optimizer, dummy_inv_scale, True)
+        found = self._unscale_grads_(optimizer, dummy_inv_scale, None, True)
         self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = found
         return found
 

@@ -1,6 +1,7 @@
 """mixprec.GradScaler against torch.amp.GradScaler: same parameters bit for bit, same scales,
 same state_dict, same exceptions. torch is the oracle."""
 import copy
+import inspect
 import pickle
 import warnings
 
@@ -487,3 +488,67 @@ def test_load_state_dict_still_takes_torch_and_tensor_scales(device):
     assert ours.state_dict() == t.state_dict()
     ours.load_state_dict({**GOOD_STATE, "scale": torch.tensor(8.0), "growth_interval": 4.0})
     assert ours.get_scale() == 8.0 and ours.get_growth_interval() == 4
+
+
+def test_is_a_torch_grad_scaler_that_inherits_no_code(device, monkeypatch):
+    """Issue 14 item 10: isinstance(ours, torch.amp.GradScaler) holds for code that checks the
+    type, yet every method torch's class has (public or private) is ours, with torch's parameter
+    names, and none of torch's code runs (each of its functions is replaced by one that raises)."""
+    assert issubclass(mixprec.GradScaler, TorchGradScaler)
+    assert isinstance(mixprec.GradScaler(device), TorchGradScaler)
+    theirs = {n: v for n, v in vars(TorchGradScaler).items() if callable(v) or isinstance(v, property)}
+    assert "_unscale_grads_" in theirs and "_lazy_init_scale_growth_tracker" in theirs
+    inherited = [n for n in theirs if n not in vars(mixprec.GradScaler)]
+    assert inherited == []
+    for name, fn in theirs.items():
+        if name == "__init__":
+            continue
+        torch_params = list(inspect.signature(fn).parameters)
+        assert list(inspect.signature(getattr(mixprec.GradScaler, name)).parameters)[:len(torch_params)] == torch_params
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.amp.GradScaler code ran")
+
+    for name in theirs:
+        monkeypatch.setattr(TorchGradScaler, name, refuse)
+    model = make_model(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = mixprec.GradScaler(device, init_scale=8.0)
+    for step in range(3):
+        scaler.scale(model(torch.ones(2, 8, device=device)).sum()).backward()
+        if step == 1:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert scaler.get_scale() == 4.0 and pickle.loads(pickle.dumps(scaler)).state_dict() == scaler.state_dict()
+
+
+def test_private_calls_written_against_torch_reach_ours(device):
+    """What ShardedGradScaler-style code calls on a torch.amp.GradScaler, with torch's arguments,
+    does on ours what it does on torch's."""
+    results = {}
+    for name, cls in SCALERS.items():
+        model = make_model(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        s = cls(device, init_scale=4.0)
+        s._lazy_init_scale_growth_tracker(torch.device(device))
+        scale, tracker = s._check_scale_growth_tracker("unscale_")
+        s.scale(model(torch.ones(2, 8, device=device)).sum()).backward()
+        next(model.parameters()).grad[0, 0] = float("nan")
+        inv_scale = scale.double().reciprocal().float()
+        found_inf = torch.full((), 0.0, dtype=torch.float32, device=device)
+        found = s._unscale_grads_(opt, inv_scale, found_inf, False)
+        state = s._per_optimizer_states[id(opt)]
+        state["found_inf_per_device"] = found
+        stepped = s._maybe_opt_step(opt, state)
+        results[name] = (scale.item(), tracker.item(), {str(d): f.item() for d, f in found.items()},
+                         stepped, [p.grad.clone() for p in model.parameters()],
+                         s._get_scale_async().item(), s._found_inf_per_device(opt) is found)
+    for a, b in zip(results["mixprec"], results["torch"]):
+        if isinstance(a, list):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+        else:
+            assert a == b
