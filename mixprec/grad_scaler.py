@@ -69,7 +69,9 @@ class GradScaler(torch.amp.GradScaler):
 
     Extra keyword-only options (torch's behaviour with their defaults): ``hysteresis`` (back off
     only after that many consecutive overflows), ``min_scale`` (an overflow at this scale raises
-    MinScaleOverflowError, a step or two later on CUDA, without synchronising), ``max_scale`` and
+    MinScaleOverflowError, a step or two later on CUDA, without synchronising; without it the
+    scale still never backs off below mixprec.loss_scaler.SCALE_FLOOR = 2**-24, where torch's
+    reaches 0.0 and then writes NaN into the weights: see stats()), ``max_scale`` and
     ``process_group`` (for sharded grads: the group every rank agrees found_inf and the clip norm
     over; by default the device mesh of FSDP2's DTensor grads, so FSDP2 needs no argument).
     """
@@ -121,6 +123,28 @@ class GradScaler(torch.amp.GradScaler):
     @property
     def _growth_tracker(self) -> Tensor | None:
         return self._scaler.growth_tracker
+
+    # torch's other instance attributes, read-only views of the one state we keep (setting them
+    # would change nothing: AttributeError says so; use the set_* methods).
+    @property
+    def _init_scale(self) -> float:
+        return self._scaler.init_scale
+
+    @property
+    def _init_growth_tracker(self) -> int:
+        return self._scaler.init_growth_tracker
+
+    @property
+    def _growth_factor(self) -> float:
+        return self._scaler.growth_factor
+
+    @property
+    def _backoff_factor(self) -> float:
+        return self._scaler.backoff_factor
+
+    @property
+    def _growth_interval(self) -> int:
+        return self._scaler.growth_interval
 
     @property
     def loss_scaler(self) -> DynamicLossScaler:

@@ -552,3 +552,17 @@ def test_private_calls_written_against_torch_reach_ours(device):
                 torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
         else:
             assert a == b
+
+
+def test_torch_instance_attributes_read_ours(device):
+    """Code that peeks at torch's attributes of a torch.amp.GradScaler reads ours' values."""
+    kwargs = {"init_scale": 2.0**7, "growth_factor": 3.0, "backoff_factor": 0.25, "growth_interval": 9}
+    ours, theirs = mixprec.GradScaler(device, **kwargs), TorchGradScaler(device, **kwargs)
+    for s in (ours, theirs):
+        s.scale(torch.ones((), device=device))
+    for name in ("_init_scale", "_init_growth_tracker", "_growth_factor", "_backoff_factor",
+                 "_growth_interval", "_enabled", "_device"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert torch.equal(ours._scale, theirs._scale) and torch.equal(ours._growth_tracker, theirs._growth_tracker)
+    with pytest.raises(AttributeError):
+        ours._growth_factor = 5.0  # would change nothing: refused (set_growth_factor does it)
