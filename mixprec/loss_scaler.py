@@ -111,11 +111,11 @@ class DynamicLossScaler:
         self.init_growth_tracker = 0
         self.init_hysteresis_tracker = self.hysteresis
         self.init_counters = (0, 0)
-        # Host-side count of update() calls (1-based step numbers in messages) and, on the device,
-        # the length of the current run of non-finite steps: N = updates - run + 1 costs no sync.
-        self.updates = 0
-        self.init_nonfinite_run = 0
-        self.nonfinite_run: Tensor | None = None
+        # int64[2] on the device: update() calls so far (the 1-based step numbers of messages)
+        # and the length of the current run of non-finite steps, so N = updates - run + 1 costs no
+        # sync and stays right when update() is replayed in a CUDA graph.
+        self.init_run_counters = (0, 0)
+        self.run_counters: Tensor | None = None
         self._floor_warned = False
         self.scale: Tensor | None = None
         self.growth_tracker: Tensor | None = None
@@ -142,7 +142,10 @@ class DynamicLossScaler:
         for i, value in enumerate(self.init_counters):
             if value:
                 self.counters[i].fill_(value)
-        self.nonfinite_run = torch.full((), self.init_nonfinite_run, dtype=torch.int64, device=device)
+        self.run_counters = torch.zeros(2, dtype=torch.int64, device=device)
+        for i, value in enumerate(self.init_run_counters):
+            if value:
+                self.run_counters[i].fill_(value)
         self._min_scale_watch = None
 
     @property
@@ -196,9 +199,9 @@ class DynamicLossScaler:
             self.growth_factor, self.backoff_factor, self.growth_interval, self.hysteresis,
             self.floor, math.inf if self.max_scale is None else self.max_scale,
         )
-        # The run of non-finite steps, on the device (tiny kernels, no sync).
-        self.nonfinite_run.add_(1).mul_(found_inf != 0)
-        self.updates += 1
+        # Count the update and the run of non-finite steps on the device (tiny kernels, no sync).
+        self.run_counters.add_(1)
+        self.run_counters[1].mul_(found_inf != 0)
         if scale.device.type == "cpu":  # reading CPU tensors costs no sync
             self.check_floor(stacklevel=4)
         if self.min_scale is not None:
@@ -224,8 +227,8 @@ class DynamicLossScaler:
         Reads two device scalars: call it only where the host already waits (see check_floor)."""
         if self.scale is None:
             return False, None
-        run = int(self.nonfinite_run.item())
-        since = self.updates - run + 1 if run > 0 else None
+        updates, run = self.run_counters.tolist()
+        since = updates - run + 1 if run > 0 else None
         return float(self.scale.item()) <= self.floor, since
 
     def check_floor(self, stacklevel: int = 2) -> None:
@@ -322,14 +325,15 @@ class DynamicLossScaler:
         self.min_scale = min_scale
         self.max_scale = max_scale
         self.init_counters = (int(skipped), 0)
-        self.init_nonfinite_run = 0
+        # Step numbers go on counting; the run of non-finite steps starts afresh.
+        self.init_run_counters = (self.init_run_counters[0], 0)
         if self.scale is not None:
             self.scale.fill_(self.init_scale)
             self.growth_tracker.fill_(self.init_growth_tracker)
             self.hysteresis_tracker.fill_(self.init_hysteresis_tracker)
             self.counters.zero_()
             self.counters[0].fill_(self.init_counters[0])
-            self.nonfinite_run.zero_()
+            self.run_counters[1].zero_()
             self._min_scale_watch = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -341,15 +345,15 @@ class DynamicLossScaler:
             state["init_growth_tracker"] = stats["growth_tracker"]
             state["init_hysteresis_tracker"] = stats["hysteresis_tracker"]
             state["init_counters"] = (stats["skipped_steps"], stats["overflows_at_min_scale"])
-            state["init_nonfinite_run"] = int(self.nonfinite_run.item())
-        for key in ("scale", "growth_tracker", "hysteresis_tracker", "counters", "nonfinite_run",
+            state["init_run_counters"] = tuple(self.run_counters.tolist())
+        for key in ("scale", "growth_tracker", "hysteresis_tracker", "counters", "run_counters",
                     "_min_scale_watch"):
             state[key] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Pickles from before the floor existed lack its bookkeeping: start it afresh.
-        for key, value in (("updates", 0), ("init_nonfinite_run", 0), ("nonfinite_run", None),
+        for key, value in (("init_run_counters", (0, 0)), ("run_counters", None),
                            ("_floor_warned", False)):
             state.setdefault(key, value)
         self.__dict__.update(state)

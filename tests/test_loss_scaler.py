@@ -154,3 +154,17 @@ def test_floor_bookkeeping_survives_pickle_and_resets_on_load(device):
     assert restored.stats() == s.stats()
     s.load_state_dict(s.state_dict())
     assert s.stats()["nonfinite_since_step"] is None
+
+
+def test_step_numbers_count_on_across_a_load(device):
+    s = DynamicLossScaler(device, init_scale=2.0**-20)
+    for f in [clean, clean, overflow, overflow]:  # 2**-22: not yet at the floor
+        s.update(f(device))
+    s.load_state_dict(s.state_dict())  # the run starts afresh, the step numbers go on
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            s.update(overflow(device))
+        stats = s.stats()
+    assert stats["nonfinite_since_step"] == 5 and stats["scale_at_floor"] is True
+    assert ["since step 5 " in str(w.message) for w in caught] == [True]
