@@ -2,7 +2,8 @@
 
 Same constructor (plus keyword-only extras), methods, per-optimizer state machine
 (READY -> UNSCALED -> STEPPED, reset by update()), exceptions and state_dict keys as
-torch.amp.GradScaler, so replacing one by the other changes nothing observable. The scale state
+torch.amp.GradScaler, so replacing one by the other changes nothing observable; it is a subclass
+of torch's (isinstance holds) that inherits none of its code (see the class). The scale state
 lives in a DynamicLossScaler (device tensors). Like torch, step() must read found_inf on the host
 to decide whether to call a plain optimizer's step(); optimizers that declare
 `_step_supports_amp_scaling` (torch's fused Adam/AdamW/SGD, mixprec.optim) receive grad_scale and
