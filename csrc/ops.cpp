@@ -100,7 +100,7 @@ TORCH_LIBRARY(mixprec, lib) {
 }
 
 namespace mixprec::autocast {
-PyMethodDef* python_methods();  // autocast.cpp: the thread-local policy switch and its tables
+PyMethodDef* python_methods();  // autocast/autocast_python.cpp: the thread-local policy switch and its tables
 }
 
 // `import mixprec._C` loads this library, which runs the registrations above. The module's own

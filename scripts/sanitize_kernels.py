@@ -17,7 +17,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         for inv in (0.5, 1.0):
             found = torch.zeros((), device=dev)
             ops.non_finite_check_and_unscale_(grads, found, torch.full((), inv, device=dev))
-many = [torch.randn(k % 37 + 1, device=dev).half() for k in range(3000)]  # several launches (table: kTableBytes in multi_tensor_apply.cuh)
+many = [torch.randn(k % 37 + 1, device=dev).half() for k in range(3000)]  # several launches (tables: kSmallTableBytes / kLargeTableBytes in multi_tensor_apply.cuh)
 ops.non_finite_check_and_unscale_(many, torch.zeros((), device=dev), torch.full((), 0.5, device=dev))
 state = [torch.full((), 4.0, device=dev), torch.zeros((), dtype=torch.int32, device=dev),
          torch.ones((), dtype=torch.int32, device=dev), torch.zeros(2, dtype=torch.int64, device=dev)]

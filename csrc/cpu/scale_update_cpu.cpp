@@ -1,4 +1,4 @@
-// CPU kernel of mixprec::update_scale_: the shared rule in checks.h applied to CPU scalars.
+// CPU kernel of mixprec::update_scale_: the shared rule in scale_rule.h applied to CPU scalars.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
