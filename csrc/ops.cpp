@@ -72,9 +72,10 @@ TORCH_LIBRARY(mixprec, lib) {
   m.def(
       "clip_grad_norm_scaled(Tensor[] grads, Tensor scale, float norm_type, float max_norm) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
-  // Fused optimizer steps over one dtype of params on one device (torch.optim's foreach maths,
-  // in fp32). The grad used is grad * inv_scale * clip_coef (each optional); a nonzero
-  // found_inf skips everything (params, state, steps). fp16/bf16 params are updated through
+  // Fused optimizer steps over one dtype of params on one device (the maths of torch's fused
+  // kernel for the device: optim_math.h). The grad used is grad * inv_scale * clip_coef (each
+  // optional); store_grads writes that back into grads (torch's fused kernels leave p.grad
+  // unscaled). A nonzero found_inf skips everything (params, state, steps, grads). fp16/bf16 params are updated through
   // their fp32 master_params (written back rounded to nearest), or, with no master_params,
   // directly, by `rounding` (keyword-only, by name): "nearest", "stochastic" (Philox stream of
   // seed, step, tensor, element), or "kahan" (weight = param + compensation, both in the params'
@@ -82,21 +83,21 @@ TORCH_LIBRARY(mixprec, lib) {
   // neither. steps (fp32, one per param) are incremented first, as in torch. lr_tensor, when
   // given, replaces lr (schedulers may keep lr on the device).
   m.def(
-      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "adam_step_(Tensor(a!)[] params, Tensor(h!)[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_params, "
       "Tensor(g!)[] compensations, Tensor(f!)[] steps, float lr, Tensor? lr_tensor, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool maximize, "
       "Tensor? inv_scale, Tensor? clip_coef, Tensor? found_inf, *, str rounding=\"nearest\", "
-      "int seed=0) -> ()");
+      "int seed=0, bool store_grads=False) -> ()");
   // SGD: momentum_buffers empty when momentum == 0; otherwise steps say which buffers are new
   // (step 1: the buffer starts as the grad, torch's "momentum_buffer is None"). Stochastic
   // rounding needs steps (the random stream is keyed on them).
   m.def(
-      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "sgd_step_(Tensor(a!)[] params, Tensor(f!)[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] master_params, Tensor(e!)[] compensations, Tensor(d!)[] steps, float lr, "
       "Tensor? lr_tensor, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, Tensor? inv_scale, Tensor? clip_coef, Tensor? found_inf, *, "
-      "str rounding=\"nearest\", int seed=0) -> ()");
+      "str rounding=\"nearest\", int seed=0, bool store_grads=False) -> ()");
 }
 
 namespace mixprec::autocast {

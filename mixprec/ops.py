@@ -122,16 +122,18 @@ def adam_step_(
     decoupled_weight_decay: bool, maximize: bool, inv_scale: Tensor | None = None,
     clip_coef: Tensor | None = None, found_inf: Tensor | None = None,
     compensations: list[Tensor] = (), rounding: str = "nearest", seed: int = 0,
+    store_grads: bool = False,
 ) -> None:
     """One fused Adam/AdamW step over params of one dtype on one device (see csrc/ops.cpp).
     fp16/bf16 params without master_params are rounded by `rounding` ("nearest", "stochastic"
-    with the Philox stream of `seed`, or "kahan" with one compensation tensor per param)."""
+    with the Philox stream of `seed`, or "kahan" with one compensation tensor per param).
+    store_grads: write grad * inv_scale * clip_coef back into grads."""
     lr_float, lr_tensor = (0.0, lr) if isinstance(lr, Tensor) else (float(lr), None)
     library().adam_step_(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, list(compensations),
         steps, lr_float, lr_tensor, float(beta1), float(beta2), float(eps), float(weight_decay),
         bool(decoupled_weight_decay), bool(maximize), inv_scale, clip_coef, found_inf,
-        rounding=rounding, seed=int(seed),
+        rounding=rounding, seed=int(seed), store_grads=bool(store_grads),
     )
 
 
@@ -141,14 +143,16 @@ def sgd_step_(
     dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
     inv_scale: Tensor | None = None, clip_coef: Tensor | None = None, found_inf: Tensor | None = None,
     compensations: list[Tensor] = (), rounding: str = "nearest", seed: int = 0,
+    store_grads: bool = False,
 ) -> None:
-    """One fused SGD step over params of one dtype on one device (see csrc/ops.cpp); rounding as
-    in adam_step_ (stochastic rounding needs steps)."""
+    """One fused SGD step over params of one dtype on one device (see csrc/ops.cpp); rounding and
+    store_grads as in adam_step_ (stochastic rounding needs steps)."""
     lr_float, lr_tensor = (0.0, lr) if isinstance(lr, Tensor) else (float(lr), None)
     library().sgd_step_(
         params, grads, momentum_buffers, master_params, list(compensations), steps, lr_float,
         lr_tensor, float(momentum), float(dampening), float(weight_decay), bool(nesterov),
         bool(maximize), inv_scale, clip_coef, found_inf, rounding=rounding, seed=int(seed),
+        store_grads=bool(store_grads),
     )
 
 

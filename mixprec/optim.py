@@ -7,7 +7,10 @@ torch.optim. What is different:
   weight in the same pass. fp32 params are updated in place with no copy.
 - `_step_supports_amp_scaling`: a GradScaler (ours or torch.amp's) hands over grad_scale and
   found_inf as device tensors; unscaling happens in the kernel and an overflow skips the step on
-  the device (params, moments and step counts untouched), so nothing synchronises.
+  the device (params, moments and step counts untouched), so nothing synchronises. As torch's
+  fused optimizers do, the same pass writes the unscaled (and clipped) gradient back to p.grad;
+  `write_back_grads=False` skips that write (one gradient-sized write less per step; p.grad then
+  keeps the scaled values).
 - clip_grad_norm_() computes the norm (and the inf check) in one read and leaves the clipping to
   the step, instead of rewriting every gradient: the optimizers implement mixprec.clipping's
   FoldsClip protocol (fold_clip(result)), through which GradScaler and Precision hand it over.
@@ -105,6 +108,9 @@ class _Batch:
         # (param, contiguous copy) of params that are not dense (strided views): the kernel
         # updates the copy, step() writes it back.
         self.write_back: list[tuple[Tensor, Tensor]] = []
+        # (grad, copy) of grads whose strides differ from their param's: written back when the
+        # kernel wrote the unscaled gradient into the copy.
+        self.grad_write_back: list[tuple[Tensor, Tensor]] = []
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -114,9 +120,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     _fp32_state_keys: tuple[str, ...] = ()
 
-    def __init__(self, params, defaults: dict[str, Any]) -> None:
+    def __init__(self, params, defaults: dict[str, Any], write_back_grads: bool = True) -> None:
         # What fold_clip() handed over for the next step (mixprec.clipping's rules).
         self._clip_result: ClipResult | None = None
+        if not isinstance(write_back_grads, bool):
+            raise TypeError(f"write_back_grads must be a bool, got {write_back_grads!r}")
+        self.write_back_grads = write_back_grads
         super().__init__(params, defaults)
 
     # -- validation ------------------------------------------------------------------------------
@@ -175,7 +184,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     batch.write_back.append((p, copy))
                     p = copy
                 if g.stride() != p.stride():
-                    g = torch.empty_like(p).copy_(g)  # the kernel walks param and grad in step
+                    copy = torch.empty_like(p).copy_(g)  # the kernel walks param and grad in step
+                    batch.grad_write_back.append((g, copy))
+                    g = copy
                 batch.params.append(param)
                 batch.tensors.append(p)
                 batch.grads.append(g)
@@ -199,6 +210,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             inv_scale = None
         else:
             inv_scale = reciprocal_fp32(grad_scale) if clip is None else clip.inv_scale_for(grad_scale)
+        # torch's fused optimizers leave p.grad unscaled (and torch's recipe leaves it clipped).
+        store_grads = self.write_back_grads and (grad_scale is not None or clip is not None)
         per_device: dict[tuple[str, torch.device], Tensor | None] = {}
 
         def on(device: torch.device, key: str, t: Tensor | None) -> Tensor | None:
@@ -220,10 +233,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                     group, batch, lr=lr,
                     inv_scale=on(device, "inv_scale", inv_scale),
                     clip_coef=None if clip is None else clip.clip_coef.get(device),
-                    found_inf=on(device, "found_inf", found_inf),
+                    found_inf=on(device, "found_inf", found_inf), store_grads=store_grads,
                 )
                 for param, copy in batch.write_back:
                     param.copy_(copy)
+                if store_grads:
+                    for grad, copy in batch.grad_write_back:
+                        grad.copy_(copy)
         self._clip_result = None
         return loss
 
@@ -400,6 +416,7 @@ class Adam(FusedOptimizer):
         master_weights: bool = True,
         rounding: str = "nearest",
         seed: int | None = None,
+        write_back_grads: bool = True,
     ) -> None:
         _check_tensor_lr_for_foreach(lr, foreach, capturable)
         _check_lr(lr)
@@ -421,7 +438,7 @@ class Adam(FusedOptimizer):
             "master_weights": master_weights, "rounding": rounding,
             "seed": _default_seed() if seed is None else int(seed),
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, write_back_grads)
         _check_fused_flags(fused, foreach)
 
     def _fp32_state_keys_for(self, group):
@@ -430,7 +447,7 @@ class Adam(FusedOptimizer):
     def _required_state_keys(self, group):
         return ("step",) + self._fp32_state_keys_for(group)
 
-    def _update(self, group, batch, *, lr, inv_scale, clip_coef, found_inf) -> None:
+    def _update(self, group, batch, *, lr, inv_scale, clip_coef, found_inf, store_grads) -> None:
         states = [self.state[p] for p in batch.params]
         beta1, beta2 = group["betas"]
         ops.adam_step_(
@@ -440,6 +457,7 @@ class Adam(FusedOptimizer):
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled_weight_decay=group.get("decoupled_weight_decay", False),
             maximize=group["maximize"], inv_scale=inv_scale, clip_coef=clip_coef, found_inf=found_inf,
+            store_grads=store_grads,
         )
 
 
@@ -463,11 +481,13 @@ class AdamW(Adam):
         master_weights: bool = True,
         rounding: str = "nearest",
         seed: int | None = None,
+        write_back_grads: bool = True,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True, master_weights=master_weights, rounding=rounding, seed=seed,
+            write_back_grads=write_back_grads,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -497,6 +517,7 @@ class SGD(FusedOptimizer):
         master_weights: bool = True,
         rounding: str = "nearest",
         seed: int | None = None,
+        write_back_grads: bool = True,
     ) -> None:
         _check_lr(lr)
         _check_precision_options(master_weights, rounding)
@@ -513,7 +534,7 @@ class SGD(FusedOptimizer):
             "fused": fused, "master_weights": master_weights, "rounding": rounding,
             "seed": _default_seed() if seed is None else int(seed),
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, write_back_grads)
         _check_fused_flags(fused, foreach)
 
     def _fp32_state_keys_for(self, group):
@@ -532,7 +553,7 @@ class SGD(FusedOptimizer):
         elif "step" not in state:  # a torch checkpoint: an existing buffer is past its first step
             state["step"] = torch.ones((), dtype=torch.float32, device=p.device)
 
-    def _update(self, group, batch, *, lr, inv_scale, clip_coef, found_inf) -> None:
+    def _update(self, group, batch, *, lr, inv_scale, clip_coef, found_inf, store_grads) -> None:
         states = [self.state.get(p, {}) for p in batch.params]
         has_momentum = group["momentum"] != 0
         ops.sgd_step_(
@@ -542,4 +563,5 @@ class SGD(FusedOptimizer):
             lr=lr, momentum=group["momentum"], dampening=group["dampening"],
             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
             maximize=group["maximize"], inv_scale=inv_scale, clip_coef=clip_coef, found_inf=found_inf,
+            store_grads=store_grads,
         )

@@ -93,11 +93,20 @@ WeightSlice weight_slice(at::TensorList params, at::TensorList grads, at::Tensor
                                   static_cast<uint32_t>(t)}};
 }
 
+// The gradient for the update; with store_grads, also written back unscaled and clipped, as
+// torch's fused kernels leave p.grad.
+template <typename T>
+float take_grad(const StepRule& rule, T& grad) {
+  const float u = rule.transform.unscaled(static_cast<float>(grad));
+  if (rule.store_grads) grad = static_cast<T>(u);
+  return rule.transform.maximize ? -u : u;
+}
+
 template <typename T>
 void adam_loop(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end) {
   const WeightIO<T> io{rule.rounding};
   T* param = static_cast<T*>(a.w.param);
-  const T* grad = static_cast<const T*>(a.w.grad);
+  T* grad = static_cast<T*>(a.w.grad);
   float* master = a.w.master;
   T* comp = static_cast<T*>(a.w.compensation);
   float* v_max = a.max_exp_avg_sq;
@@ -105,8 +114,8 @@ void adam_loop(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t 
   float no_v_max = 0.0f;  // adam_element touches v_max only with amsgrad
   for (int64_t i = begin; i < end; ++i) {
     float p = io.load(param[i], master ? master + i : nullptr, comp ? comp + i : nullptr);
-    adam_element<CpuOrder>(a.scalars, rule.transform(static_cast<float>(grad[i])), p,
-                           a.exp_avg[i], a.exp_avg_sq[i], v_max ? v_max[i] : no_v_max);
+    adam_element(a.scalars, take_grad(rule, grad[i]), p, a.exp_avg[i], a.exp_avg_sq[i],
+                 v_max ? v_max[i] : no_v_max);
     io.store(p, param[i], master ? master + i : nullptr, comp ? comp + i : nullptr, random(i));
   }
 }
@@ -116,15 +125,14 @@ void sgd_loop(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a, 
               int64_t end) {
   const WeightIO<T> io{rule.rounding};
   T* param = static_cast<T*>(a.w.param);
-  const T* grad = static_cast<const T*>(a.w.grad);
+  T* grad = static_cast<T*>(a.w.grad);
   float* master = a.w.master;
   T* comp = static_cast<T*>(a.w.compensation);
   float* buf = a.momentum_buffer;
   RandomWords random(io, a.w.random);
   for (int64_t i = begin; i < end; ++i) {
     float p = io.load(param[i], master ? master + i : nullptr, comp ? comp + i : nullptr);
-    sgd_element(s, rule.transform(static_cast<float>(grad[i])), p, buf ? buf + i : nullptr,
-                a.first);
+    sgd_element(s, take_grad(rule, grad[i]), p, buf ? buf + i : nullptr, a.first);
     io.store(p, param[i], master ? master + i : nullptr, comp ? comp + i : nullptr, random(i));
   }
 }
@@ -151,7 +159,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    const c10::optional<at::Tensor>& inv_scale,
                    const c10::optional<at::Tensor>& clip_coef,
                    const c10::optional<at::Tensor>& found_inf, c10::string_view rounding_name,
-                   int64_t seed) {
+                   int64_t seed, bool store_grads) {
   const char* op = "mixprec.adam_step_";
   const Rounding rounding = parse_rounding(op, rounding_name);
   check_optim_args(op, params, grads,
@@ -170,7 +178,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     *f32(s) += 1.0f;  // torch: state_steps += 1 (an fp32 tensor), before the update uses it
     scalars.push_back(adam_step_scalars(config, in.lr, *f32(s)));
   }
-  const StepRule rule{params[0].scalar_type(), in.transform, rounding};
+  const StepRule rule{params[0].scalar_type(), in.transform, rounding, store_grads};
   const bool vector = use_avx2() && rule.dtype != at::kDouble;
   Concatenation(numels_of(params)).parallel_walk(kGrain, [&](size_t t, int64_t begin, int64_t end) {
     const AdamSlice slice{
@@ -190,7 +198,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   const c10::optional<at::Tensor>& inv_scale,
                   const c10::optional<at::Tensor>& clip_coef,
                   const c10::optional<at::Tensor>& found_inf, c10::string_view rounding_name,
-                   int64_t seed) {
+                  int64_t seed, bool store_grads) {
   const char* op = "mixprec.sgd_step_";
   const Rounding rounding = parse_rounding(op, rounding_name);
   check_optim_args(op, params, grads, {{"momentum_buffers", momentum_buffers, false}},
@@ -208,7 +216,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     *f32(steps[t]) += 1.0f;
     first[t] = *f32(steps[t]) == 1.0f;  // the momentum buffer starts as a copy of the grad
   }
-  const StepRule rule{params[0].scalar_type(), in.transform, rounding};
+  const StepRule rule{params[0].scalar_type(), in.transform, rounding, store_grads};
   const bool vector = use_avx2() && rule.dtype != at::kDouble;
   Concatenation(numels_of(params)).parallel_walk(kGrain, [&](size_t t, int64_t begin, int64_t end) {
     const SgdSlice slice{weight_slice(params, grads, master_params, compensations, steps, seed, t),

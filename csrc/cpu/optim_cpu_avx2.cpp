@@ -1,6 +1,6 @@
 // The AVX2 build of the CPU Adam/AdamW and SGD loops, chosen at run time (cpu_isa.h). Eight
 // elements at a time, the same operations in the same order as the per-element reference in
-// optim_cpu.cpp (optim_math.h's CpuOrder): fmadd where it calls fmaf (both are one exact fused
+// optim_cpu.cpp (optim_math.h's CPU order): fmadd where it calls fmaf (both are one exact fused
 // multiply-add), separate roundings elsewhere, and sqrt and division correctly rounded in both,
 // so every mode gives the same bits. Conversions to fp16/bf16 are done on the bit patterns to
 // match c10's exactly, NaNs included (c10 writes 0x7FC0 for a bf16 NaN; ATen's vector
@@ -193,13 +193,29 @@ void philox_batch(const RandomStream& stream, int64_t first_block, __m256i out[k
 template <typename T, Store S>
 struct Weight {
   T* param;
-  const T* grad;
+  T* grad;
   float* master;
   T* comp;
 
   explicit Weight(const WeightSlice& w)
-      : param(static_cast<T*>(w.param)), grad(static_cast<const T*>(w.grad)), master(w.master),
+      : param(static_cast<T*>(w.param)), grad(static_cast<T*>(w.grad)), master(w.master),
         comp(static_cast<T*>(w.compensation)) {}
+
+  // GradTransform's gradient for the update, 8 lanes; with store_grads the unscaled, clipped
+  // gradient is written back (rounded to nearest in the grads' dtype).
+  fVec take_grad(int64_t i, const StepRule& rule) const {
+    const GradTransform& t = rule.transform;
+    fVec u = load_float(grad + i) * fVec(t.inv_scale);
+    u = u * fVec(t.clip_coef);
+    if (rule.store_grads) {
+      if constexpr (std::is_same_v<T, float>) {
+        u.store(grad + i);
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(grad + i), round_nearest<T>(u));
+      }
+    }
+    return t.maximize ? u.neg() : u;
+  }
 
   fVec load(int64_t i) const {
     if constexpr (S == Store::kMaster) return fVec::loadu(master + i);
@@ -226,12 +242,6 @@ struct Weight {
   }
 };
 
-fVec transform(const GradTransform& t, fVec g) {
-  g = g * fVec(t.inv_scale);
-  g = g * fVec(t.clip_coef);
-  return t.maximize ? g.neg() : g;
-}
-
 // Runs body(i, random) for the 8-element vectors of [begin, end) that lie in whole batches of
 // kBatch (so Philox blocks are whole), and `portable` over the rest: the same elements either way.
 template <Store S, typename Body, typename Rest>
@@ -252,7 +262,6 @@ template <typename T, Store S>
 void adam_loop(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end) {
   const Weight<T, S> w(a.w);
   const AdamStepScalars& s = a.scalars;
-  const GradTransform tr = rule.transform;
   const bool decay = s.weight_decay != 0.0f;
   const bool low_weight = s.one_minus_beta1 < 0.5f;  // torch.lerp's branch, the same for all
   const fVec weight_decay(s.weight_decay), decay_factor(s.decay);
@@ -263,7 +272,7 @@ void adam_loop(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t 
   float* v_ptr = a.exp_avg_sq;
   float* vmax_ptr = a.max_exp_avg_sq;
   auto body = [&](int64_t i, __m256i random) {
-    fVec g = transform(tr, load_float(w.grad + i));
+    fVec g = w.take_grad(i, rule);
     fVec p = w.load(i);
     if (decay) {
       if (s.decoupled) {
@@ -296,13 +305,12 @@ template <typename T, Store S>
 void sgd_loop(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a, int64_t begin,
               int64_t end) {
   const Weight<T, S> w(a.w);
-  const GradTransform tr = rule.transform;
   const bool decay = s.weight_decay != 0.0f;
   const fVec weight_decay(s.weight_decay), momentum(s.momentum);
   const fVec one_minus_dampening(s.one_minus_dampening), neg_lr(s.neg_lr);
   float* buf = a.momentum_buffer;
   auto body = [&](int64_t i, __m256i random) {
-    fVec g = transform(tr, load_float(w.grad + i));
+    fVec g = w.take_grad(i, rule);
     fVec p = w.load(i);
     if (decay) g = at::vec::fmadd(weight_decay, p, g);
     if (buf != nullptr) {

@@ -15,7 +15,7 @@ namespace mixprec::cpu {
 // elements [begin, end) of it.
 struct WeightSlice {
   void* param;            // fp32, fp16 or bf16 (or fp64, portable loop only)
-  const void* grad;       // the param's dtype
+  void* grad;             // the param's dtype (written back when StepRule::store_grads)
   float* master;          // fp32 master weights
   void* compensation;     // Kahan rounding error, the param's dtype
   RandomStream random;    // stochastic rounding's stream for this tensor at this step
@@ -40,6 +40,7 @@ struct StepRule {
   at::ScalarType dtype;
   GradTransform transform;
   Rounding rounding;
+  bool store_grads;  // write the unscaled, clipped gradient back (torch's fused kernels do)
 };
 
 void adam_slice_portable(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end);

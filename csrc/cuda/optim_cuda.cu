@@ -25,10 +25,13 @@ constexpr int kUpdateIlp = 1;
 static_assert(kPack == 4, "the random words come in Philox blocks of 4 elements");
 
 // The update kernels are memory-bound: they need many resident warps to keep enough loads in
-// flight. Left alone, nvcc gives the Adam kernel 91 registers (2 blocks of 256 threads per SM);
-// capped for 5 blocks (48 registers, no spills) the GPT-2 124M AdamW step ran 1.16x faster on an
-// H100, and 5 measured best of 4, 5 and 6 (6 spills).
-constexpr int kUpdateBlocksPerSM = 4;
+// flight. Left alone, nvcc gives the Adam kernel 91 registers (2 blocks of 256 threads per SM), so
+// each kernel is compiled for a number of resident blocks per SM, which caps its registers at
+// 65536 / (256 * blocks): 5 (48 registers) where nvcc fits it without spilling (-Xptxas -v,
+// sm_90: every non-amsgrad Adam and every SGD kernel but fp16 stochastic Adam), else 4 (64
+// registers). At 6 (40 registers) every Adam kernel spills.
+constexpr int kUpdateBlocksPerSM = 5;
+constexpr int kSpillingUpdateBlocksPerSM = 4;
 
 // Named positions of the tensor lists (multi_tensor_apply.cuh's table) of each kernel family.
 struct AdamSlot {
@@ -67,221 +70,266 @@ __global__ void increment_steps_kernel(const __grid_constant__ StepPointers list
   for (int i = threadIdx.x; i < list.count; i += blockDim.x) *list.steps[i] += 1.0f;
 }
 
-template <typename T>
-constexpr bool kLowPrecision = !std::is_same_v<T, float>;
+// How the weight of a call is stored, fixed per kernel instance so that a kernel keeps registers
+// only for the lists it has: fp32 params or fp16/bf16 rounded to nearest (kPlain); fp16/bf16 with
+// an fp32 master copy (kMaster); fp16/bf16 alone, rounded stochastically (kStochastic) or with a
+// Kahan compensation in the params' dtype (kKahan). The functors below take their packs in the
+// order of weight_slots(): grad, the optimizer's state, then master or compensation, then param.
+enum class Scheme { kPlain, kMaster, kStochastic, kKahan };
 
-// The weight of one chunk in every storage scheme, a pack at a time: rounding.h's WeightIO
-// (which the CPU kernels use per element) with its branches per pack instead of per element;
-// the CPU/CUDA same-bits tests keep the two in step. fp32 params; fp16/bf16 params with fp32
-// master weights; or fp16/bf16 alone, rounded to nearest, stochastically (RandomStream's
-// words), or with a Kahan compensation. The functors' param slot loads only when there is no
-// master copy.
-template <typename T>
+// The K-th of a pack of references (the functors name their packs with it).
+template <size_t K, typename First, typename... Rest>
+__device__ __forceinline__ auto& nth(First& first, Rest&... rest) {
+  if constexpr (K == 0) {
+    return first;
+  } else {
+    return nth<K - 1>(rest...);
+  }
+}
+
+// Reads and writes the weight of one pack under scheme S (rounding.h's WeightIO, per pack; the
+// CPU/CUDA same-bits tests keep the two in step). `extra` is the master or compensation pack.
+template <typename T, Scheme S>
 struct Weights {
-  WeightIO<T> io;
   uint64_t seed;
-  bool master, comp;  // which lists this chunk has
-  RandomStream rs;
-  int64_t start;  // the chunk's first element in its tensor
+  RandomStream rs;  // this tensor at this step (stochastic only)
+  int64_t start;    // the chunk's first element in its tensor
 
-  template <int N>
-  __device__ void load(const Pack<T, N>& param, const Pack<float, N>& m32, const Pack<T, N>& c,
-                       Pack<float, N>& p32) const {
-    if (master) {
-      p32 = m32;
-    } else if (comp) {
+  template <int N, typename Extra>
+  __device__ void load(const Pack<T, N>& param, const Extra& extra, Pack<float, N>& p32) const {
 #pragma unroll
-      for (int k = 0; k < N; ++k) p32.v[k] = static_cast<float>(param.v[k]) + static_cast<float>(c.v[k]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < N; ++k) p32.v[k] = static_cast<float>(param.v[k]);
+    for (int k = 0; k < N; ++k) {
+      if constexpr (S == Scheme::kMaster) {
+        p32.v[k] = extra.v[k];
+      } else if constexpr (S == Scheme::kKahan) {
+        p32.v[k] = static_cast<float>(param.v[k]) + static_cast<float>(extra.v[k]);
+      } else {
+        p32.v[k] = static_cast<float>(param.v[k]);
+      }
     }
   }
 
-  // Random words of elements [start + i, start + i + N): the Philox block (start + i) / 4 (zeros
-  // unless rounding is stochastic). On the vector path N == 4 and start + i is a multiple of 4.
-  template <int N>
-  __device__ void random_words(int64_t i, uint32_t out[N]) const {
-    static_assert(N == kPack || N == 1, "packs of 4 or single elements");
-    uint32_t r[4] = {0, 0, 0, 0};
-    const int64_t e = start + i;
-    if (!std::is_same_v<T, float> && io.rounding == Rounding::kStochastic) rs.block(e / 4, r);
-    if constexpr (N == 1) {
-      const int k = static_cast<int>(e % 4);  // selects, not a dynamically indexed local array
-      out[0] = k == 0 ? r[0] : k == 1 ? r[1] : k == 2 ? r[2] : r[3];
-    } else {
-#pragma unroll
-      for (int k = 0; k < N; ++k) out[k] = r[k];
-    }
-  }
-
-  template <int N>
-  __device__ void store(int64_t i, const Pack<float, N>& p32, Pack<T, N>& param, Pack<float, N>& m32,
-                        Pack<T, N>& c) const {
-    if constexpr (std::is_same_v<T, float>) {
-      param = p32;
-    } else {
-      if (master) {
-        m32 = p32;
-#pragma unroll
-        for (int k = 0; k < N; ++k) param.v[k] = static_cast<T>(p32.v[k]);
-      } else if (comp) {
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-          param.v[k] = static_cast<T>(p32.v[k]);
-          c.v[k] = static_cast<T>(p32.v[k] - static_cast<float>(param.v[k]));
-        }
-      } else if (io.rounding == Rounding::kStochastic) {
-        uint32_t random[N];
-        random_words<N>(i, random);
-#pragma unroll
-        for (int k = 0; k < N; ++k) param.v[k] = round_stochastic<T>(p32.v[k], random[k]);
+  template <int N, typename Extra>
+  __device__ void store(int64_t i, const Pack<float, N>& p32, Pack<T, N>& param, Extra& extra) const {
+    if constexpr (S == Scheme::kStochastic) {
+      // Elements [start + i, start + i + N) take the words of Philox block (start + i) / 4 (on
+      // the vector path N == 4 and start + i is a multiple of 4).
+      static_assert(N == kPack || N == 1, "packs of 4 or single elements");
+      uint32_t r[4];
+      const int64_t e = start + i;
+      rs.block(e / 4, r);
+      if constexpr (N == 1) {
+        const int k = static_cast<int>(e % 4);  // selects, not a dynamically indexed local array
+        param.v[0] = round_stochastic<T>(p32.v[0], k == 0 ? r[0] : k == 1 ? r[1] : k == 2 ? r[2] : r[3]);
       } else {
 #pragma unroll
-        for (int k = 0; k < N; ++k) param.v[k] = static_cast<T>(p32.v[k]);
+        for (int k = 0; k < N; ++k) param.v[k] = round_stochastic<T>(p32.v[k], r[k]);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        param.v[k] = static_cast<T>(p32.v[k]);
+        if constexpr (S == Scheme::kMaster) extra.v[k] = p32.v[k];
+        if constexpr (S == Scheme::kKahan) {
+          extra.v[k] = static_cast<T>(p32.v[k] - static_cast<float>(param.v[k]));
+        }
       }
     }
   }
 };
 
-template <typename T>
+// The grad pack's gradient for the update (unscaled, clipped, negated for maximize); with
+// store_grads, also written back unscaled and clipped, as torch's fused kernels leave p.grad.
+template <typename T, int N>
+__device__ __forceinline__ void take_grads(const GradTransform& transform, bool store_grads,
+                                           Pack<T, N>& g, float out[N]) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const float u = transform.unscaled(static_cast<float>(g.v[k]));
+    if (store_grads) g.v[k] = static_cast<T>(u);
+    out[k] = transform.maximize ? -u : u;
+  }
+}
+
+// The slots of the weight lists, after the optimizer's own: master or compensation (kPlain and
+// kStochastic have neither: a zero-length stand-in keeps the functors' pack order uniform), then
+// the param, loaded unless a master copy holds the weight.
+template <typename T, Scheme S, typename Meta, typename Slots>
+__device__ __forceinline__ auto extra_slot(const Meta& meta, int t, int64_t start) {
+  if constexpr (S == Scheme::kMaster) {
+    return updates(slot_ptr<float>(meta, Slots::master, t, start));
+  } else if constexpr (S == Scheme::kKahan) {
+    return updates(slot_ptr<T>(meta, Slots::compensation, t, start));
+  } else {
+    return Slot<const uint8_t>{nullptr, false, false};  // absent: never loaded or stored
+  }
+}
+
+template <typename T, Scheme S, bool Amsgrad>
 struct AdamFunctor {
-  static constexpr int kMinBlocksPerSM = kUpdateBlocksPerSM;
+  static constexpr int kMinBlocksPerSM =
+      Amsgrad || (S == Scheme::kStochastic && std::is_same_v<T, c10::Half>) ? kSpillingUpdateBlocksPerSM
+                                                                            : kUpdateBlocksPerSM;
   // GPT-2 124M's 148 tensors in one launch instead of four: about 2 % faster on an H100.
   static constexpr bool kLargeTable = true;
   AdamConfig config;
   DeviceScalars in;
-  Weights<T> w;
+  Weights<T, S> w;
   int64_t first_tensor;  // set per launch: first_tensor + t names the tensor in the call
+  bool store_grads;
   bool skip;
-  bool amsgrad;  // this chunk has max_exp_avg_sq
-  double lr;
+  float lr;
   GradTransform transform;
-  // The bias corrections depend on the tensor's step, and computing them takes double-precision
-  // pow()s: redo that only when the step differs from the last chunk's (in practice every param
-  // of a group has the same step, so once per thread) rather than for every tensor.
+  // The bias corrections depend on the tensor's step: recomputed only when the step differs
+  // from the last chunk's (every param of a group has the same step, so once per thread).
   bool have_scalars;
   float scalars_step;
-  AdamStepScalars s;
+  fused_cuda::AdamScalars s;
 
   __device__ void init() {
     skip = in.skip();
-    lr = in.learning_rate();
+    lr = static_cast<float>(in.learning_rate());  // torch's kernel rounds lr to float
     transform = in.transform();
     have_scalars = false;
   }
 
   template <typename Meta>
   __device__ void chunk(const Meta& meta, int t, int64_t start, int64_t n) {
-    using S = AdamSlot;
+    using Sl = AdamSlot;
     if (skip) return;
-    const float step = *slot_ptr<const float>(meta, S::step, t);
+    const float step = *slot_ptr<const float>(meta, Sl::step, t);
     if (!have_scalars || step != scalars_step) {
-      s = adam_step_scalars(config, lr, step);
+      s = fused_cuda::adam_scalars(config, lr, step);
       scalars_step = step;
       have_scalars = true;
     }
-    float* v_max = slot_ptr<float>(meta, S::max_exp_avg_sq, t, start);
-    // fp32 params have neither (checked on the host): say so at compile time, so the loop
-    // keeps no registers for them.
-    float* master = kLowPrecision<T> ? slot_ptr<float>(meta, S::master, t, start) : nullptr;
-    T* comp = kLowPrecision<T> ? slot_ptr<T>(meta, S::compensation, t, start) : nullptr;
-    amsgrad = v_max != nullptr;
-    w.master = master != nullptr;
-    w.comp = comp != nullptr;
     w.rs = RandomStream{w.seed, static_cast<uint32_t>(step), static_cast<uint32_t>(first_tensor + t)};
     w.start = start;
-    for_each_pack<kPack, kUpdateIlp>(
-        n, *this, reads(slot_ptr<const T>(meta, S::grad, t, start)),
-        updates(slot_ptr<float>(meta, S::exp_avg, t, start)),
-        updates(slot_ptr<float>(meta, S::exp_avg_sq, t, start)), updates(v_max), updates(master),
-        updates(comp), Slot<T>{slot_ptr<T>(meta, S::param, t, start), !w.master, true});
+    const Slot<T> grad{slot_ptr<T>(meta, Sl::grad, t, start), true, store_grads};
+    const Slot<T> param{slot_ptr<T>(meta, Sl::param, t, start), S != Scheme::kMaster, true};
+    auto extra = extra_slot<T, S, Meta, Sl>(meta, t, start);
+    float* m = slot_ptr<float>(meta, Sl::exp_avg, t, start);
+    float* v = slot_ptr<float>(meta, Sl::exp_avg_sq, t, start);
+    if constexpr (Amsgrad) {
+      for_each_pack<kPack, kUpdateIlp>(n, *this, grad, updates(m), updates(v),
+                                       updates(slot_ptr<float>(meta, Sl::max_exp_avg_sq, t, start)),
+                                       extra, param);
+    } else {
+      for_each_pack<kPack, kUpdateIlp>(n, *this, grad, updates(m), updates(v), extra, param);
+    }
   }
 
-  template <int N>
-  __device__ void operator()(int64_t i, const Pack<T, N>& g, Pack<float, N>& m, Pack<float, N>& v,
-                             Pack<float, N>& vm, Pack<float, N>& m32, Pack<T, N>& c, Pack<T, N>& param) {
+  // Packs: grad, exp_avg, exp_avg_sq, [max_exp_avg_sq], master/compensation/stand-in, param.
+  template <int N, typename... P>
+  __device__ void operator()(int64_t i, P&... packs) {
+    auto& g = nth<0>(packs...);
+    auto& m = nth<1>(packs...);
+    auto& v = nth<2>(packs...);
+    auto& extra = nth<sizeof...(P) - 2>(packs...);
+    auto& param = nth<sizeof...(P) - 1>(packs...);
+    float grads[N];
+    take_grads<T, N>(transform, store_grads, g, grads);
     Pack<float, N> p;
-    w.load(param, m32, c, p);
+    w.load(param, extra, p);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      adam_element<CudaOrder>(s, transform(static_cast<float>(g.v[k])), p.v[k], m.v[k], v.v[k], vm.v[k]);
+      if constexpr (Amsgrad) {
+        fused_cuda::adam_element(s, grads[k], p.v[k], m.v[k], v.v[k], nth<3>(packs...).v[k]);
+      } else {
+        float unused = 0.0f;  // adam_element reads v_max only with amsgrad
+        fused_cuda::adam_element(s, grads[k], p.v[k], m.v[k], v.v[k], unused);
+      }
     }
-    w.store(i, p, param, m32, c);
+    w.store(i, p, param, extra);
   }
 
   __device__ void finish() {}
 };
 
-template <typename T>
+template <typename T, Scheme S>
 struct SgdFunctor {
   static constexpr int kMinBlocksPerSM = kUpdateBlocksPerSM;
   static constexpr bool kLargeTable = true;
-  SgdConfig config;
+  fused_cuda::SgdScalars s;
   DeviceScalars in;
-  Weights<T> w;
+  Weights<T, S> w;
   int64_t first_tensor;
+  bool store_grads;
   bool skip;
   bool first;       // this chunk's momentum buffer is new (step 1)
   bool has_buffer;  // this chunk has a momentum buffer
   GradTransform transform;
-  SgdStepScalars s;
 
   __device__ void init() {
     skip = in.skip();
     transform = in.transform();
-    s = sgd_step_scalars(config, in.learning_rate());
+    s.lr = in.learning_rate();
   }
 
   template <typename Meta>
   __device__ void chunk(const Meta& meta, int t, int64_t start, int64_t n) {
-    using S = SgdSlot;
+    using Sl = SgdSlot;
     if (skip) return;
-    const float* step_ptr = slot_ptr<const float>(meta, S::step, t);
+    const float* step_ptr = slot_ptr<const float>(meta, Sl::step, t);
     const float step = step_ptr ? *step_ptr : 0.0f;
-    float* buf = slot_ptr<float>(meta, S::momentum, t, start);
-    // fp32 params have neither (checked on the host): say so at compile time, so the loop
-    // keeps no registers for them.
-    float* master = kLowPrecision<T> ? slot_ptr<float>(meta, S::master, t, start) : nullptr;
-    T* comp = kLowPrecision<T> ? slot_ptr<T>(meta, S::compensation, t, start) : nullptr;
+    float* buf = slot_ptr<float>(meta, Sl::momentum, t, start);
     first = step == 1.0f;
     has_buffer = buf != nullptr;
-    w.master = master != nullptr;
-    w.comp = comp != nullptr;
     w.rs = RandomStream{w.seed, static_cast<uint32_t>(step), static_cast<uint32_t>(first_tensor + t)};
     w.start = start;
     for_each_pack<kPack, kUpdateIlp>(
-        n, *this, reads(slot_ptr<const T>(meta, S::grad, t, start)), Slot<float>{buf, !first, true},
-        updates(master), updates(comp), Slot<T>{slot_ptr<T>(meta, S::param, t, start), !w.master, true});
+        n, *this, Slot<T>{slot_ptr<T>(meta, Sl::grad, t, start), true, store_grads},
+        Slot<float>{buf, !first, true}, extra_slot<T, S, Meta, Sl>(meta, t, start),
+        Slot<T>{slot_ptr<T>(meta, Sl::param, t, start), S != Scheme::kMaster, true});
   }
 
-  template <int N>
-  __device__ void operator()(int64_t i, const Pack<T, N>& g, Pack<float, N>& b, Pack<float, N>& m32,
-                             Pack<T, N>& c, Pack<T, N>& param) {
+  // Packs: grad, momentum buffer, master/compensation/stand-in, param.
+  template <int N, typename Extra>
+  __device__ void operator()(int64_t i, Pack<T, N>& g, Pack<float, N>& b, Extra& extra,
+                             Pack<T, N>& param) {
+    float grads[N];
+    take_grads<T, N>(transform, store_grads, g, grads);
     Pack<float, N> p;
-    w.load(param, m32, c, p);
+    w.load(param, extra, p);
     // One loop per case, so every pointer handed to sgd_element is known (a pointer that may be
-    // null put the pack in local memory here; Adam's amsgrad pointer did not, and splitting its
-    // loop spilled under the register cap).
+    // null put the pack in local memory).
     if (has_buffer) {
 #pragma unroll
-      for (int k = 0; k < N; ++k) sgd_element(s, transform(static_cast<float>(g.v[k])), p.v[k], &b.v[k], first);
+      for (int k = 0; k < N; ++k) fused_cuda::sgd_element(s, grads[k], p.v[k], &b.v[k], first);
     } else {
 #pragma unroll
-      for (int k = 0; k < N; ++k) sgd_element(s, transform(static_cast<float>(g.v[k])), p.v[k], nullptr, first);
+      for (int k = 0; k < N; ++k) fused_cuda::sgd_element(s, grads[k], p.v[k], nullptr, first);
     }
-    w.store(i, p, param, m32, c);
+    w.store(i, p, param, extra);
   }
 
   __device__ void finish() {}
 };
 
+// The storage scheme of a call's weights (checked on the host by check_optim_args).
 template <typename T>
-Weights<T> weights(Rounding rounding, int64_t seed) {
-  Weights<T> w{};
-  w.io = WeightIO<T>{rounding};
-  w.seed = static_cast<uint64_t>(seed);
-  return w;
+Scheme scheme_of(at::TensorList master_params, at::TensorList compensations, Rounding rounding) {
+  if constexpr (std::is_same_v<T, float>) return Scheme::kPlain;
+  if (!master_params.empty()) return Scheme::kMaster;
+  if (!compensations.empty()) return Scheme::kKahan;
+  return rounding == Rounding::kStochastic ? Scheme::kStochastic : Scheme::kPlain;
+}
+
+// Calls launch(std::integral_constant<Scheme, S>) for the call's scheme: one kernel per dtype and
+// scheme (fp32 params have only kPlain).
+template <typename T, typename Launch>
+void with_scheme(Scheme scheme, const Launch& launch) {
+  using C = std::integral_constant<Scheme, Scheme::kPlain>;
+  if constexpr (std::is_same_v<T, float>) {
+    launch(C{});
+  } else {
+    switch (scheme) {
+      case Scheme::kPlain: return launch(C{});
+      case Scheme::kMaster: return launch(std::integral_constant<Scheme, Scheme::kMaster>{});
+      case Scheme::kStochastic: return launch(std::integral_constant<Scheme, Scheme::kStochastic>{});
+      case Scheme::kKahan: return launch(std::integral_constant<Scheme, Scheme::kKahan>{});
+    }
+  }
 }
 
 void* ptr_or_null(at::TensorList list, size_t i) { return list.empty() ? nullptr : list[i].data_ptr(); }
@@ -322,7 +370,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const c10::optional<at::Tensor>& inv_scale,
                     const c10::optional<at::Tensor>& clip_coef,
                     const c10::optional<at::Tensor>& found_inf, c10::string_view rounding_name,
-                    int64_t seed) {
+                    int64_t seed, bool store_grads) {
   const char* op = "mixprec.adam_step_";
   const Rounding rounding = parse_rounding(op, rounding_name);
   check_optim_args(op, params, grads,
@@ -353,12 +401,25 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                           !max_exp_avg_sqs.empty()};
   const DeviceScalars in{scalar_ptr(lr_tensor), lr, scalar_ptr(inv_scale), scalar_ptr(clip_coef),
                          scalar_ptr(found_inf), maximize};
+  const bool amsgrad = !max_exp_avg_sqs.empty();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      AdamFunctor<scalar_t> f{config, in, weights<scalar_t>(rounding, seed)};
-      // Chunks sized by the fp32 state, the bulk of the traffic.
-      const auto per_launch = [](AdamFunctor<scalar_t>& g, int, int64_t first) { g.first_tensor = first; };
-      multi_tensor_apply<S::count>(ptrs, numels_of(params), sizeof(float), f, device, stream, per_launch);
+      with_scheme<scalar_t>(scheme_of<scalar_t>(master_params, compensations, rounding), [&](auto scheme) {
+        auto launch = [&](auto f) {
+          f.config = config;
+          f.in = in;
+          f.w.seed = static_cast<uint64_t>(seed);
+          f.store_grads = store_grads;
+          // Chunks sized by the fp32 state, the bulk of the traffic.
+          multi_tensor_apply<S::count>(ptrs, numels_of(params), sizeof(float), f, device, stream,
+                                       [](auto& g, int, int64_t first) { g.first_tensor = first; });
+        };
+        if (amsgrad) {
+          launch(AdamFunctor<scalar_t, decltype(scheme)::value, true>{});
+        } else {
+          launch(AdamFunctor<scalar_t, decltype(scheme)::value, false>{});
+        }
+      });
     }
   });
 }
@@ -370,7 +431,7 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                    bool maximize, const c10::optional<at::Tensor>& inv_scale,
                    const c10::optional<at::Tensor>& clip_coef,
                    const c10::optional<at::Tensor>& found_inf, c10::string_view rounding_name,
-                    int64_t seed) {
+                   int64_t seed, bool store_grads) {
   const char* op = "mixprec.sgd_step_";
   const Rounding rounding = parse_rounding(op, rounding_name);
   check_optim_args(op, params, grads, {{"momentum_buffers", momentum_buffers, false}},
@@ -394,14 +455,19 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
     row[S::step] = ptr_or_null(steps, i);
     row[S::compensation] = ptr_or_null(compensations, i);
   }
-  const SgdConfig config{momentum, dampening, weight_decay, nesterov};
   const DeviceScalars in{scalar_ptr(lr_tensor), lr, scalar_ptr(inv_scale), scalar_ptr(clip_coef),
                          scalar_ptr(found_inf), maximize};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      SgdFunctor<scalar_t> f{config, in, weights<scalar_t>(rounding, seed)};
-      multi_tensor_apply<S::count>(ptrs, numels_of(params), sizeof(float), f, device, stream,
-                            [](SgdFunctor<scalar_t>& g, int, int64_t first) { g.first_tensor = first; });
+      with_scheme<scalar_t>(scheme_of<scalar_t>(master_params, compensations, rounding), [&](auto scheme) {
+        SgdFunctor<scalar_t, decltype(scheme)::value> f{};
+        f.s = fused_cuda::SgdScalars{0.0, momentum, 1.0 - dampening, weight_decay, nesterov};
+        f.in = in;
+        f.w.seed = static_cast<uint64_t>(seed);
+        f.store_grads = store_grads;
+        multi_tensor_apply<S::count>(ptrs, numels_of(params), sizeof(float), f, device, stream,
+                                     [](auto& g, int, int64_t first) { g.first_tensor = first; });
+      });
     }
   });
 }

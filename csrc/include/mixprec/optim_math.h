@@ -1,12 +1,16 @@
 // The per-element maths of the fused optimizers (Adam/AdamW, SGD, the gradient transform),
-// shared by the CPU and CUDA kernels. Each function follows the order of operations and the fp32
-// roundings of torch.optim's foreach implementation, so results agree with it to an ulp or two:
-// scalars torch computes in Python doubles (bias corrections, step size, 1 - lr * wd) are
-// computed here in double and rounded to float once; everything per element is fp32. Where
-// torch's kernels fuse a multiply-add (its CUDA kernels through nvcc's contraction, its CPU
-// kernels through Vectorized fmadd) we call fmaf explicitly, and where they round in between we
-// do too, so no compiler choice can change our results. torch's CPU and CUDA addcmul/addcdiv
-// associate differently; the Order tag picks the device's.
+// shared by the CPU and CUDA kernels. Each device follows torch's fused kernel for that device,
+// rounding for rounding, so `mixprec.optim.AdamW` equals `torch.optim.AdamW(fused=True)` bit for
+// bit on fp32 params on both:
+// - the CPU (adam_element, sgd_element): torch's fused CPU kernel, which follows the foreach
+//   order: scalars torch computes in Python doubles (bias corrections, step size, 1 - lr * wd)
+//   are computed in double and rounded to float once, everything per element is fp32, and the
+//   fused multiply-adds of its Vectorized code are explicit fmaf calls here;
+// - CUDA (fused_cuda::adam_element, fused_cuda::sgd_element): torch's FusedAdamKernel rounds
+//   every scalar to float and computes the bias corrections on the device with powf; its fused
+//   SGD works in double per element. nvcc contracts a * b + c into one fma there, so the
+//   contractions it makes are written out as fmaf/fma here, and this file is compiled with
+//   contraction off on the host (-ffp-contract=off), so no compiler choice changes our bits.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -18,17 +22,20 @@ namespace mixprec {
 
 // The gradient as the update sees it: grad * inv_scale (unscale), then * clip_coef (clipping),
 // each rounded to fp32 like torch's unscale_ followed by clip_grad_norm_ on fp32 grads.
-struct CudaOrder {};  // addcmul: a + s * (b * c); addcdiv: a + s * (b / c), fused
-struct CpuOrder {};   // addcmul: a + (s * b) * c, fused; addcdiv: a + (s * b) / c
-
 struct GradTransform {
   float inv_scale;  // 1 when there is none
   float clip_coef;  // 1 when there is none
   bool maximize;
 
-  MIXPREC_HOST_DEVICE float operator()(float g) const {
+  // The gradient torch.amp leaves in p.grad after unscale_ and clip_grad_norm_ (and what a
+  // fused torch optimizer writes back): unscaled and clipped, not negated for maximize.
+  MIXPREC_HOST_DEVICE float unscaled(float g) const {
     g = g * inv_scale;
-    g = g * clip_coef;
+    return g * clip_coef;
+  }
+  // The gradient the update uses.
+  MIXPREC_HOST_DEVICE float operator()(float g) const {
+    g = unscaled(g);
     return maximize ? -g : g;
   }
 };
@@ -38,19 +45,11 @@ MIXPREC_HOST_DEVICE inline float lerp(float self, float end, float weight) {
   return weight < 0.5f ? fmaf(weight, end - self, self) : fmaf(weight - 1.0f, end - self, end);
 }
 
-// a + s * b * c (torch.addcmul)
-template <typename Order>
-MIXPREC_HOST_DEVICE inline float addcmul(float a, float s, float b, float c) {
-  if constexpr (std::is_same_v<Order, CpuOrder>) return fmaf(s * b, c, a);
-  return fmaf(s, b * c, a);
-}
+// a + s * b * c (torch.addcmul on the CPU)
+MIXPREC_HOST_DEVICE inline float addcmul(float a, float s, float b, float c) { return fmaf(s * b, c, a); }
 
-// a + s * b / c (torch.addcdiv)
-template <typename Order>
-MIXPREC_HOST_DEVICE inline float addcdiv(float a, float s, float b, float c) {
-  if constexpr (std::is_same_v<Order, CpuOrder>) return a + (s * b) / c;
-  return fmaf(s, b / c, a);
-}
+// a + s * b / c (torch.addcdiv on the CPU)
+MIXPREC_HOST_DEVICE inline float addcdiv(float a, float s, float b, float c) { return a + (s * b) / c; }
 
 struct AdamConfig {
   double beta1, beta2, eps, weight_decay;
@@ -83,8 +82,7 @@ MIXPREC_HOST_DEVICE inline AdamStepScalars adam_step_scalars(const AdamConfig& c
   return s;
 }
 
-// One element of Adam/AdamW (torch's _multi_tensor_adam). p is the fp32 (master) weight.
-template <typename Order>
+// One element of Adam/AdamW on the CPU (torch's fused CPU kernel). p is the fp32 (master) weight.
 // v_max (max_exp_avg_sq) is read and written only when s.amsgrad. A reference, not a pointer
 // that may be null: on CUDA a conditional pointer into a register pack puts the pack in local
 // memory.
@@ -98,7 +96,7 @@ MIXPREC_HOST_DEVICE inline void adam_element(const AdamStepScalars& s, float g, 
     }
   }
   m = lerp(m, g, s.one_minus_beta1);
-  v = addcmul<Order>(v * s.beta2, s.one_minus_beta2, g, g);
+  v = addcmul(v * s.beta2, s.one_minus_beta2, g, g);
   float second = v;
   if (s.amsgrad) {
     // torch.maximum propagates NaN.
@@ -107,7 +105,7 @@ MIXPREC_HOST_DEVICE inline void adam_element(const AdamStepScalars& s, float g, 
     second = mx;
   }
   const float denom = sqrtf(second) / s.bias_correction2_sqrt + s.eps;
-  p = addcdiv<Order>(p, s.neg_step_size, m, denom);
+  p = addcdiv(p, s.neg_step_size, m, denom);
 }
 
 struct SgdConfig {
@@ -125,7 +123,7 @@ MIXPREC_HOST_DEVICE inline SgdStepScalars sgd_step_scalars(const SgdConfig& c, d
                         static_cast<float>(c.weight_decay), static_cast<float>(-lr), c.nesterov};
 }
 
-// One element of SGD (torch's _multi_tensor_sgd). `first`: the momentum buffer is new (torch's
+// One element of SGD on the CPU (torch's fused CPU kernel). `first`: the momentum buffer is new (torch's
 // "momentum_buffer is None"), so it starts as a copy of the gradient.
 MIXPREC_HOST_DEVICE inline void sgd_element(const SgdStepScalars& s, float g, float& p,
                                             float* buf, bool first) {
@@ -137,5 +135,74 @@ MIXPREC_HOST_DEVICE inline void sgd_element(const SgdStepScalars& s, float g, fl
   }
   p = fmaf(s.neg_lr, g, p);
 }
+
+// torch's fused CUDA kernels (FusedAdamKernel.cu / fused_adam_utils.cuh, FusedSgdKernel.cu).
+namespace fused_cuda {
+
+// Per tensor and step, on the device: every scalar rounded to float, the bias corrections with
+// float powf of the step count, as torch's kernel computes them per block.
+struct AdamScalars {
+  float lr, beta1, beta2, weight_decay, eps;
+  float bias_correction1, bias_correction2_sqrt;
+  bool decoupled, amsgrad;
+};
+
+MIXPREC_HOST_DEVICE inline AdamScalars adam_scalars(const AdamConfig& c, float lr, float step) {
+  AdamScalars s;
+  s.lr = lr;
+  s.beta1 = static_cast<float>(c.beta1);
+  s.beta2 = static_cast<float>(c.beta2);
+  s.weight_decay = static_cast<float>(c.weight_decay);
+  s.eps = static_cast<float>(c.eps);
+  s.bias_correction1 = 1.0f - powf(s.beta1, step);
+  s.bias_correction2_sqrt = sqrtf(1.0f - powf(s.beta2, step));
+  s.decoupled = c.decoupled_weight_decay;
+  s.amsgrad = c.amsgrad;
+  return s;
+}
+
+// One element of Adam/AdamW; g is the unscaled, clipped gradient, negated for maximize.
+MIXPREC_HOST_DEVICE inline void adam_element(const AdamScalars& s, float g, float& p, float& m,
+                                             float& v, float& v_max) {
+  if (s.weight_decay != 0.0f) {
+    if (s.decoupled) {
+      p = fmaf(-(s.lr * s.weight_decay), p, p);  // param -= lr * weight_decay * param
+    } else {
+      g = fmaf(p, s.weight_decay, g);  // grad += param * weight_decay
+    }
+  }
+  m = fmaf(s.beta1, m, fmaf(-s.beta1, g, g));
+  const float g2 = g * g;
+  v = fmaf(s.beta2, v, fmaf(-s.beta2, g2, g2));
+  const float step_size = s.lr / s.bias_correction1;
+  float second = v;
+  if (s.amsgrad) {
+    v_max = v_max < v ? v : v_max;  // std::max(max_exp_avg_sq, exp_avg_sq)
+    second = v_max;
+  }
+  const float denom = sqrtf(second) / s.bias_correction2_sqrt + s.eps;
+  p = p - step_size * m / denom;
+}
+
+struct SgdScalars {
+  double lr, momentum, one_minus_dampening, weight_decay;
+  bool nesterov;
+};
+
+// One element of SGD in torch's double arithmetic; g as for adam_element. `first`: the momentum
+// buffer is new, so it starts as a copy of the gradient.
+MIXPREC_HOST_DEVICE inline void sgd_element(const SgdScalars& s, float g, float& p, float* buf,
+                                            bool first) {
+  if (s.weight_decay != 0.0) g = static_cast<float>(fma(s.weight_decay, static_cast<double>(p), g));
+  if (buf != nullptr) {
+    const double b = first ? static_cast<double>(g)
+                           : fma(s.momentum, static_cast<double>(*buf), s.one_minus_dampening * g);
+    *buf = static_cast<float>(b);
+    g = static_cast<float>(s.nesterov ? fma(s.momentum, b, static_cast<double>(g)) : b);
+  }
+  p = static_cast<float>(fma(-s.lr, static_cast<double>(g), static_cast<double>(p)));
+}
+
+}  // namespace fused_cuda
 
 }  // namespace mixprec
