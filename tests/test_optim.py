@@ -1008,7 +1008,7 @@ def fused_twins(device, shapes, seed):
     return gen, [[torch.nn.Parameter(b.to(device, copy=True)) for b in base] for _ in range(2)]
 
 
-def assert_same_bits(a: list[Tensor], b: list[Tensor], what: str) -> None:
+def assert_same_bits(a: list[torch.Tensor], b: list[torch.Tensor], what: str) -> None:
     for i, (x, y) in enumerate(zip(a, b)):
         assert torch.equal(x.detach().view(torch.int32), y.detach().view(torch.int32)), f"{what} {i}"
 
