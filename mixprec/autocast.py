@@ -31,6 +31,7 @@ Beyond torch:
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -187,6 +188,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 _HOOKS_ATTR = "_mixprec_policy_hooks"
 
 
+class _PerThread(threading.local):
+    """A hook pair's save stack, one per thread: the pre-hook pushes what it changed, the post-hook
+    pops it. Policies and torch's autocast state are per thread, so a module called by two
+    threads at once must restore each thread's own state, not the other's."""
+
+    def __init__(self) -> None:  # threading.local runs it again in every thread
+        self.stack: list = []
+
+
 def _remove_hooks(module: torch.nn.Module) -> None:
     for handle in getattr(module, _HOOKS_ATTR, ()):
         handle.remove()
@@ -206,17 +216,17 @@ def set_policy(module: torch.nn.Module, policy: Policy | None) -> torch.nn.Modul
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a mixprec.Policy, got {type(policy).__name__}")
     device_type = policy.device_type
-    saved: list[int | None] = []
+    saved = _PerThread()  # the module may run in several threads at once
 
     def enter(mod, args):
         if torch.is_autocast_enabled(device_type):
             weight_cache = _extension.load().autocast_active(device_type)[1]
-            saved.append(_swap(device_type, policy.state(weight_cache=weight_cache)))
+            saved.stack.append(_swap(device_type, policy.state(weight_cache=weight_cache)))
         else:
-            saved.append(None)
+            saved.stack.append(None)
 
     def leave(mod, args, output):
-        previous = saved.pop()
+        previous = saved.stack.pop()
         if previous is not None:
             _swap(device_type, previous)
 
@@ -242,18 +252,18 @@ def keep_fp32(module: torch.nn.Module) -> torch.nn.Module:
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"keep_fp32 expects an nn.Module, got {type(module).__name__}")
     _remove_hooks(module)
-    regions: list[list[torch.amp.autocast]] = []
+    regions = _PerThread()  # the module may run in several threads at once
 
     def enter(mod, args, kwargs):
         active = [d for d in DEVICE_TYPES if torch.is_autocast_enabled(d)]
         off = [torch.amp.autocast(d, enabled=False) for d in active]
         for region in off:
             region.__enter__()
-        regions.append(off)
+        regions.stack.append(off)
         return (_to_fp32(args), _to_fp32(kwargs)) if active else None
 
     def leave(mod, args, output):
-        for region in reversed(regions.pop()):
+        for region in reversed(regions.stack.pop()):
             region.__exit__(None, None, None)
 
     setattr(module, _HOOKS_ATTR, [
