@@ -230,6 +230,7 @@ class Precision:
         self._scaled = False  # prec.backward()/scale() ran this iteration
         self._grad_versions: dict[int, int] | None = None
         self._checked: bool | None = None  # _check_iteration's verdict this iteration
+        self._unscaled: set[int] = set()  # ids of the optimizers unscale_() ran on this iteration
         self._overflow_names: list[str] = []
         if self._device is not None:
             self._advise_hardware(self._device)
@@ -524,9 +525,11 @@ class Precision:
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide `optimizer`'s grads by the loss scale now (16-mixed; nothing otherwise), for
-        code that reads or edits grads before step()."""
-        if self._scaling() and self._check_iteration():
+        code that reads or edits grads before step(). Once per iteration: a second call before
+        step() does nothing (the grads are unscaled already)."""
+        if self._scaling() and self._check_iteration() and id(optimizer) not in self._unscaled:
             self._scaler.unscale_(optimizer)
+            self._unscaled.add(id(optimizer))
 
     def clip_grad_norm_(self, optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0) -> Tensor:
         """Clip the true (unscaled) gradients of `optimizer` to total norm `max_norm` and return
@@ -534,7 +537,7 @@ class Precision:
         if self._scaling() and self._check_iteration():
             if isinstance(self._scaler, GradScaler):
                 return self._scaler.clip_grad_norm_(optimizer, max_norm, norm_type)
-            self._scaler.unscale_(optimizer)  # a scaler of torch's kind: torch's recipe
+            self.unscale_(optimizer)  # a scaler of torch's kind: torch's recipe
         if isinstance(optimizer, FoldsClip):
             return clip_folded_(optimizer, max_norm, norm_type).total_norm
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -547,6 +550,7 @@ class Precision:
             return optimizer.step(**kwargs)
         scaled = self._check_iteration()
         self._scaled, self._checked, self._grad_versions = False, None, None
+        self._unscaled.clear()
         if not scaled:
             return self._step_unscaled(optimizer, **kwargs)
         scaler = self._scaler
