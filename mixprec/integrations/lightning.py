@@ -71,7 +71,7 @@ class PluginCore:
         rank_zero_warn(
             f"You passed `{type(self).__name__}('16-mixed')` for the CPU, but AMP with fp16 is not supported "
             "on CPU. Using 'bf16-mixed' instead (pass scaler=mixprec.GradScaler('cpu') to keep fp16 with "
-            "loss scaling).")
+            "loss scaling).", stacklevel=6)
 
     def see_device(self, device: torch.device) -> None:
         """Where the model and inputs are, when no device was given: autocast runs there, and an
