@@ -11,7 +11,7 @@ host, so the hand-over is free of synchronisation and safe under CUDA-graph capt
 
 The rules a folding optimizer follows: step() applies the result it was last given and drops it;
 zero_grad() drops it (the coefficient belongs to the gradients it was measured on); a new
-fold_clip() replaces it. GradScaler recognises such an optimizer by isinstance(opt, FoldsClip);
+fold_clip() replaces it, and fold_clip(None) drops it (GradScaler does when it skips the step). GradScaler recognises such an optimizer by isinstance(opt, FoldsClip);
 any other optimizer gets torch's unscale_ + torch.nn.utils.clip_grad_norm_. Where a norm of scaled
 grads cannot equal torch's bit for bit (a scale that is not a power of two, norm types other than
 1, 2 and inf: needs_unscaled_grads), GradScaler unscales in place first, as torch does.
@@ -68,9 +68,10 @@ class ClipResult:
 class FoldsClip(Protocol):
     """An optimizer whose step() applies a ClipResult (its clip coefficient, and 1/scale when the
     step gets a grad_scale) inside its update, so that clipping never rewrites the gradients.
-    fold_clip(result) hands it the result for its next step(); zero_grad() must drop it."""
+    fold_clip(result) hands it the result for its next step(), fold_clip(None) drops it;
+    zero_grad() must drop it too."""
 
-    def fold_clip(self, result: ClipResult) -> None: ...
+    def fold_clip(self, result: ClipResult | None) -> None: ...
 
 
 # Norm types whose per-tensor norm scales exactly with a power-of-two scale (sums of |x| or x*x, or

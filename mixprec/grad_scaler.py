@@ -74,7 +74,8 @@ class GradScaler(torch.amp.GradScaler):
     scale still never backs off below mixprec.loss_scaler.SCALE_FLOOR = 2**-24, where torch's
     reaches 0.0 and then writes NaN into the weights: see stats()), ``max_scale`` and
     ``process_group`` (for sharded grads: the group every rank agrees found_inf and the clip norm
-    over; by default the device mesh of FSDP2's DTensor grads, so FSDP2 needs no argument).
+    over; by default the device mesh of FSDP2's DTensor grads, so FSDP2 needs no argument) and
+    ``skip_on_host``: see step().
     """
 
     def __init__(
@@ -90,8 +91,12 @@ class GradScaler(torch.amp.GradScaler):
         min_scale: float | None = None,
         max_scale: float | None = None,
         process_group: Any = None,
+        skip_on_host: bool = False,
     ) -> None:
         self._device = device
+        # Read found_inf on the host in step() and leave an overflowing step uncalled, as
+        # torch.amp does for plain optimizers (see step()).
+        self._skip_on_host = skip_on_host
         # Sharded grads: found_inf and the clip norm are agreed over this group (default: the
         # mesh of FSDP2's DTensor grads; replicated grads need nothing), like ShardedGradScaler.
         self._process_group = process_group
@@ -287,7 +292,16 @@ class GradScaler(torch.amp.GradScaler):
 
     def step(self, optimizer, *args, **kwargs):
         """Unscale (unless unscale_ was called) and call optimizer.step() unless grads held
-        inf/NaN. Returns optimizer.step()'s return value (None when skipped)."""
+        inf/NaN. Returns optimizer.step()'s return value (None when skipped).
+
+        An optimizer that declares ``_step_supports_amp_scaling`` (mixprec.optim, torch's fused
+        ones) gets grad_scale and found_inf as device tensors and skips on the device: its step()
+        is called even on an overflow (it initialises its state, as torch's fused optimizers do),
+        and nothing synchronises. With ``GradScaler(..., skip_on_host=True)`` found_inf is read on
+        the host (free on the CPU; one sync per step on CUDA, what torch.amp costs with a plain
+        optimizer) and an overflowing step() is not called, so frameworks that detect a skipped
+        step that way (Accelerate's optimizer_step_was_skipped, which holds back its LR
+        scheduler) see it."""
         if not self._enabled:
             return optimizer.step(*args, **kwargs)
         if "closure" in kwargs:
@@ -325,6 +339,15 @@ class GradScaler(torch.amp.GradScaler):
                 found_infs = [t.to(scale.device, non_blocking=True)
                               for t in optimizer_state["found_inf_per_device"].values()]
                 found_inf = found_infs[0] if len(found_infs) == 1 else sum(found_infs)
+                if self._skip_on_host and found_inf.item():
+                    # The skip is known on the host: don't call step(), so that frameworks that
+                    # detect a skip by step() not being called (Accelerate) see it. The folded
+                    # clip belonged to these grads: drop it, as the step would have.
+                    if isinstance(optimizer, FoldsClip):
+                        optimizer.fold_clip(None)
+                    optimizer_state["stage"] = OptState.STEPPED
+                    optimizer_state["host_saw_overflow"] = True
+                    return None
                 grads_unscaled = (optimizer_state["stage"] == OptState.UNSCALED
                                   and not optimizer_state["deferred_unscale"])
                 user_grad_scale = getattr(optimizer, "grad_scale", None)
@@ -480,6 +503,7 @@ class GradScaler(torch.amp.GradScaler):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_scale_is_pow2", False)  # pickled before it existed: not known
+        state.setdefault("_skip_on_host", False)
         self.__dict__.update(state)
 
     def _check_inf_per_device(self, optimizer) -> dict[torch.device, Tensor]:
