@@ -394,3 +394,19 @@ def test_fp16_grads_are_measured_scaled_where_torch_amp_refuses_to_unscale_them(
     r_scaler.scale(torch.ones((), device=device))
     with pytest.raises(ValueError, match="FP16"):
         r_scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0, 3.0])
+def test_optimizer_clip_norm_is_torch_clip_grad_norm_bit_for_bit(device, norm_type):
+    """opt.clip_grad_norm_ (no scaler) returns torch.nn.utils.clip_grad_norm_'s norm, dtype
+    included (bf16 when every grad is), for fp32, bf16, fp16 and mixed grads."""
+    gen = torch.Generator().manual_seed(3)
+    for dtypes in ([torch.float32] * 3, [torch.bfloat16] * 2, [torch.float16], [torch.float32, torch.bfloat16]):
+        params = [torch.nn.Parameter(torch.zeros(n, dtype=d, device=device)) for n, d in zip((70001, 33, 5), dtypes)]
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * 10).to(device, p.dtype)
+        grads = [p.grad.clone() for p in params]
+        norm = optim.AdamW(params).clip_grad_norm_(0.5, norm_type)
+        for p, g in zip(params, grads):
+            p.grad = g
+        assert_bitwise_equal(norm, torch.nn.utils.clip_grad_norm_(params, 0.5, norm_type), str(dtypes))
