@@ -25,12 +25,14 @@ Beyond torch:
   counter and are not seen.
 - torch.compile: a compiled function called inside a region traces the active policy into its
   graph (default policy: exactly torch.autocast). It is not re-traced when only the policy
-  changes; compile again after changing it. A mixprec.autocast *inside* a compiled function
-  graph-breaks (torch.autocast does not).
+  changes; compile again after changing it. A region entered *inside* a compiled function is
+  traced too (see "torch.compile" below).
 """
 from __future__ import annotations
 
 import functools
+import sys
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -71,6 +73,21 @@ class autocast:  # torch's name
     `policy` (a Policy for this device type; default: torch's), `weight_cache` and `record`
     (see the module docstring)."""
 
+    def __new__(
+        cls,
+        device_type: str,
+        dtype: torch.dtype | None = None,
+        enabled: bool = True,
+        cache_enabled: bool | None = None,
+        *,
+        policy: Policy | None = None,
+        weight_cache: bool = False,
+        record: bool = False,
+    ) -> Any:
+        if torch.compiler.is_compiling() and not record:  # dynamo is tracing this call
+            return _traced_region(device_type, dtype, enabled, cache_enabled, policy)
+        return super().__new__(cls)
+
     def __init__(
         self,
         device_type: str,
@@ -90,6 +107,7 @@ class autocast:  # torch's name
         elif policy.device_type != device_type:
             raise ValueError(f"policy is for {policy.device_type!r} but the region is {device_type!r}")
         self._torch = torch.amp.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+        self._args = (device_type, dtype, enabled, cache_enabled)
         self.device_type = device_type
         self.fast_dtype = self._torch.fast_dtype
         self.policy = policy
@@ -122,7 +140,10 @@ class autocast:  # torch's name
 
         @functools.wraps(fn)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            with self:
+            region = self
+            if torch.compiler.is_compiling() and self._record is None:  # one made in the trace is traced
+                region = autocast(*self._args, policy=self.policy)
+            with region:
                 return fn(*args, **kwargs)
 
         return wrapped
@@ -183,8 +204,122 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# ---- torch.compile ----------------------------------------------------------------------------
+# A region entered inside a function that dynamo traces becomes, in the trace:
+# - with torch's policy (and no outer mixprec policy to switch off): torch.amp.autocast itself, so
+#   it traces exactly as torch.autocast does (fullgraph, graph breaks inside the region, guards);
+# - with another policy: torch's autocast state plus two graph nodes that activate and restore
+#   the policy's C++ table. Dynamo and AOTAutograd run those nodes while they trace, so the
+#   policy's casts are traced into the graph as explicit ops (backend="eager" runs them at every
+#   call instead). The whole region is one graph (fullgraph works); a graph break inside it makes
+#   dynamo run the whole frame eagerly, with the policy (dynamo cannot resume inside a context
+#   manager it does not know).
+# weight_cache has no effect in a trace (compiled graphs make their casts anyway); record=True
+# regions are not traced (dynamo runs their frame eagerly, so that every op is recorded).
+class _CompiledStack(threading.local):
+    def __init__(self) -> None:
+        self.saved: list[tuple[str, int]] = []
+
+
+_compiled = _CompiledStack()
+_dynamo_ready = False  # see _dynamo_setup
+
+
+def _traced_region(device_type, dtype, enabled, cache_enabled, policy):
+    state = _table_for_trace(device_type, dtype, enabled, cache_enabled, policy)
+    if state == -2:
+        return object.__new__(autocast)
+    if state == -1:
+        return torch.amp.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+    return _TracedRegion((device_type, dtype, enabled, cache_enabled), state)
+
+
+def _table_for_trace(device_type, dtype, enabled, cache_enabled, policy) -> int:
+    """Dynamo calls this while it traces (it does not trace into it): checks the arguments as an
+    eager region does, and returns the table the region activates, or -1 where torch's own
+    region does the same (torch's policy, and none of ours active around it), or -2 where dynamo
+    is compiling autocast.__new__ itself as a frame (called from code it runs eagerly): that call
+    must make an eager region."""
+    _dynamo_setup()
+    symbolic_convert = sys.modules["torch._dynamo.symbolic_convert"]
+    tracer = getattr(symbolic_convert.tls, "current_tx", None)
+    if tracer is not None and tracer.f_code is autocast.__new__.__code__:
+        return -2
+    region = object.__new__(autocast)
+    region.__init__(device_type, dtype, enabled, cache_enabled, policy=policy)
+    if region._state == 0 and _current_state(device_type) == 0:
+        return -1
+    return region._state
+
+
+def _dynamo_setup() -> None:
+    """Once dynamo is loaded (importing it takes seconds, so not at our import): the policy nodes
+    go into graphs, and dynamo never compiles an eager region's methods as frames of their own
+    (they switch C++ state that it cannot see; inside traced code they are inlined, not run)."""
+    global _dynamo_ready
+    if _dynamo_ready:
+        return
+    torch.compiler.allow_in_graph(_enter_policy)
+    torch.compiler.allow_in_graph(_exit_policy)
+    skip_code = torch._dynamo.eval_frame.skip_code
+    for fn in (autocast.__new__, autocast.__init__, autocast.__enter__, autocast.__exit__,
+               _TracedRegion.__enter__, _TracedRegion.__exit__, _enter_policy, _exit_policy, _restore_to):
+        skip_code(fn.__code__)
+    _dynamo_ready = True
+
+
+_table_for_trace._dynamo_marked_constant = True  # what torch._dynamo.assume_constant_result sets
+
+
+class _TracedRegion:
+    """A region with mixprec's own policy inside a traced function (see above)."""
+
+    def __init__(self, args: tuple, state: int) -> None:
+        self._args, self._state = args, state
+
+    def __enter__(self) -> None:
+        self._torch = torch.amp.autocast_mode._enter_autocast(*self._args)
+        _enter_policy(self._args[0], self._state)
+
+    def __exit__(self, *exc: object) -> None:
+        _exit_policy()
+        torch.amp.autocast_mode._exit_autocast(self._torch)
+
+
+@torch.fx.node.has_side_effect
+def _enter_policy(device_type: str, state: int) -> None:
+    """Graph node: activate table `state` on this thread until the matching _exit_policy."""
+    depth = len(_compiled.saved)
+    _compiled.saved.append((device_type, _swap(device_type, state)))
+    symbolic_convert = sys.modules.get("torch._dynamo.symbolic_convert")
+    tracer = getattr(symbolic_convert.tls, "current_tx", None) if symbolic_convert else None
+    if tracer is not None:  # dynamo may stop tracing inside the region: restore then too
+        tracer.output.add_cleanup_hook(functools.partial(_restore_to, depth))
+
+
+@torch.fx.node.has_side_effect
+def _exit_policy() -> None:
+    """Graph node: restore the table active before the matching _enter_policy."""
+    _restore_to(len(_compiled.saved) - 1)
+
+
+def _restore_to(depth: int) -> None:
+    while len(_compiled.saved) > depth:
+        device_type, previous = _compiled.saved.pop()
+        _swap(device_type, previous)
+
+
 # ---- per-module policies -----------------------------------------------------------------------
 _HOOKS_ATTR = "_mixprec_policy_hooks"
+
+
+class _PerThread(threading.local):
+    """A hook pair's save stack, one per thread: the pre-hook pushes what it changed, the post-hook
+    pops it. Policies and torch's autocast state are per thread, so a module called by two
+    threads at once must restore each thread's own state, not the other's."""
+
+    def __init__(self) -> None:  # threading.local runs it again in every thread
+        self.stack: list = []
 
 
 def _remove_hooks(module: torch.nn.Module) -> None:
@@ -206,17 +341,17 @@ def set_policy(module: torch.nn.Module, policy: Policy | None) -> torch.nn.Modul
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a mixprec.Policy, got {type(policy).__name__}")
     device_type = policy.device_type
-    saved: list[int | None] = []
+    saved = _PerThread()  # the module may run in several threads at once
 
     def enter(mod, args):
         if torch.is_autocast_enabled(device_type):
             weight_cache = _extension.load().autocast_active(device_type)[1]
-            saved.append(_swap(device_type, policy.state(weight_cache=weight_cache)))
+            saved.stack.append(_swap(device_type, policy.state(weight_cache=weight_cache)))
         else:
-            saved.append(None)
+            saved.stack.append(None)
 
     def leave(mod, args, output):
-        previous = saved.pop()
+        previous = saved.stack.pop()
         if previous is not None:
             _swap(device_type, previous)
 
@@ -242,18 +377,18 @@ def keep_fp32(module: torch.nn.Module) -> torch.nn.Module:
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"keep_fp32 expects an nn.Module, got {type(module).__name__}")
     _remove_hooks(module)
-    regions: list[list[torch.amp.autocast]] = []
+    regions = _PerThread()  # the module may run in several threads at once
 
     def enter(mod, args, kwargs):
         active = [d for d in DEVICE_TYPES if torch.is_autocast_enabled(d)]
         off = [torch.amp.autocast(d, enabled=False) for d in active]
         for region in off:
             region.__enter__()
-        regions.append(off)
+        regions.stack.append(off)
         return (_to_fp32(args), _to_fp32(kwargs)) if active else None
 
     def leave(mod, args, output):
-        for region in reversed(regions.pop()):
+        for region in reversed(regions.stack.pop()):
             region.__exit__(None, None, None)
 
     setattr(module, _HOOKS_ATTR, [

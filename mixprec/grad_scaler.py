@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mixprec.clipping import FoldsClip, clip_folded_
+from mixprec.clipping import FoldsClip, clip_folded_, is_pow2, needs_unscaled_grads
 from mixprec.distributed import agree_found_inf, local, shard_group
 from mixprec.loss_scaler import DynamicLossScaler
 
@@ -74,7 +74,8 @@ class GradScaler(torch.amp.GradScaler):
     scale still never backs off below mixprec.loss_scaler.SCALE_FLOOR = 2**-24, where torch's
     reaches 0.0 and then writes NaN into the weights: see stats()), ``max_scale`` and
     ``process_group`` (for sharded grads: the group every rank agrees found_inf and the clip norm
-    over; by default the device mesh of FSDP2's DTensor grads, so FSDP2 needs no argument).
+    over; by default the device mesh of FSDP2's DTensor grads, so FSDP2 needs no argument) and
+    ``skip_on_host``: see step().
     """
 
     def __init__(
@@ -90,8 +91,12 @@ class GradScaler(torch.amp.GradScaler):
         min_scale: float | None = None,
         max_scale: float | None = None,
         process_group: Any = None,
+        skip_on_host: bool = False,
     ) -> None:
         self._device = device
+        # Read found_inf on the host in step() and leave an overflowing step uncalled, as
+        # torch.amp does for plain optimizers (see step()).
+        self._skip_on_host = skip_on_host
         # Sharded grads: found_inf and the clip norm are agreed over this group (default: the
         # mesh of FSDP2's DTensor grads; replicated grads need nothing), like ShardedGradScaler.
         self._process_group = process_group
@@ -115,6 +120,10 @@ class GradScaler(torch.amp.GradScaler):
             self._per_optimizer_states: dict[int, dict[str, Any]] = defaultdict(
                 _refresh_per_optimizer_state
             )
+            # Whether the scale is known, on the host, to be a power of two: then clip_grad_norm_
+            # can take torch's norm bit for bit from the scaled grads (mixprec.clipping.measure).
+            # Kept by every method that sets the scale, so reading it costs no sync.
+            self._scale_is_pow2 = is_pow2(init_scale)
 
     # torch's private attribute names, for code that peeks at them (e.g. `scaler._scale`).
     @property
@@ -235,7 +244,11 @@ class GradScaler(torch.amp.GradScaler):
         torch.nn.utils.clip_grad_norm_ would. An optimizer that folds clipping into its step
         (mixprec.clipping.FoldsClip, e.g. mixprec.optim) gets the norm and the inf check from one
         read of the scaled grads; unscaling and clipping then happen inside its step(), so the
-        grads are never rewritten. Other optimizers get exactly unscale_ + clip_grad_norm_."""
+        grads are never rewritten; the norm is torch's bit for bit (see mixprec.clipping.measure
+        for the range), and where that needs unscaled grads (a scale that is not a power of two,
+        norm types other than 1, 2, inf: clipping.needs_unscaled_grads) they are unscaled in
+        place first, as torch's recipe does.
+        Other optimizers get exactly unscale_ + clip_grad_norm_."""
         folds = isinstance(optimizer, FoldsClip)
         if not self._enabled:
             if folds:
@@ -251,6 +264,11 @@ class GradScaler(torch.amp.GradScaler):
             if optimizer_state["stage"] is OptState.READY:
                 self.unscale_(optimizer)
             return torch.nn.utils.clip_grad_norm_(_params_with_grad(optimizer), max_norm, norm_type)
+        if optimizer_state["stage"] is OptState.READY and needs_unscaled_grads(
+                optimizer, norm_type, self._scale_is_pow2, self._process_group):
+            # A norm of the scaled grads would differ from torch's by an ulp: unscale in place
+            # first, as torch's recipe does (the clip itself stays folded into the step).
+            self.unscale_(optimizer)
         if optimizer_state["stage"] is OptState.UNSCALED:  # unscale_ already ran and checked
             return clip_folded_(optimizer, max_norm, norm_type, process_group=self._process_group).total_norm
         # The grads still carry the scale: the result's found_inf is this iteration's inf check,
@@ -274,7 +292,16 @@ class GradScaler(torch.amp.GradScaler):
 
     def step(self, optimizer, *args, **kwargs):
         """Unscale (unless unscale_ was called) and call optimizer.step() unless grads held
-        inf/NaN. Returns optimizer.step()'s return value (None when skipped)."""
+        inf/NaN. Returns optimizer.step()'s return value (None when skipped).
+
+        An optimizer that declares ``_step_supports_amp_scaling`` (mixprec.optim, torch's fused
+        ones) gets grad_scale and found_inf as device tensors and skips on the device: its step()
+        is called even on an overflow (it initialises its state, as torch's fused optimizers do),
+        and nothing synchronises. With ``GradScaler(..., skip_on_host=True)`` found_inf is read on
+        the host (free on the CPU; one sync per step on CUDA, what torch.amp costs with a plain
+        optimizer) and an overflowing step() is not called, so frameworks that detect a skipped
+        step that way (Accelerate's optimizer_step_was_skipped, which holds back its LR
+        scheduler) see it."""
         if not self._enabled:
             return optimizer.step(*args, **kwargs)
         if "closure" in kwargs:
@@ -312,6 +339,15 @@ class GradScaler(torch.amp.GradScaler):
                 found_infs = [t.to(scale.device, non_blocking=True)
                               for t in optimizer_state["found_inf_per_device"].values()]
                 found_inf = found_infs[0] if len(found_infs) == 1 else sum(found_infs)
+                if self._skip_on_host and found_inf.item():
+                    # The skip is known on the host: don't call step(), so that frameworks that
+                    # detect a skip by step() not being called (Accelerate) see it. The folded
+                    # clip belonged to these grads: drop it, as the step would have.
+                    if isinstance(optimizer, FoldsClip):
+                        optimizer.fold_clip(None)
+                    optimizer_state["stage"] = OptState.STEPPED
+                    optimizer_state["host_saw_overflow"] = True
+                    return None
                 grads_unscaled = (optimizer_state["stage"] == OptState.UNSCALED
                                   and not optimizer_state["deferred_unscale"])
                 user_grad_scale = getattr(optimizer, "grad_scale", None)
@@ -344,6 +380,7 @@ class GradScaler(torch.amp.GradScaler):
         if new_scale is not None:
             if isinstance(new_scale, float):
                 scale.fill_(new_scale)
+                self._scale_is_pow2 = is_pow2(new_scale)
             else:
                 reason = (
                     "new_scale should be a float or a 1-element torch.cuda.FloatTensor or "
@@ -356,6 +393,7 @@ class GradScaler(torch.amp.GradScaler):
                 if new_scale.requires_grad is True:
                     raise AssertionError(reason)
                 scale.copy_(new_scale)
+                self._scale_is_pow2 = False  # not known without reading the device
         else:
             found_infs = [
                 found_inf.to(device=scale.device, non_blocking=True)
@@ -368,9 +406,17 @@ class GradScaler(torch.amp.GradScaler):
             for other in found_infs[1:]:
                 found_inf_combined += other
             self._scaler.update(found_inf_combined)
+            self._scale_is_pow2 = self._scale_is_pow2 and self._rule_keeps_pow2()
             if any(state.get("host_saw_overflow") for state in self._per_optimizer_states.values()):
                 self._scaler.check_floor(stacklevel=3)  # the CPU's update() already checked
         self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+
+    def _rule_keeps_pow2(self) -> bool:
+        # update() multiplies the scale by one factor, then clamps it to [floor, max_scale]: a
+        # power of two stays one when all of these are.
+        s = self._scaler
+        return all(is_pow2(x) for x in (s.growth_factor, s.backoff_factor, s.floor)) and (
+            s.max_scale is None or s.max_scale >= 2.0**127 or is_pow2(s.max_scale))  # >=: never reached
 
     def _warn_mistake(self, key: str, message: str) -> None:
         """One warning per scaler and mistake, naming the fix (stacklevel: the caller of step())."""
@@ -443,6 +489,7 @@ class GradScaler(torch.amp.GradScaler):
                 "instance of GradScaler."
             )
         self._scaler.load_state_dict(state_dict)
+        self._scale_is_pow2 = is_pow2(self._scaler.init_scale)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -455,6 +502,8 @@ class GradScaler(torch.amp.GradScaler):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_scale_is_pow2", False)  # pickled before it existed: not known
+        state.setdefault("_skip_on_host", False)
         self.__dict__.update(state)
 
     def _check_inf_per_device(self, optimizer) -> dict[torch.device, Tensor]:

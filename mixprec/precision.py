@@ -85,6 +85,18 @@ class default_dtype(contextlib.ContextDecorator):  # a context manager: lower ca
         torch.set_default_dtype(self._previous.pop())
 
 
+_FLOATING_CASTS = {torch.float64: nn.Module.double, torch.float16: nn.Module.half,
+                   torch.bfloat16: nn.Module.bfloat16, torch.float32: nn.Module.float}
+
+
+def cast_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`module` (the same object) with its floating params and buffers cast to `dtype`, as
+    module.double() / .half() / .bfloat16() do: complex tensors keep their dtype, where
+    module.to(dtype=torch.float64) would turn complex128 into float64 (dropping the imaginary
+    part). Parameters keep their identity, so optimizers built over them still hold them."""
+    return _FLOATING_CASTS[dtype](module)
+
+
 # -- the forward wrapper ---------------------------------------------------------------------------
 class _PrecisionForward:
     """Instance attribute `forward` of a set-up module: casts inputs, runs the module's own
@@ -212,12 +224,13 @@ class Precision:
             "cuda" if torch.cuda.is_available() else "cpu")
         self._scaler: GradScaler | None = None
         if self.mode.scaled:
-            self._scaler = scaler if scaler is not None else GradScaler(default_type)
+            self.scaler = scaler if scaler is not None else GradScaler(default_type)
         self._modules: list[nn.Module] = []
         self._warned: set[str] = set()
         self._scaled = False  # prec.backward()/scale() ran this iteration
         self._grad_versions: dict[int, int] | None = None
         self._checked: bool | None = None  # _check_iteration's verdict this iteration
+        self._unscaled: set[int] = set()  # ids of the optimizers unscale_() ran on this iteration
         self._overflow_names: list[str] = []
         if self._device is not None:
             self._advise_hardware(self._device)
@@ -238,6 +251,20 @@ class Precision:
     def scaler(self) -> GradScaler | None:
         """The GradScaler of 16-mixed (None otherwise)."""
         return self._scaler
+
+    @scaler.setter
+    def scaler(self, scaler: Any) -> None:
+        """Use `scaler` from now on (16-mixed): a mixprec.GradScaler, or any object with
+        torch.amp.GradScaler's scale/unscale_/step/update (e.g. torch's own); None turns loss
+        scaling off."""
+        if scaler is not None:
+            if not self.mode.scaled:
+                raise ValueError(f"scaler= is for '16-mixed'; precision {self.precision!r} uses no loss scaling")
+            missing = [m for m in ("scale", "unscale_", "step", "update", "is_enabled") if not hasattr(scaler, m)]
+            if missing:
+                raise TypeError(f"scaler must be a GradScaler (mixprec.GradScaler or torch.amp.GradScaler), "
+                                f"got {type(scaler).__name__} without {', '.join(missing)}")
+        self._scaler = scaler
 
     def __repr__(self) -> str:
         return f"Precision({self.precision!r})"
@@ -262,6 +289,8 @@ class Precision:
 
     def _advise_hardware(self, device: torch.device, stacklevel: int = 4) -> None:
         """Warn where the chosen half type is slow on this hardware (mixprec.hardware's advice)."""
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return  # nothing to describe; autocast and GradScaler say they are disabled
         advice = hardware.precision_warning(hardware.device_facts(device), self.precision)
         if advice is not None:
             self.warn_once("hardware", advice, stacklevel)
@@ -290,7 +319,7 @@ class Precision:
             if self.mode.half_weights and self.master_weights:
                 # The fp32 values the masters start from (the old storage: no copy is made).
                 snapshots = {id(p): p.detach() for p in model.parameters() if p.dtype == torch.float32}
-            model.to(dtype=self.dtype)  # Parameters keep their identity: optimizers still hold them
+            cast_module(model, self.dtype)
         converted = tuple(self._setup_optimizer(opt, snapshots) for opt in optimizers)
         inner = model.__dict__.get("forward")
         if isinstance(inner, _PrecisionForward):
@@ -305,14 +334,10 @@ class Precision:
             return opt
         if isinstance(opt, mixprec_optim.FusedOptimizer):
             new = opt
-            group = opt.param_groups[0] if opt.param_groups else {}
-            if (group.get("master_weights", True), group.get("rounding", "nearest")) != (self.master_weights, self.rounding):
-                self.warn_once("optimizer-options", (
-                    f"{self.precision}: the {type(opt).__name__} given keeps its own master_weights="
-                    f"{group.get('master_weights')!r}, rounding={group.get('rounding')!r}, not the Precision's "
-                    f"(master_weights={self.master_weights!r}, rounding={self.rounding!r})"), 5)
+            self.apply_options(opt)
         elif type(opt) in _TORCH_TO_MIXPREC:
             new = self._equivalent_mixprec_optimizer(opt)
+            self._guard_replaced(opt, new)
         elif not self.master_weights and self.rounding == "nearest":
             return opt  # updating the half weights in place, rounded to nearest, is what was asked
         else:
@@ -322,19 +347,91 @@ class Precision:
                 f"got {type(opt).__module__}.{type(opt).__name__}. Pass one of those, or "
                 f"Precision({self.precision!r}, master_weights=False) to let this optimizer update the "
                 "half-precision weights directly (rounded to nearest)")
-        for group in new.param_groups:
+        self.seed_master_weights(new, snapshots)
+        return new
+
+    def apply_options(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give a mixprec.optim optimizer this Precision's master_weights / rounding / seed
+        (16-true, bf16-true; nothing otherwise), so that e.g. Precision("bf16-true",
+        master_weights=False, rounding="stochastic") holds for a default mixprec.optim.AdamW.
+        Options set on the optimizer itself are kept (with a warning) when the Precision has the
+        defaults. ValueError naming the fix, changing nothing, when both set different options,
+        or when the optimizer already holds state built for its own options."""
+        if not self.mode.half_weights or not isinstance(optimizer, mixprec_optim.FusedOptimizer):
+            return
+        ours, default = (self.master_weights, self.rounding), (True, "nearest")
+        name = type(optimizer).__name__
+        asked = f"master_weights={self.master_weights!r}, rounding={self.rounding!r}"
+        to_apply, kept = [], None
+        for group in optimizer.param_groups:
+            theirs = (group.get("master_weights", True), group.get("rounding", "nearest"))
+            if theirs == ours:
+                continue
+            if ours == default:
+                kept = theirs
+                continue
+            if theirs != default:
+                raise ValueError(
+                    f"{self.precision}: the precision asks for {asked} but the {name} was built with "
+                    f"master_weights={theirs[0]!r}, rounding={theirs[1]!r}: set them in one place (build "
+                    f"the optimizer with the defaults, or drop them from the precision)")
+            if any(p in optimizer.state for p in group["params"]):
+                raise ValueError(
+                    f"{self.precision}: {asked} cannot be applied to a {name} that has already stepped "
+                    f"with fp32 master weights (its state holds them): build it as mixprec.optim.{name}("
+                    f"params, ..., {asked}) before its first step")
+            to_apply.append(group)
+        if kept is not None:
+            self.warn_once("optimizer-options", (
+                f"{self.precision}: the {name} given keeps its own master_weights={kept[0]!r}, "
+                f"rounding={kept[1]!r}, not the precision's ({asked})"), 4)
+        for group in to_apply:  # checked every group first: an error above changed nothing
+            group["master_weights"], group["rounding"] = ours
+            if self.seed is not None:
+                group["seed"] = int(self.seed)
+        if to_apply:  # param groups added later get them too
+            optimizer.defaults.update(master_weights=ours[0], rounding=ours[1])
+            if self.seed is not None:
+                optimizer.defaults["seed"] = int(self.seed)
+
+    def seed_master_weights(self, optimizer: torch.optim.Optimizer, fp32: Mapping[int, Tensor]) -> None:
+        """Start the fp32 master weights of a mixprec.optim optimizer from `fp32` (param id -> the
+        exact fp32 value the param had before it was cast to fp16/bf16), instead of from the
+        rounded weights. Nothing for other optimizers or groups without master weights."""
+        if not isinstance(optimizer, mixprec_optim.FusedOptimizer):
+            return
+        for group in optimizer.param_groups:
             if not group.get("master_weights", True):
                 continue
             for p in group["params"]:
-                fp32 = snapshots.get(id(p))
-                if fp32 is None:
+                value = fp32.get(id(p))
+                if value is None:
                     continue
-                state = new.state[p]
+                state = optimizer.state[p]
                 if "master_param" in state:
-                    state["master_param"].copy_(fp32)
+                    state["master_param"].copy_(value)
                 else:
-                    state["master_param"] = fp32
-        return new
+                    state["master_param"] = value
+
+    def _guard_replaced(self, old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+        """Warn about the two ways of keeping on training with `old` after setup() replaced it:
+        an LR scheduler made before setup() (torch's schedulers wrap the step of the optimizer
+        they were made over) and a later old.step() (a step pre-hook)."""
+        what = (f"{self.precision}: setup() replaced the {type(old).__module__}.{type(old).__name__} "
+                f"with a mixprec.optim.{type(new).__name__} (it holds the fp32 master weights)")
+        if hasattr(old.step, "_wrapped_by_lr_sched"):
+            self.warn_once(f"scheduler-before-setup-{id(old)}", (
+                f"{what}, but an LR scheduler was created over the old optimizer before setup(): it "
+                "changes the old optimizer's learning rate, so the schedule is not applied. Create "
+                "the scheduler after setup(), over the optimizer setup() returns."), 6)
+
+        def stepped_old(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.warn_once(f"old-optimizer-{id(optimizer)}", (
+                f"{what}, but the old optimizer was stepped: it updates the half-precision weights "
+                "directly, without master weights. Step the optimizer setup() returned "
+                "(model, optimizer = prec.setup(model, optimizer))."), 4)
+
+        old.register_step_pre_hook(stepped_old)
 
     def _equivalent_mixprec_optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The mixprec.optim optimizer with the same param groups, hyper-parameters and state."""
@@ -428,15 +525,19 @@ class Precision:
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide `optimizer`'s grads by the loss scale now (16-mixed; nothing otherwise), for
-        code that reads or edits grads before step()."""
-        if self._scaling() and self._check_iteration():
+        code that reads or edits grads before step(). Once per iteration: a second call before
+        step() does nothing (the grads are unscaled already)."""
+        if self._scaling() and self._check_iteration() and id(optimizer) not in self._unscaled:
             self._scaler.unscale_(optimizer)
+            self._unscaled.add(id(optimizer))
 
     def clip_grad_norm_(self, optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0) -> Tensor:
         """Clip the true (unscaled) gradients of `optimizer` to total norm `max_norm` and return
         that norm, under every mode (mixprec optimizers apply the clip inside their step)."""
         if self._scaling() and self._check_iteration():
-            return self._scaler.clip_grad_norm_(optimizer, max_norm, norm_type)
+            if isinstance(self._scaler, GradScaler):
+                return self._scaler.clip_grad_norm_(optimizer, max_norm, norm_type)
+            self.unscale_(optimizer)  # a scaler of torch's kind: torch's recipe
         if isinstance(optimizer, FoldsClip):
             return clip_folded_(optimizer, max_norm, norm_type).total_norm
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -449,11 +550,13 @@ class Precision:
             return optimizer.step(**kwargs)
         scaled = self._check_iteration()
         self._scaled, self._checked, self._grad_versions = False, None, None
+        self._unscaled.clear()
         if not scaled:
             return self._step_unscaled(optimizer, **kwargs)
         scaler = self._scaler
         out = scaler.step(optimizer, **kwargs)
-        if self.track_overflow_names and _any_on_host(scaler.found_inf_per_device(optimizer).values()):
+        if (self.track_overflow_names and isinstance(scaler, GradScaler)
+                and _any_on_host(scaler.found_inf_per_device(optimizer).values())):
             self._overflow_names = self._named_nonfinite(optimizer)
         scaler.update()
         return out
@@ -480,7 +583,12 @@ class Precision:
         scale_at_floor and nonfinite_since_step (see GradScaler.stats) and overflow_params: the params whose grads overflowed in the last overflowing step (with
         track_overflow_names=True), or, when `model` is given, those whose current grads hold
         inf/NaN. Synchronises: for logging."""
-        scaler = self._scaler.stats() if self._scaling() else {}
+        if not self._scaling():
+            scaler = {}
+        elif isinstance(self._scaler, GradScaler):
+            scaler = self._scaler.stats()
+        else:  # a scaler of torch's kind knows its scale only
+            scaler = {"scale": self._scaler.get_scale()}
         names = nonfinite_grad_names(model.named_parameters()) if model is not None else list(self._overflow_names)
         skipped = int(scaler.get("skipped_steps", 0))
         # scale_at_floor / nonfinite_since_step: every step since that one was non-finite and the

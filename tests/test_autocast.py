@@ -286,6 +286,100 @@ def test_keep_fp32_runs_the_subtree_in_fp32_and_gradients_flow():
     assert torch.equal(out, expected)
 
 
+def _run_in_two_threads(first, second, module, iterations):
+    """Call first() and second() in two threads `iterations` times, so that both threads are inside
+    `module` at once every time: a barrier before each call, and one inside the module, after its
+    mixprec pre-hook has run in both threads. Returns their results, call by call."""
+    start, inside = threading.Barrier(2, timeout=10), threading.Barrier(2, timeout=10)
+
+    def meet(mod, args):
+        inside.wait()
+
+    handle = module.register_forward_pre_hook(meet)
+    results: dict[str, list] = {"first": [], "second": []}
+    errors: list[BaseException] = []
+
+    def loop(name, fn):
+        try:
+            for _ in range(iterations):
+                start.wait()
+                results[name].append(fn())
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+            start.abort()
+            inside.abort()
+
+    threads = [threading.Thread(target=loop, args=("first", first)),
+               threading.Thread(target=loop, args=("second", second))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        handle.remove()
+    assert not errors, errors
+    return results["first"], results["second"]
+
+
+def test_set_policy_on_a_module_shared_by_two_threads():
+    """Thread A runs the model in a region (the head under its own policy), thread B runs the same
+    model with no autocast at the same time: each gets exactly its single-threaded result, and
+    neither thread is left with a policy active."""
+    torch.manual_seed(0)
+    model = Tiny()
+    mixprec.set_policy(model.head, default_policy("cpu").override({F.linear: "fp16"}))
+    x = torch.randn(6, 16)
+
+    def in_region():
+        with torch.no_grad(), mixprec.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+            inside = _current_state("cpu")  # the region's (torch's) policy again after the head
+        return out, inside, _current_state("cpu"), torch.is_autocast_enabled("cpu")
+
+    def plain():
+        with torch.no_grad():
+            out = model(x)
+        return out, _current_state("cpu"), _current_state("cpu"), torch.is_autocast_enabled("cpu")
+
+    alone_a, alone_b = in_region(), plain()
+    assert alone_a[0].dtype == torch.float16 and alone_b[0].dtype == torch.float32
+    seen_a, seen_b = _run_in_two_threads(in_region, plain, model.head, 300)
+    for got in seen_a:
+        assert_identical(got, alone_a)
+    for got in seen_b:
+        assert_identical(got, alone_b)
+
+
+def test_keep_fp32_on_a_module_shared_by_two_threads():
+    """keep_fp32 turns autocast off inside the module in the thread that runs it only: the other
+    thread's region keeps its own autocast state, before, inside and after the module."""
+    torch.manual_seed(0)
+    model = Tiny()
+    mixprec.keep_fp32(model.head)
+    x = torch.randn(6, 16)
+
+    def in_region():
+        with torch.no_grad(), mixprec.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+            after = torch.mm(x, x.t()).dtype  # autocast is back on after the module
+        return out, after, torch.is_autocast_enabled("cpu")
+
+    def plain():
+        with torch.no_grad():
+            out = model(x)
+        return out, torch.mm(x, x.t()).dtype, torch.is_autocast_enabled("cpu")
+
+    alone_a, alone_b = in_region(), plain()
+    assert alone_a[1] == torch.bfloat16 and not alone_a[2]
+    assert alone_b == (alone_b[0], torch.float32, False)
+    seen_a, seen_b = _run_in_two_threads(in_region, plain, model.head, 300)
+    for got in seen_a:
+        assert_identical(got, alone_a)
+    for got in seen_b:
+        assert_identical(got, alone_b)
+
+
 def test_report_names_ops_dtypes_and_casts():
     with mixprec.autocast("cpu", dtype=torch.bfloat16, record=True) as region:
         Tiny()(torch.randn(6, 16))

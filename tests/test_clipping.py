@@ -6,6 +6,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_bitwise_equal
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mixprec
 from mixprec import optim
@@ -235,3 +238,175 @@ def test_precision_clips_a_custom_folding_optimizer(device):
         prec.step(opt)
         assert opt.result is None
         assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# -- item 22: the norm is torch's, bit for bit ------------------------------------------------------
+
+def _grad_values(shape, dtype, low, high, zeros, gen):
+    """sign * [1, 2) * 2**e with e uniform in [low, high] per element (a few zeros): magnitudes
+    spread widely but inside the range measure() promises exactness in."""
+    n = math.prod(shape)
+    e = torch.randint(low, high + 1, (n,), generator=gen).double()
+    v = (1 + torch.rand(n, generator=gen, dtype=torch.float64)) * torch.exp2(e)
+    v = torch.where(torch.rand(n, generator=gen) < 0.5, -v, v)
+    v[torch.rand(n, generator=gen) < zeros] = 0.0
+    return v.view(shape).to(dtype)
+
+
+@st.composite
+def clip_cases(draw):
+    """Grads (fp32/bf16, several layouts), a scale (power of two or not), norm type, max_norm."""
+    pow2 = draw(st.booleans())
+    scale = 2.0 ** draw(st.integers(-8, 24)) if pow2 else draw(
+        st.floats(0.3, 2.0**20).filter(lambda x: math.frexp(x)[0] != 0.5))
+    specs = draw(st.lists(st.tuples(
+        st.sampled_from([(1,), (7,), (33, 5), (64, 129), (70001,)]),
+        st.sampled_from([torch.float32, torch.bfloat16]),
+        st.sampled_from(["contiguous", "transposed", "strided"]),
+        st.integers(-30, 0), st.integers(0, 30), st.sampled_from([0.0, 0.3])), min_size=1, max_size=5))
+    return {
+        "scale": scale, "specs": specs, "seed": draw(st.integers(0, 2**31 - 1)),
+        "norm_type": draw(st.sampled_from([2.0, 2.0, math.inf, 1.0, 3.0])),
+        "max_norm": draw(st.floats(1e-3, 1e3)),
+        "bad": draw(st.sampled_from([None, None, None, math.inf, -math.inf, math.nan])),
+    }
+
+
+def _layout(t, layout):
+    if layout == "transposed" and t.dim() == 2:
+        return t.t().contiguous().t()
+    if layout == "strided":
+        return torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0]
+    return t
+
+
+@settings(max_examples=40)
+@given(case=clip_cases())
+def test_scaler_clip_norm_is_torch_unscale_and_clip_bit_for_bit(device, case):
+    """GradScaler.clip_grad_norm_ with a mixprec optimizer returns torch.amp's unscale_ +
+    torch.nn.utils.clip_grad_norm_ norm bit for bit (dtype included) and the same inf check; the
+    step that follows equals our optimizer stepped on torch's unscaled, clipped grads: bit for bit
+    for fp32 (the kernel unscales and clips in fp32, as torch does on fp32 grads), and for bf16 to
+    bf16's tolerance (torch rounds the clipped grad to bf16, the kernel keeps it in fp32)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    ours, ref = [], []
+    for i, (shape, dtype, layout, low, high, zeros) in enumerate(case["specs"]):
+        p = torch.randn(shape, generator=gen).to(device, dtype)
+        g = _grad_values(shape, dtype, low, high, zeros, gen).to(device)
+        if i == 0 and case["bad"] is not None:
+            g.view(-1)[0] = case["bad"]
+        for params in (ours, ref):
+            params.append(torch.nn.Parameter(p.clone()))
+            params[-1].grad = _layout(g.clone(), layout)
+    o_opt, r_opt = optim.AdamW(ours, lr=1e-2), optim.AdamW(ref, lr=1e-2)
+    o_scaler = mixprec.GradScaler(device, init_scale=case["scale"])
+    r_scaler = torch.amp.GradScaler(device, init_scale=case["scale"])
+    for scaler in (o_scaler, r_scaler):
+        scaler.scale(torch.ones((), device=device))  # creates the scale tensor
+
+    versions = [p.grad._version for p in ours]
+    norm = o_scaler.clip_grad_norm_(o_opt, case["max_norm"], case["norm_type"])
+    # A power-of-two scale and norm type 1, 2 or inf: one read of the scaled grads; otherwise
+    # they were unscaled in place first, as torch's recipe does.
+    read_scaled = math.frexp(case["scale"])[0] == 0.5 and case["norm_type"] != 3.0
+    assert ([p.grad._version for p in ours] == versions) == read_scaled
+    r_scaler.unscale_(r_opt)
+    r_norm = torch.nn.utils.clip_grad_norm_(ref, case["max_norm"], case["norm_type"])
+    assert_bitwise_equal(norm, r_norm, "total norm")
+    found = sum(v.item() for v in o_scaler.found_inf_per_device(o_opt).values())
+    r_found = sum(v.item() for v in r_scaler._found_inf_per_device(r_opt).values())
+    assert (found != 0) == (r_found != 0)
+
+    o_scaler.step(o_opt)
+    r_scaler.step(r_opt)
+    for i, (po, pr) in enumerate(zip(ours, ref)):
+        if po.dtype == torch.float32:
+            assert_bitwise_equal(po.detach(), pr.detach(), f"param {i}")
+        else:
+            torch.testing.assert_close(po, pr)
+        if found:
+            assert torch.equal(po, pr)  # both skipped: untouched
+
+
+def _clip_twins(device, o_scaler, r_scaler, seed):
+    """One clip by each recipe on the same fp32 grads; returns (ours, torch's, grads rewritten)."""
+    gen = torch.Generator().manual_seed(seed)
+    ours, ref = mlp(device), mlp(device)
+    for po, pr in zip(ours.parameters(), ref.parameters()):
+        g = torch.randn(po.shape, generator=gen).to(device) * 100
+        po.grad, pr.grad = g.clone(), g.clone()
+    o_opt, r_opt = optim.SGD(ours.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    versions = [p.grad._version for p in ours.parameters()]
+    norm = o_scaler.clip_grad_norm_(o_opt, 1.0)
+    rewritten = [p.grad._version for p in ours.parameters()] != versions
+    r_scaler.unscale_(r_opt)
+    r_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    for scaler, opt in ((o_scaler, o_opt), (r_scaler, r_opt)):
+        scaler.step(opt)
+        scaler.update()
+    return norm, r_norm, rewritten
+
+
+def test_the_scaler_knows_without_a_sync_when_its_scale_stops_being_a_power_of_two(device):
+    """Growth by 3, a float new_scale or a loaded scale that is not a power of two send
+    clip_grad_norm_ through an in-place unscale_ (torch's norm needs it); a power of two again
+    brings back the single read. Either way the norm is torch's bit for bit."""
+    o_scaler = mixprec.GradScaler(device, init_scale=2.0**10, growth_factor=3.0, growth_interval=1)
+    r_scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_factor=3.0, growth_interval=1)
+    for scaler in (o_scaler, r_scaler):
+        scaler.scale(torch.ones((), device=device))
+    rewritten = []
+    for seed in range(3):  # 2**10, then 3 * 2**10, 9 * 2**10
+        norm, r_norm, was_rewritten = _clip_twins(device, o_scaler, r_scaler, seed)
+        assert_bitwise_equal(norm, r_norm, f"step {seed}")
+        rewritten.append(was_rewritten)
+    assert rewritten == [False, True, True]
+    # (change, whether the next clip reads the scaled grads); a tensor new_scale is not read on
+    # the host: not known to be a power of two, so the in-place route.
+    for change, expect_read in ((lambda s: s.update(2.0**12), True), (lambda s: s.update(1000.0), False),
+                                (lambda s: s.load_state_dict({**s.state_dict(), "scale": 2.0**5}), True),
+                                (lambda s: s.load_state_dict({**s.state_dict(), "scale": 96.0}), False),
+                                (lambda s: s.update(torch.full((), 2.0**8, device=device)), False)):
+        for scaler in (o_scaler, r_scaler):
+            change(scaler)
+            scaler.set_growth_factor(2.0)
+        norm, r_norm, was_rewritten = _clip_twins(device, o_scaler, r_scaler, 7)
+        assert_bitwise_equal(norm, r_norm)
+        assert was_rewritten == (not expect_read)
+
+
+def test_fp16_grads_are_measured_scaled_where_torch_amp_refuses_to_unscale_them(device):
+    """torch.amp.GradScaler.unscale_ raises on fp16 grads, so there is no torch norm to equal:
+    ours is the norm of grads / scale accumulated in fp32, grads untouched."""
+    model = mlp(device).half()
+    opt = optim.AdamW(model.parameters())
+    scaler = mixprec.GradScaler(device, init_scale=2.0**12)
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = (torch.randn(p.shape, generator=gen) * 2.0**8).to(device, torch.float16)
+    grads = [p.grad.clone() for p in model.parameters()]
+    scaler.scale(torch.ones((), device=device))
+    norm = scaler.clip_grad_norm_(opt, 1.0)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    expected = torch.nn.utils.get_total_norm([g.float() * 2.0**-12 for g in grads])
+    torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+    r_scaler = torch.amp.GradScaler(device)
+    r_scaler.scale(torch.ones((), device=device))
+    with pytest.raises(ValueError, match="FP16"):
+        r_scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0, 3.0])
+def test_optimizer_clip_norm_is_torch_clip_grad_norm_bit_for_bit(device, norm_type):
+    """opt.clip_grad_norm_ (no scaler) returns torch.nn.utils.clip_grad_norm_'s norm, dtype
+    included (bf16 when every grad is), for fp32, bf16, fp16 and mixed grads."""
+    gen = torch.Generator().manual_seed(3)
+    for dtypes in ([torch.float32] * 3, [torch.bfloat16] * 2, [torch.float16], [torch.float32, torch.bfloat16]):
+        params = [torch.nn.Parameter(torch.zeros(n, dtype=d, device=device)) for n, d in zip((70001, 33, 5), dtypes)]
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * 10).to(device, p.dtype)
+        grads = [p.grad.clone() for p in params]
+        norm = optim.AdamW(params).clip_grad_norm_(0.5, norm_type)
+        for p, g in zip(params, grads):
+            p.grad = g
+        assert_bitwise_equal(norm, torch.nn.utils.clip_grad_norm_(params, 0.5, norm_type), str(dtypes))

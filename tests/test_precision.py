@@ -449,3 +449,93 @@ def test_16_mixed_reports_a_scale_stuck_at_its_floor():
     assert stats["scale"] == 2.0**-24 and stats["skipped_steps"] == 60
     assert stats["scale_at_floor"] is True and stats["nonfinite_since_step"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_64_true_setup_keeps_complex_buffers():
+    """Issue 14 item 14: floating tensors are cast, complex ones keep their dtype and values."""
+    model = make_model()
+    spectrum = torch.complex(torch.randn(5), torch.randn(5)).to(torch.complex128)
+    model.register_buffer("spectrum", spectrum.clone())
+    Precision("64-true").setup(model)
+    assert model.spectrum.dtype == torch.complex128 and torch.equal(model.spectrum, spectrum)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+
+
+def test_true_mode_options_reach_a_default_mixprec_optimizer():
+    """Issue 14 item 19: master_weights=False / rounding / seed are applied to a mixprec.optim
+    optimizer built with the defaults, giving the run of one built with those options."""
+    def run(prec, opt_kwargs):
+        model = make_model()
+        model, opt = prec.setup(model, mixprec.optim.AdamW(model.parameters(), lr=1e-2, **opt_kwargs))
+        for step in range(3):
+            x, y = data(step)
+            prec.backward(F.mse_loss(model(x), y))
+            prec.step(opt)
+            opt.zero_grad()
+        return model, opt
+
+    model, opt = run(Precision("bf16-true", master_weights=False, rounding="stochastic", seed=9), {})
+    ref, _ = run(Precision("bf16-true", master_weights=False, rounding="stochastic"),
+                 {"master_weights": False, "rounding": "stochastic", "seed": 9})
+    assert (opt.param_groups[0]["master_weights"], opt.param_groups[0]["rounding"]) == (False, "stochastic")
+    assert all("master_param" not in s for s in opt.state.values())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    # the optimizer's own options stand when the Precision has the defaults (a warning says so)
+    messages = _warnings_of(lambda: run(Precision("bf16-true"), {"master_weights": False, "rounding": "kahan"}))
+    assert any("keeps its own master_weights=False, rounding='kahan'" in m for m in messages)
+
+
+def test_scaler_is_assignable_and_checked():
+    prec = Precision("16-mixed", device="cpu")
+    torch_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**3)
+    prec.scaler = torch_scaler  # torch's kind: backward, unscale_, clip and step use it
+    model = make_model()
+    model, opt = prec.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = data(0)
+    prec.backward(F.mse_loss(model(x), y))
+    prec.unscale_(opt)
+    prec.unscale_(opt)  # once per iteration: the second does nothing
+    norm = prec.clip_grad_norm_(opt, 1e-3)
+    assert norm > 1e-3 and prec.step(opt) is None and prec.stats()["scale"] == 8.0
+    with pytest.raises(TypeError, match="scaler must be a GradScaler"):
+        prec.scaler = object()
+    with pytest.raises(ValueError, match="scaler= is for '16-mixed'"):
+        Precision("bf16-mixed").scaler = mixprec.GradScaler("cpu")
+    prec.scaler = None
+    assert prec.scaler is None and prec.state_dict() == {}
+
+
+def test_stepping_the_replaced_optimizer_warns_naming_the_fix():
+    """Issue 14 item 25: setup() replaced a torch optimizer; stepping the old one trains the
+    half weights without master weights."""
+    model = make_model()
+    old = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    prec = Precision("bf16-true")
+    model, new = prec.setup(model, old)
+    x, y = data(0)
+
+    def loop():
+        for _ in range(3):
+            prec.backward(F.mse_loss(model(x), y))
+            old.step()  # the mistake
+            old.zero_grad()
+
+    messages = [m for m in _warnings_of(loop) if "the old optimizer was stepped" in m]
+    assert len(messages) == 1 and "Step the optimizer setup() returned" in messages[0]
+    assert "torch.optim.adamw.AdamW" in messages[0] and "mixprec.optim.AdamW" in messages[0]
+    prec.backward(F.mse_loss(model(x), y))
+    assert [m for m in _warnings_of(lambda: new.step()) if "old optimizer" in m] == []
+
+
+def test_scheduler_built_before_setup_warns_naming_the_fix():
+    """Issue 14 item 25: a scheduler made over the optimizer setup() replaces schedules nothing."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    messages = [m for m in _warnings_of(lambda: Precision("16-true").setup(model, opt))
+                if "LR scheduler was created over the old optimizer" in m]
+    assert len(messages) == 1 and "Create the scheduler after setup()" in messages[0]
+    model = make_model()  # made after setup, over the new optimizer: nothing to say
+    _, new = Precision("16-true").setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert [m for m in _warnings_of(lambda: torch.optim.lr_scheduler.StepLR(new, step_size=1))
+            if "scheduler" in m] == []
