@@ -59,7 +59,10 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
             comps = [torch.zeros_like(p) for p in params]
             ops.adam_step_(params, grads, fp32(), fp32(), [], [], steps, lr=1e-3, beta1=0.9, beta2=0.999,
                            eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True, maximize=False,
-                           rounding="stochastic", seed=7)
+                           rounding="stochastic", seed=7, inv_scale=torch.full((), 0.5, device=dev),
+                           store_grads=True)
+            ops.adam_step_(params, grads, fp32(), fp32(), [], [], steps, lr=1e-3, beta1=0.9, beta2=0.999,
+                           eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True, maximize=False)
             ops.adam_step_(params, grads, fp32(), fp32(), [], [], steps, lr=1e-3, beta1=0.9, beta2=0.999,
                            eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True, maximize=False,
                            compensations=comps, rounding="kahan")
@@ -68,15 +71,18 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
                           rounding="kahan")
             ops.sgd_step_(params, grads, fp32(), [], steps, lr=0.1, momentum=0.9, dampening=0.0,
                           weight_decay=0.0, nesterov=False, maximize=False, rounding="stochastic", seed=3)
+        ops.adam_step_(params, grads, fp32(), fp32(), [], masters, steps, lr=1e-3, beta1=0.9,
+                       beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                       maximize=True, clip_coef=torch.full((), 0.9, device=dev), store_grads=True)
         for found in (0.0, 1.0):
             ops.adam_step_(params, grads, fp32(), fp32(), fp32(), masters, steps, lr=1e-3, beta1=0.9,
                            beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True,
                            maximize=False, inv_scale=torch.full((), 0.5, device=dev),
                            clip_coef=torch.full((), 0.9, device=dev),
-                           found_inf=torch.full((), found, device=dev))
+                           found_inf=torch.full((), found, device=dev), store_grads=True)
             ops.sgd_step_(params, grads, fp32(), masters, steps, lr=0.1, momentum=0.9, dampening=0.0,
                           weight_decay=0.01, nesterov=True, maximize=True,
-                          found_inf=torch.full((), found, device=dev))
+                          found_inf=torch.full((), found, device=dev), store_grads=True)
             ops.sgd_step_(params, grads, [], masters, [], lr=0.1, momentum=0.0, dampening=0.0,
                           weight_decay=0.0, nesterov=False, maximize=False)
 model = torch.nn.Linear(64, 64).cuda().half()
