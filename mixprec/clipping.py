@@ -150,7 +150,7 @@ def _own_total_norm(per_device: dict[torch.device, list[Tensor]], norm_type: flo
 
 @torch.no_grad()
 def measure(optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0, *,
-            scale: Tensor | None = None, process_group: Any = None) -> ClipResult:
+            scale: Tensor | None = None, process_group: Any = None, exact: bool = True) -> ClipResult:
     """Read `optimizer`'s gradients once: the norm of grads / `scale` (None: the grads are
     unscaled), the clip coefficient for `max_norm` and the inf/NaN check. Writes nothing.
 
@@ -163,7 +163,9 @@ def measure(optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float 
     norm is inf/NaN: an inf/NaN element or, beyond that range, a norm overflowing fp32 (torch.amp
     would take that step). Scaled fp16 grads (torch.amp refuses to unscale them) and sharded grads
     (FSDP2 DTensors, or `process_group` given) get our kernel's norm, accumulated in fp32 (agreed
-    over the ranks with one all-reduce)."""
+    over the ranks with one all-reduce). exact=False takes that kernel's norm everywhere: one
+    read of the grads at full bandwidth and two launches instead of torch's per-tensor norms,
+    within an ulp or two of torch's norm (fp32 accumulation in another order)."""
     norm_type = float(norm_type)
     if not (norm_type > 0):
         raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
@@ -182,7 +184,7 @@ def measure(optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float 
     if sharded_over is not None and len(per_device) > 1:
         raise ValueError("sharded gradients must be on one device per rank")
     inv_scale = None if scale is None else reciprocal_fp32(scale)
-    if sharded_over is None and not (scale is not None and _has_fp16(all_grads)):
+    if exact and sharded_over is None and not (scale is not None and _has_fp16(all_grads)):
         grads = [local(g) for g in all_grads]  # the optimizer's order, which torch's groups keep
         total, found_inf = _torch_total_norm(grads, norm_type, inv_scale)
         found = {d: found_inf.to(d, non_blocking=True) for d in per_device}
@@ -199,12 +201,12 @@ def measure(optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float 
 
 
 def clip_folded_(optimizer: FoldsClip, max_norm: float, norm_type: float = 2.0, *,
-                 scale: Tensor | None = None, process_group: Any = None) -> ClipResult:
+                 scale: Tensor | None = None, process_group: Any = None, exact: bool = True) -> ClipResult:
     """measure() the gradients of a FoldsClip optimizer and hand it the result: its next step()
     clips (and unscales by 1/scale). Returns the result (result.total_norm is the norm)."""
     if not isinstance(optimizer, FoldsClip):
         raise TypeError(f"optimizer must implement fold_clip(result) (mixprec.clipping.FoldsClip), "
                         f"got {type(optimizer).__name__}")
-    result = measure(optimizer, max_norm, norm_type, scale=scale, process_group=process_group)
+    result = measure(optimizer, max_norm, norm_type, scale=scale, process_group=process_group, exact=exact)
     optimizer.fold_clip(result)
     return result

@@ -238,7 +238,7 @@ class GradScaler(torch.amp.GradScaler):
         optimizer_state["found_inf_per_device"] = self._unscale_grads_(optimizer, inv_scale, None, False)
         optimizer_state["stage"] = OptState.UNSCALED
 
-    def clip_grad_norm_(self, optimizer, max_norm: float, norm_type: float = 2.0) -> Tensor:
+    def clip_grad_norm_(self, optimizer, max_norm: float, norm_type: float = 2.0, *, exact: bool = True) -> Tensor:
         """Clip `optimizer`'s gradients to total norm `max_norm` and return the total norm of the
         unscaled grads (a device tensor), as unscale_(optimizer) followed by
         torch.nn.utils.clip_grad_norm_ would. An optimizer that folds clipping into its step
@@ -248,11 +248,14 @@ class GradScaler(torch.amp.GradScaler):
         for the range), and where that needs unscaled grads (a scale that is not a power of two,
         norm types other than 1, 2, inf: clipping.needs_unscaled_grads) they are unscaled in
         place first, as torch's recipe does.
-        Other optimizers get exactly unscale_ + clip_grad_norm_."""
+        Other optimizers get exactly unscale_ + clip_grad_norm_. exact=False (folding optimizers):
+        the norm from our one-read kernel instead, within an ulp or two of torch's, never
+        unscaling in place first (mixprec.clipping.measure)."""
         folds = isinstance(optimizer, FoldsClip)
         if not self._enabled:
             if folds:
-                return clip_folded_(optimizer, max_norm, norm_type, process_group=self._process_group).total_norm
+                return clip_folded_(optimizer, max_norm, norm_type, process_group=self._process_group,
+                                    exact=exact).total_norm
             return torch.nn.utils.clip_grad_norm_(_params_with_grad(optimizer), max_norm, norm_type)
         self._check_scale_growth_tracker("clip_grad_norm_")
         optimizer_state = self._per_optimizer_states[id(optimizer)]
@@ -264,17 +267,18 @@ class GradScaler(torch.amp.GradScaler):
             if optimizer_state["stage"] is OptState.READY:
                 self.unscale_(optimizer)
             return torch.nn.utils.clip_grad_norm_(_params_with_grad(optimizer), max_norm, norm_type)
-        if optimizer_state["stage"] is OptState.READY and needs_unscaled_grads(
+        if exact and optimizer_state["stage"] is OptState.READY and needs_unscaled_grads(
                 optimizer, norm_type, self._scale_is_pow2, self._process_group):
             # A norm of the scaled grads would differ from torch's by an ulp: unscale in place
             # first, as torch's recipe does (the clip itself stays folded into the step).
             self.unscale_(optimizer)
         if optimizer_state["stage"] is OptState.UNSCALED:  # unscale_ already ran and checked
-            return clip_folded_(optimizer, max_norm, norm_type, process_group=self._process_group).total_norm
+            return clip_folded_(optimizer, max_norm, norm_type, process_group=self._process_group,
+                                exact=exact).total_norm
         # The grads still carry the scale: the result's found_inf is this iteration's inf check,
         # and step() hands the optimizer grad_scale so that it unscales in its kernel.
         result = clip_folded_(optimizer, max_norm, norm_type, scale=self._scale,
-                              process_group=self._process_group)
+                              process_group=self._process_group, exact=exact)
         optimizer_state["found_inf_per_device"] = result.found_inf
         optimizer_state["stage"] = OptState.UNSCALED
         optimizer_state["deferred_unscale"] = True

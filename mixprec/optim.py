@@ -295,12 +295,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- clipping (mixprec.clipping's FoldsClip protocol) ---------------------------------------------
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, process_group: Any = None) -> Tensor:
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, process_group: Any = None, *,
+                        exact: bool = True) -> Tensor:
         """Like torch.nn.utils.clip_grad_norm_ over this optimizer's params: returns the total
         norm (a device tensor). The grads are not rewritten: the next step() applies the clip
         coefficient inside its kernel. Sharded grads (FSDP2 DTensors, or `process_group` given)
-        are clipped by the global norm, agreed with one all-reduce."""
-        return clip_folded_(self, max_norm, norm_type, process_group=process_group).total_norm
+        are clipped by the global norm, agreed with one all-reduce. exact=False: our one-read
+        norm kernel instead of torch's norm ops (mixprec.clipping.measure)."""
+        return clip_folded_(self, max_norm, norm_type, process_group=process_group, exact=exact).total_norm
 
     def fold_clip(self, result: ClipResult) -> None:
         """Apply `result` (from mixprec.clipping.measure over this optimizer's grads) in the next

@@ -43,17 +43,19 @@ bool large_parameters_supported(int device) {
 struct TunedRow {
   double min_bytes_per_s_per_sm;
   int64_t chunk_bytes;
+  bool persistent_grid;
   int blocks_per_sm;
   int unscale_ilp;
   bool unscale_large_table;
 };
 constexpr TunedRow kTuned[] = {
     // H100 SXM (3.35 TB/s, 132 SMs: 25 GB/s per SM), measured: 16 KiB chunks best of 16/32/64/128
-    // KiB; occupancy-limited grids; 4 loads in flight; the 32 KiB table cost unscale ~3 %.
-    {0.0, 16 * 1024, 0, 4, false},
-    // H200 (4.8 TB/s, 132 SMs: 36 GB/s per SM) and faster: the H100 shape until
-    // scripts/sweep_launch.sh has been run on an H200.
-    {30e9, 16 * 1024, 0, 4, false},
+    // KiB; occupancy-limited persistent grids; 4 loads in flight; the 32 KiB table cost unscale ~3 %.
+    {0.0, 16 * 1024, true, 0, 4, false},
+    // H200 (4.8 TB/s, 132 SMs: 36 GB/s per SM) and faster. benchmarks/cuda/inplace_ceiling.cu on an
+    // H200: a grid-stride (persistent) pass reaches 91-93 % of the copy bandwidth, one block per
+    // 4 KiB tile 98-100 %, in place or not; so element-wise kernels launch one block per chunk.
+    {30e9, 16 * 1024, false, 0, 4, false},
 };
 
 int attribute(cudaDeviceAttr what, int device) {
@@ -83,6 +85,7 @@ LaunchShape choose(int device) {
     if (per_sm >= r.min_bytes_per_s_per_sm) row = r;
   }
   s.chunk_bytes = row.chunk_bytes;
+  s.persistent_grid = row.persistent_grid;
   s.blocks_per_sm = row.blocks_per_sm;
   s.unscale_ilp = row.unscale_ilp;
   s.unscale_large_table = row.unscale_large_table;
@@ -93,6 +96,10 @@ LaunchShape choose(int device) {
     TORCH_CHECK(*v >= 1024 && *v % 256 == 0, "MIXPREC_CHUNK_BYTES must be a multiple of 256 "
                 "and at least 1024, got ", std::to_string(*v));
     s.chunk_bytes = *v;
+  }
+  if (auto v = env_int("MIXPREC_PERSISTENT_GRID")) {
+    TORCH_CHECK(*v == 0 || *v == 1, "MIXPREC_PERSISTENT_GRID must be 0 or 1, got ", std::to_string(*v));
+    s.persistent_grid = *v == 1;
   }
   if (auto v = env_int("MIXPREC_BLOCKS_PER_SM")) {
     TORCH_CHECK(*v >= 1 && *v <= 64, "MIXPREC_BLOCKS_PER_SM must be in [1, 64], got ",

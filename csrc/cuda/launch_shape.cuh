@@ -11,6 +11,8 @@ constexpr int kMaxDevices = 64;  // per-device caches
 
 struct LaunchShape {
   int64_t chunk_bytes;       // MIXPREC_CHUNK_BYTES: the load-balancing unit a block takes at a time
+  bool persistent_grid;      // MIXPREC_PERSISTENT_GRID: element-wise kernels stride a fixed grid over
+                             // the chunks too (else one block per chunk; reductions always stride)
   int blocks_per_sm;         // MIXPREC_BLOCKS_PER_SM: persistent blocks per SM; 0 = each kernel's occupancy limit
   int unscale_ilp;           // MIXPREC_UNSCALE_ILP: 16-byte loads in flight per thread in unscale (1, 2, 4, 8)
   bool unscale_large_table;  // MIXPREC_UNSCALE_LARGE_TABLE: unscale takes the 32 KiB table too

@@ -1,6 +1,7 @@
 // The one multi-tensor launcher. A list of tensors (Depth parallel lists: e.g. grad, param,
-// exp_avg, ...) is cut into fixed-size chunks; a persistent grid of blocks strides over the
-// chunks of up to kMaxTensors tensors per launch. Tensor addresses and sizes travel as kernel
+// exp_avg, ...) is cut into fixed-size chunks; blocks take one chunk each, or (reductions, and
+// where the launch shape says so) a persistent grid of blocks strides over the chunks; up to
+// kMaxTensors tensors per launch. Tensor addresses and sizes travel as kernel
 // parameters (no host-to-device copy, so launches are CUDA-graph safe); all sizes are int64.
 // The launch shape (chunk bytes, blocks per SM, table size) comes from launch_shape.cuh; the
 // element loop inside a chunk from vector_io.cuh.
@@ -57,7 +58,9 @@ __device__ __forceinline__ T* slot_ptr(const Meta& meta, int slot, int t, int64_
 }
 
 // Functor traits. Functor::kMinBlocksPerSM (default 1: no constraint): resident blocks per SM
-// the compiler must leave registers for. Functor::kLargeTable (default false): the functor
+// the compiler must leave registers for. Functor::kPersistent (default false): the functor needs
+// the fixed persistent grid (a reduction writing one partial per block); others take one block
+// per chunk unless the launch shape says persistent_grid. Functor::kLargeTable (default false): the functor
 // may take the 32 KiB table where it is supported (multi_tensor_apply's large_table argument
 // can still decline it per call).
 template <typename F, typename = void>
@@ -67,6 +70,14 @@ struct MinBlocksPerSM {
 template <typename F>
 struct MinBlocksPerSM<F, std::void_t<decltype(F::kMinBlocksPerSM)>> {
   static constexpr int value = F::kMinBlocksPerSM;
+};
+template <typename F, typename = void>
+struct NeedsPersistentGrid {
+  static constexpr bool value = false;
+};
+template <typename F>
+struct NeedsPersistentGrid<F, std::void_t<decltype(F::kPersistent)>> {
+  static constexpr bool value = F::kPersistent;
 };
 template <typename F, typename = void>
 struct WantsLargeTable {
@@ -149,7 +160,8 @@ void launch_lists(const std::vector<std::array<void*, Depth>>& ptrs,
   using Meta = TensorListMeta<Depth, TableBytes>;
   static_assert(sizeof(Meta) + sizeof(Functor) <= ParamLimit,
                 "tensor table + functor exceed the kernel parameter limit");
-  const int64_t max_blocks = max_grid<Depth, TableBytes, Functor>(device);
+  const bool persistent = NeedsPersistentGrid<Functor>::value || launch_shape(device).persistent_grid;
+  const int64_t max_blocks = persistent ? max_grid<Depth, TableBytes, Functor>(device) : INT32_MAX;
   Meta meta;
   meta.chunk_size = chunk_size;
   size_t i = 0;

@@ -49,6 +49,7 @@ constexpr int kNormTableBytes = kSmallTableBytes;
 
 template <typename T, NormKind K>
 struct NormFunctor {
+  static constexpr bool kPersistent = true;  // one partial per block of a fixed grid
   static constexpr int kVec = 16 / sizeof(T);
   // Loads in flight per thread. Fixed: it sets the order in which a thread accumulates its
   // elements, so changing it would change the norm's bits (deterministically).
