@@ -43,8 +43,8 @@ from benchmarks.harness import (
 )
 
 MODELS = {"tiny": (2, 64, 1000, 64), "124M": (12, 768), "1.5B": (48, 1600)}
+# Any "ours-*" variant also runs as "<variant>-fast-norm": clip_grad_norm_(exact=False).
 VARIANTS = {"torch": torch.float32, "ours-fp32": torch.float32, "ours-fp32-keep-grads": torch.float32,
-            "ours-fp32-fast-norm": torch.float32, "ours-bf16-fast-norm": torch.bfloat16,
             "ours-fp16": torch.float16, "ours-bf16": torch.bfloat16, "ours-bf16-stochastic": torch.bfloat16,
             "ours-bf16-kahan": torch.bfloat16, "ours-bf16-nearest": torch.bfloat16}
 # Ideal bytes moved per param per call. fp32: grad read twice (norm, step) 8 + param r/w 8 + two
@@ -54,8 +54,7 @@ VARIANTS = {"torch": torch.float32, "ours-fp32": torch.float32, "ours-fp32-keep-
 # 2*2 + weight r/w 4 + moments 16 + grad written back 2 (+ compensation r/w 4 for kahan). torch's
 # recipe moves more (unscale_ and clip rewrite the grads); its limit is counted as fp32's without
 # the write-back, 32.
-MOVED_BYTES = {"torch": 32, "ours-fp32": 36, "ours-fp32-keep-grads": 32, "ours-fp32-fast-norm": 36,
-               "ours-bf16-fast-norm": 32, "ours-fp16": 32, "ours-bf16": 32,
+MOVED_BYTES = {"torch": 32, "ours-fp32": 36, "ours-fp32-keep-grads": 32, "ours-fp16": 32, "ours-bf16": 32,
                "ours-bf16-stochastic": 26, "ours-bf16-kahan": 30, "ours-bf16-nearest": 26}
 # The step alone (--cpu-step), bytes per param: fp32 AdamW reads grad, param, m, v and writes param,
 # m, v (28); with fp32 master: grad 2 + master r/w 8 + m, v r/w 16 + weight written 2 (28); without
@@ -74,6 +73,11 @@ COLUMNS = ["model", "group", "variant", "ms", "spread", "gbps", "x_limit", "x_to
 INIT_SCALE = 2.0 ** 16
 
 
+def base_variant(name: str) -> str:
+    """The variant a "-fast-norm" one is of (same bytes, clip_grad_norm_(exact=False))."""
+    return name.removesuffix("-fast-norm") if name.startswith("ours-") else name
+
+
 def held_bytes_per_param(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> float:
     """Weights + optimizer state (not grads, not step counters), from the allocated tensors."""
     n = sum(p.numel() for p in params)
@@ -87,7 +91,7 @@ def make_variant(name: str, shapes: list[tuple[int, ...]], device: str
                  ) -> tuple[Callable[[], None], str, Callable[[], float]]:
     """Params, grads, scaler and optimizer for one variant; returns the per-call step, a note and
     a function measuring the bytes held per param (call it after the first step)."""
-    dtype = VARIANTS[name]
+    dtype = VARIANTS[base_variant(name)]
     params = [(torch.randn(s, device=device, dtype=dtype) * 0.02).requires_grad_() for s in shapes]
     for p in params:
         # Grads as a scaled backward would leave them. torch's unscale_ rewrites them in place on every
@@ -164,12 +168,12 @@ def bench_group(model: str, group: int, names: list[str], device: str, repeats: 
     torch_ms = stats["torch"]["median"] if "torch" in stats else None
     rows = []
     for name in names:
-        ms, moved = stats[name]["median"], MOVED_BYTES[name] * n
+        ms, moved = stats[name]["median"], MOVED_BYTES[base_variant(name)] * n
         limit_ms = moved / copy_gbps / 1e6
         rows.append({
             "model": model, "group": group, "variant": name, "ms": ms, "spread": stats[name]["spread"],
             "gbps": moved / ms / 1e6, "x_limit": ms / limit_ms, "x_torch": ms / torch_ms if torch_ms else None,
-            "held_B_per_param": held[name], "limit_ms": limit_ms, "moved_B_per_param": MOVED_BYTES[name],
+            "held_B_per_param": held[name], "limit_ms": limit_ms, "moved_B_per_param": MOVED_BYTES[base_variant(name)],
             "params": n, "n_tensors": len(shapes), "copy_gbps": copy_gbps, "copy_spread": stats["copy"]["spread"],
             "min_ms": stats[name]["min"], "max_ms": stats[name]["max"], "optimizer": notes[name],
             "target_ms": TARGETS_MS.get(model), "repeats": repeats, "device": device,
@@ -252,7 +256,7 @@ def main() -> None:
     cuda = torch.device(args.device).type == "cuda"
     models = (args.models or ("124M,1.5B" if cuda else "tiny")).split(",")
     variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS] + [m for m in models if m not in MODELS]
+    unknown = [v for v in variants if base_variant(v) not in VARIANTS] + [m for m in models if m not in MODELS]
     if unknown:
         p.error(f"unknown variants/models: {unknown}")
     repeats = args.repeats or (20 if cuda else 5)

@@ -92,8 +92,7 @@ struct WantsLargeTable<F, std::void_t<decltype(F::kLargeTable)>> {
 // t (start is a multiple of the chunk size, itself a multiple of 64 elements); finish(). The
 // functor is copied per thread, so it may carry per-thread state (e.g. "saw an inf").
 // Each block walks chunks blockIdx.x, blockIdx.x + gridDim.x, ...: a fixed assignment (which the
-// norm's deterministic reduction relies on); chunk indices only grow, so the owning tensor is
-// found by walking forward.
+// norm's deterministic reduction relies on); with one block per chunk, just its own.
 template <int Depth, int TableBytes, typename Functor>
 __global__ void __launch_bounds__(kBlockThreads, MinBlocksPerSM<Functor>::value)
     multi_tensor_apply_kernel(const __grid_constant__ TensorListMeta<Depth, TableBytes> meta,
@@ -101,7 +100,18 @@ __global__ void __launch_bounds__(kBlockThreads, MinBlocksPerSM<Functor>::value)
   Functor f = functor;
   f.init();
   const int64_t total = meta.chunk_begin[meta.num_tensors];
+  // The tensor of the block's first chunk by binary search over the prefix sums (a walk from
+  // tensor 0 in every block of a one-block-per-chunk grid costs more than the chunk's loads);
+  // later chunks of a persistent block walk forward from there.
   int t = 0;
+  for (int hi = meta.num_tensors - 1; t < hi;) {
+    const int mid = (t + hi + 1) / 2;
+    if (meta.chunk_begin[mid] <= static_cast<int64_t>(blockIdx.x)) {
+      t = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
   for (int64_t c = blockIdx.x; c < total; c += gridDim.x) {
     while (c >= meta.chunk_begin[t + 1]) ++t;
     const int64_t start = (c - meta.chunk_begin[t]) * meta.chunk_size;
