@@ -72,8 +72,8 @@ TORCH_LIBRARY(mixprec, lib) {
   m.def(
       "clip_grad_norm_scaled(Tensor[] grads, Tensor scale, float norm_type, float max_norm) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
-  // Fused optimizer steps over one dtype of params on one device (the maths of torch's fused
-  // kernel for the device: optim_math.h). The grad used is grad * inv_scale * clip_coef (each
+  // Fused optimizer steps over one dtype of params on one device (the maths of torch's fused CPU
+  // kernels, and of its fused CUDA Adam: optim_math.h). The grad used is grad * inv_scale * clip_coef (each
   // optional); store_grads writes that back into grads (torch's fused kernels leave p.grad
   // unscaled). A nonzero found_inf skips everything (params, state, steps, grads). fp16/bf16 params are updated through
   // their fp32 master_params (written back rounded to nearest), or, with no master_params,

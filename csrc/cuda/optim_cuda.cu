@@ -1,7 +1,9 @@
 // CUDA kernels of mixprec::adam_step_ and mixprec::sgd_step_. One multi-tensor pass per batch
-// of tensors reads each grad once, unscales and clips it in registers, updates fp32 master
-// weights and moments and writes the model weight (rounded to fp16/bf16 when there is a master
-// copy; without one, rounded to nearest, stochastically, or with a Kahan compensation).
+// of tensors reads each grad once, unscales and clips it in registers (writing it back unscaled
+// with store_grads, as torch's fused kernels do), updates fp32 master weights and moments (Adam
+// in the order of torch's fused CUDA kernel: optim_math.h) and writes the model weight (rounded
+// to fp16/bf16 when there is a master copy; without one, rounded to nearest, stochastically, or
+// with a Kahan compensation). One kernel per dtype and weight storage scheme.
 // found_inf, inv_scale, clip_coef, lr and the step counts are read on the device, so nothing
 // synchronises and the whole step can be captured in a CUDA graph. The element loop is
 // vector_io.cuh's; the functors below hold only the per-pack maths.
@@ -250,7 +252,7 @@ template <typename T, Scheme S>
 struct SgdFunctor {
   static constexpr int kMinBlocksPerSM = kUpdateBlocksPerSM;
   static constexpr bool kLargeTable = true;
-  fused_cuda::SgdScalars s;
+  SgdConfig config;
   DeviceScalars in;
   Weights<T, S> w;
   int64_t first_tensor;
@@ -259,11 +261,12 @@ struct SgdFunctor {
   bool first;       // this chunk's momentum buffer is new (step 1)
   bool has_buffer;  // this chunk has a momentum buffer
   GradTransform transform;
+  SgdStepScalars s;
 
   __device__ void init() {
     skip = in.skip();
     transform = in.transform();
-    s.lr = in.learning_rate();
+    s = sgd_step_scalars(config, in.learning_rate());
   }
 
   template <typename Meta>
@@ -295,10 +298,10 @@ struct SgdFunctor {
     // null put the pack in local memory).
     if (has_buffer) {
 #pragma unroll
-      for (int k = 0; k < N; ++k) fused_cuda::sgd_element(s, grads[k], p.v[k], &b.v[k], first);
+      for (int k = 0; k < N; ++k) sgd_element(s, grads[k], p.v[k], &b.v[k], first);
     } else {
 #pragma unroll
-      for (int k = 0; k < N; ++k) fused_cuda::sgd_element(s, grads[k], p.v[k], nullptr, first);
+      for (int k = 0; k < N; ++k) sgd_element(s, grads[k], p.v[k], nullptr, first);
     }
     w.store(i, p, param, extra);
   }
@@ -461,7 +464,7 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
     if constexpr (!std::is_same_v<scalar_t, double>) {
       with_scheme<scalar_t>(scheme_of<scalar_t>(master_params, compensations, rounding), [&](auto scheme) {
         SgdFunctor<scalar_t, decltype(scheme)::value> f{};
-        f.s = fused_cuda::SgdScalars{0.0, momentum, 1.0 - dampening, weight_decay, nesterov};
+        f.config = SgdConfig{momentum, dampening, weight_decay, nesterov};
         f.in = in;
         f.w.seed = static_cast<uint64_t>(seed);
         f.store_grads = store_grads;

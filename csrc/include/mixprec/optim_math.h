@@ -6,11 +6,11 @@
 //   order: scalars torch computes in Python doubles (bias corrections, step size, 1 - lr * wd)
 //   are computed in double and rounded to float once, everything per element is fp32, and the
 //   fused multiply-adds of its Vectorized code are explicit fmaf calls here;
-// - CUDA (fused_cuda::adam_element, fused_cuda::sgd_element): torch's FusedAdamKernel rounds
-//   every scalar to float and computes the bias corrections on the device with powf; its fused
-//   SGD works in double per element. nvcc contracts a * b + c into one fma there, so the
-//   contractions it makes are written out as fmaf/fma here, and this file is compiled with
-//   contraction off on the host (-ffp-contract=off), so no compiler choice changes our bits.
+// - CUDA Adam/AdamW (fused_cuda::adam_element): torch's FusedAdamKernel rounds every scalar to
+//   float and computes the bias corrections on the device with powf; its fused multiply-adds
+//   are written out as fmaf here and the other products rounded on their own (mul_rn), and the
+//   host build has contraction off (-ffp-contract=off), so no compiler choice changes our bits.
+//   CUDA SGD follows the CPU order (torch's foreach order).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -136,7 +136,18 @@ MIXPREC_HOST_DEVICE inline void sgd_element(const SgdStepScalars& s, float g, fl
   p = fmaf(s.neg_lr, g, p);
 }
 
-// torch's fused CUDA kernels (FusedAdamKernel.cu / fused_adam_utils.cuh, FusedSgdKernel.cu).
+// a * b rounded on its own: device code would otherwise fuse it into a following addition (nvcc
+// contracts by default; the host build does not).
+MIXPREC_HOST_DEVICE inline float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+// torch's fused CUDA Adam kernel (FusedAdamKernel.cu / fused_adam_utils.cuh). SGD on CUDA uses
+// sgd_element above (torch's foreach order; its fused CUDA SGD is not matched bit for bit yet).
 namespace fused_cuda {
 
 // Per tensor and step, on the device: every scalar rounded to float, the bias corrections with
@@ -168,7 +179,9 @@ MIXPREC_HOST_DEVICE inline void adam_element(const AdamScalars& s, float g, floa
     if (s.decoupled) {
       p = fmaf(-(s.lr * s.weight_decay), p, p);  // param -= lr * weight_decay * param
     } else {
-      g = fmaf(p, s.weight_decay, g);  // grad += param * weight_decay
+      // grad += param * weight_decay, not fused: an fma here differed from torch's fused kernel
+      // on the H200 (torch 2.11) in the first step.
+      g = g + mul_rn(p, s.weight_decay);
     }
   }
   m = fmaf(s.beta1, m, fmaf(-s.beta1, g, g));
@@ -182,25 +195,6 @@ MIXPREC_HOST_DEVICE inline void adam_element(const AdamScalars& s, float g, floa
   }
   const float denom = sqrtf(second) / s.bias_correction2_sqrt + s.eps;
   p = p - step_size * m / denom;
-}
-
-struct SgdScalars {
-  double lr, momentum, one_minus_dampening, weight_decay;
-  bool nesterov;
-};
-
-// One element of SGD in torch's double arithmetic; g as for adam_element. `first`: the momentum
-// buffer is new, so it starts as a copy of the gradient.
-MIXPREC_HOST_DEVICE inline void sgd_element(const SgdScalars& s, float g, float& p, float* buf,
-                                            bool first) {
-  if (s.weight_decay != 0.0) g = static_cast<float>(fma(s.weight_decay, static_cast<double>(p), g));
-  if (buf != nullptr) {
-    const double b = first ? static_cast<double>(g)
-                           : fma(s.momentum, static_cast<double>(*buf), s.one_minus_dampening * g);
-    *buf = static_cast<float>(b);
-    g = static_cast<float>(s.nesterov ? fma(s.momentum, b, static_cast<double>(g)) : b);
-  }
-  p = static_cast<float>(fma(-s.lr, static_cast<double>(g), static_cast<double>(p)));
 }
 
 }  // namespace fused_cuda
