@@ -30,12 +30,14 @@ Beyond torch:
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import sys
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -208,10 +210,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # A region entered inside a function that dynamo traces becomes, in the trace:
 # - with torch's policy (and no outer mixprec policy to switch off): torch.amp.autocast itself, so
 #   it traces exactly as torch.autocast does (fullgraph, graph breaks inside the region, guards);
-# - with another policy: torch's autocast state plus two graph nodes that activate and restore
-#   the policy's C++ table. Dynamo and AOTAutograd run those nodes while they trace, so the
-#   policy's casts are traced into the graph as explicit ops (backend="eager" runs them at every
-#   call instead). The whole region is one graph (fullgraph works); a graph break inside it makes
+# - with another policy: torch.amp.autocast, and inside it two graph nodes that activate and
+#   restore the policy's C++ table (a generator context manager: torch 2.11's dynamo traces
+#   neither torch's _enter_autocast nor autocast.__enter__ called from our own __enter__).
+#   Dynamo and AOTAutograd run those nodes while they trace, so the policy's casts are traced
+#   into the graph as explicit ops (backend="eager" runs them at every call instead). The whole
+#   region is one graph (fullgraph works); a graph break inside it makes
 #   dynamo run the whole frame eagerly, with the policy (dynamo cannot resume inside a context
 #   manager it does not know).
 # weight_cache has no effect in a trace (compiled graphs make their casts anyway); record=True
@@ -226,21 +230,27 @@ _dynamo_ready = False  # see _dynamo_setup
 
 
 def _traced_region(device_type, dtype, enabled, cache_enabled, policy):
-    state = _table_for_trace(device_type, dtype, enabled, cache_enabled, policy)
+    # A Policy reaches _table_for_trace as its id: torch 2.11's dynamo passes only constants to
+    # such a function (2.14 passes objects as well); id() guards the graph on this very policy.
+    policy_id = id(policy) if isinstance(policy, Policy) else None
+    state = _table_for_trace(device_type, dtype, enabled, cache_enabled,
+                             None if policy_id is not None else policy, policy_id)
     if state == -2:
         return object.__new__(autocast)
     if state == -1:
         return torch.amp.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
-    return _TracedRegion((device_type, dtype, enabled, cache_enabled), state)
+    return _policy_region((device_type, dtype, enabled, cache_enabled), state)
 
 
-def _table_for_trace(device_type, dtype, enabled, cache_enabled, policy) -> int:
+def _table_for_trace(device_type, dtype, enabled, cache_enabled, policy, policy_id) -> int:
     """Dynamo calls this while it traces (it does not trace into it): checks the arguments as an
     eager region does, and returns the table the region activates, or -1 where torch's own
     region does the same (torch's policy, and none of ours active around it), or -2 where dynamo
     is compiling autocast.__new__ itself as a frame (called from code it runs eagerly): that call
-    must make an eager region."""
+    must make an eager region. `policy_id`: id() of the region's Policy (then `policy` is None)."""
     _dynamo_setup()
+    if policy_id is not None:  # alive: the frame being traced holds it
+        policy = ctypes.cast(policy_id, ctypes.py_object).value
     symbolic_convert = sys.modules["torch._dynamo.symbolic_convert"]
     tracer = getattr(symbolic_convert.tls, "current_tx", None)
     if tracer is not None and tracer.f_code is autocast.__new__.__code__:
@@ -259,11 +269,17 @@ def _dynamo_setup() -> None:
     global _dynamo_ready
     if _dynamo_ready:
         return
+    # torch 2.11's dynamo cannot type torch's autocast object (2.14's can), so the isinstance(obj,
+    # autocast) it makes after tracing our __new__ fails when that returned torch.amp.autocast.
+    # Give it the type 2.14 gives it (torch.amp.autocast: not ours, so no __init__ is traced).
+    autocast_variable = torch._dynamo.variables.ctx_manager.AutocastModeVariable
+    if "python_type" not in vars(autocast_variable):
+        autocast_variable.python_type = lambda self: torch.amp.autocast_mode.autocast
     torch.compiler.allow_in_graph(_enter_policy)
     torch.compiler.allow_in_graph(_exit_policy)
     skip_code = torch._dynamo.eval_frame.skip_code
     for fn in (autocast.__new__, autocast.__init__, autocast.__enter__, autocast.__exit__,
-               _TracedRegion.__enter__, _TracedRegion.__exit__, _enter_policy, _exit_policy, _restore_to):
+               _policy_region.__wrapped__, _enter_policy, _exit_policy, _restore_to):
         skip_code(fn.__code__)
     _dynamo_ready = True
 
@@ -271,19 +287,15 @@ def _dynamo_setup() -> None:
 _table_for_trace._dynamo_marked_constant = True  # what torch._dynamo.assume_constant_result sets
 
 
-class _TracedRegion:
+@contextlib.contextmanager
+def _policy_region(args: tuple, state: int) -> Iterator[None]:
     """A region with mixprec's own policy inside a traced function (see above)."""
-
-    def __init__(self, args: tuple, state: int) -> None:
-        self._args, self._state = args, state
-
-    def __enter__(self) -> None:
-        self._torch = torch.amp.autocast_mode._enter_autocast(*self._args)
-        _enter_policy(self._args[0], self._state)
-
-    def __exit__(self, *exc: object) -> None:
-        _exit_policy()
-        torch.amp.autocast_mode._exit_autocast(self._torch)
+    with torch.amp.autocast(*args):
+        _enter_policy(args[0], state)
+        try:
+            yield
+        finally:
+            _exit_policy()
 
 
 @torch.fx.node.has_side_effect

@@ -199,16 +199,39 @@ def test_decorated_function_is_traced(backend):
     assert_identical([compiled(x)], [forward(model, x)])
 
 
-def test_bad_arguments_raise_in_a_trace_as_in_eager():
-    cuda_policy = default_policy("cuda")
-
+@pytest.mark.parametrize("policy, error", [
+    (default_policy("cuda"), "ValueError: policy is for 'cuda' but the region is 'cpu'"),
+    ("fp16", "TypeError: policy must be a mixprec.Policy, got str"),
+])
+def test_bad_arguments_raise_in_a_trace_as_in_eager(policy, error):
     def fn(x):
-        with mixprec.autocast("cpu", policy=cuda_policy):
+        with mixprec.autocast("cpu", policy=policy):
             return x + 1
 
     # dynamo reports an exception raised while it traces as its own RuntimeError, naming ours
-    with pytest.raises(RuntimeError, match="ValueError: policy is for 'cuda' but the region is 'cpu'"):
+    with pytest.raises(RuntimeError, match=error):
         torch.compile(fn, backend="eager", fullgraph=True)(torch.randn(2))
+
+
+def test_another_policy_object_retraces():
+    """The graph is guarded on the policy object: switching the region's policy between calls
+    switches what the compiled function runs (torch 2.11 and 2.14 guard it the same way)."""
+    model = _fresh_model()
+    x = torch.randn(6, 8)
+    policies = {"now": POLICY}
+
+    def fn(x):
+        with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policies["now"]):
+            return model(x)
+
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        for policy, dtype in [(POLICY, torch.float16), (default_policy("cpu"), torch.bfloat16),
+                              (POLICY, torch.float16)]:
+            policies["now"] = policy
+            out = compiled(x)
+            assert out.dtype == dtype
+            assert_identical([out], [fn(x)])
 
 
 def test_record_region_runs_its_frame_eagerly_and_records():
