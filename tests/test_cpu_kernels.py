@@ -74,9 +74,10 @@ def rounding_of(dtype, store):
 
 
 def transform_args(scaled):
+    """Unscale and clip, and write the unscaled, clipped grads back (compared too), or neither."""
     if not scaled:
         return {}
-    return {"inv_scale": torch.tensor(1.0 / 1024), "clip_coef": torch.tensor(0.75)}
+    return {"inv_scale": torch.tensor(1.0 / 1024), "clip_coef": torch.tensor(0.75), "store_grads": True}
 
 
 @given(**common, amsgrad=st.booleans(), decoupled=st.booleans(), beta1=st.sampled_from([0.9, 0.3]))

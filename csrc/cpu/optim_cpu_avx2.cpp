@@ -204,12 +204,12 @@ struct Weight {
         comp(static_cast<T*>(w.compensation)) {}
 
   // GradTransform's gradient for the update, 8 lanes; with store_grads the unscaled, clipped
-  // gradient is written back (rounded to nearest in the grads' dtype).
-  fVec take_grad(int64_t i, const StepRule& rule) const {
-    const GradTransform& t = rule.transform;
+  // gradient is written back (rounded to nearest in the grads' dtype). The loops pass local
+  // copies of the rule's fields: read through the rule, they would be reloaded after every store.
+  fVec take_grad(int64_t i, const GradTransform& t, bool store_grads) const {
     fVec u = load_float(grad + i) * fVec(t.inv_scale);
     u = u * fVec(t.clip_coef);
-    if (rule.store_grads) {
+    if (store_grads) {
       if constexpr (std::is_same_v<T, float>) {
         u.store(grad + i);
       } else {
@@ -263,6 +263,8 @@ void batches(const RandomStream& stream, int64_t begin, int64_t end, const Body&
 template <typename T, Store S>
 void adam_loop(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end) {
   const Weight<T, S> w(a.w);
+  const GradTransform transform = rule.transform;
+  const bool store_grads = rule.store_grads;
   const AdamStepScalars& s = a.scalars;
   const bool decay = s.weight_decay != 0.0f;
   const bool low_weight = s.one_minus_beta1 < 0.5f;  // torch.lerp's branch, the same for all
@@ -274,7 +276,7 @@ void adam_loop(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t 
   float* v_ptr = a.exp_avg_sq;
   float* vmax_ptr = a.max_exp_avg_sq;
   auto body = [&](int64_t i, __m256i random) {
-    fVec g = w.take_grad(i, rule);
+    fVec g = w.take_grad(i, transform, store_grads);
     fVec p = w.load(i);
     if (decay) {
       if (s.decoupled) {
@@ -307,12 +309,14 @@ template <typename T, Store S>
 void sgd_loop(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a, int64_t begin,
               int64_t end) {
   const Weight<T, S> w(a.w);
+  const GradTransform transform = rule.transform;
+  const bool store_grads = rule.store_grads;
   const bool decay = s.weight_decay != 0.0f;
   const fVec weight_decay(s.weight_decay), momentum(s.momentum);
   const fVec one_minus_dampening(s.one_minus_dampening), neg_lr(s.neg_lr);
   float* buf = a.momentum_buffer;
   auto body = [&](int64_t i, __m256i random) {
-    fVec g = w.take_grad(i, rule);
+    fVec g = w.take_grad(i, transform, store_grads);
     fVec p = w.load(i);
     if (decay) g = at::vec::fmadd(weight_decay, p, g);
     if (buf != nullptr) {
