@@ -1,28 +1,43 @@
 #!/usr/bin/env bash
-# Everything the GPU machine has to prove, in one call: build, the whole test suite with CUDA,
-# the benchmarks, compute-sanitizer memcheck on the kernels, and the thorough hypothesis profile
-# on the CUDA properties (last: it is the first thing to drop when time runs short).
-# Logs go to $OUT (or ./gpu_logs). BENCH="unscale optimizer" picks the benchmarks.
+# Everything the GPU machine has to prove, in one call: build, which roundings torch's fused
+# kernels use (scripts/fused_formulas.py), the suite one file at a time (a summary line per file,
+# so a time limit loses one file's result, not all), compute-sanitizer memcheck on the kernels,
+# the benchmarks, and the thorough hypothesis profile on the CUDA properties (last: the first thing
+# to drop when time runs short). Logs go to $OUT (or ./gpu_logs).
+#   BENCH="optimizer unscale" picks the benchmarks (BENCH= skips them);
+#   FILES="tests/test_optim.py ..." picks the test files (default: all);
+#   FILE_TIMEOUT=120 limits each test file (seconds).
+# Packages the machine lacks (expecttest) travel as wheels in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PATH=/usr/local/cuda/bin:$PATH
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 t0=$SECONDS
 PIP_NO_BUILD_ISOLATION=0 PIP_NO_INDEX=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
-  python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
-  || { tail -50 "$OUT/build.log"; exit 1; }
+  python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 \
+  || { grep -E "error" "$OUT/build.log" | head -30; exit 1; }
 echo "build: $((SECONDS - t0)) s"
-python3 -m pytest -q tests -p no:cacheprovider -x ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -15
+python3 -m scripts.fused_formulas 2>&1 | tee "$OUT/fused_formulas.txt"
+for f in ${FILES:-tests/test_*.py}; do
+  timeout "${FILE_TIMEOUT:-150}" python3 -m pytest -q -rf --tb=short "$f" -p no:cacheprovider \
+    > "$OUT/pytest_$(basename "$f" .py).log" 2>&1
+  echo "$f: rc $? $(tail -1 "$OUT/pytest_$(basename "$f" .py).log")"
+done
+grep -h "^FAILED" "$OUT"/pytest_*.log | head -30
 echo "suite: $((SECONDS - t0)) s"
-for b in ${BENCH:-optimizer unscale}; do
+compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m scripts.sanitize_kernels \
+  > "$OUT/memcheck.log" 2>&1; echo "memcheck exit $?"
+grep -E "ERROR SUMMARY|all kernels ran" "$OUT/memcheck.log" | tail -2
+echo "memcheck: $((SECONDS - t0)) s"
+for b in ${BENCH-optimizer unscale}; do
   python3 -m benchmarks.bench_$b --json "$OUT/bench_$b.jsonl" 2>&1 | tee "$OUT/bench_$b.log" | tail -14
   echo "bench $b: $((SECONDS - t0)) s"
 done
-compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_kernels.py \
-  > "$OUT/memcheck.log" 2>&1; echo "memcheck exit $? ($(grep -c 'ERROR SUMMARY' "$OUT/memcheck.log") summaries)"
-grep -E "ERROR SUMMARY" "$OUT/memcheck.log"
-echo "memcheck: $((SECONDS - t0)) s"
 if [ -n "${THOROUGH:-}" ]; then
   HYPOTHESIS_PROFILE=thorough timeout "${THOROUGH}" python3 -m pytest -q tests -p no:cacheprovider \
     -k "cuda and (${THOROUGH_K:-matches})" --hypothesis-show-statistics 2>&1 \
