@@ -29,9 +29,9 @@ static_assert(kPack == 4, "the random words come in Philox blocks of 4 elements"
 // The update kernels are memory-bound: they need many resident warps to keep enough loads in
 // flight. Left alone, nvcc gives the Adam kernel 91 registers (2 blocks of 256 threads per SM), so
 // each kernel is compiled for a number of resident blocks per SM, which caps its registers at
-// 65536 / (256 * blocks): 5 (48 registers) where nvcc fits it without spilling (-Xptxas -v,
-// sm_90: every non-amsgrad Adam and every SGD kernel but fp16 stochastic Adam), else 4 (64
-// registers). At 6 (40 registers) every Adam kernel spills.
+// 65536 / (256 * blocks): 5 (48 registers) where nvcc fits the kernel without spilling
+// (-Xptxas -v, sm_90: every SGD kernel, every Adam kernel but amsgrad and fp16 stochastic
+// rounding), else 4 (64 registers). At 6 (40 registers) every Adam kernel spills.
 constexpr int kUpdateBlocksPerSM = 5;
 constexpr int kSpillingUpdateBlocksPerSM = 4;
 
