@@ -165,7 +165,8 @@ def measure(optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float 
     (FSDP2 DTensors, or `process_group` given) get our kernel's norm, accumulated in fp32 (agreed
     over the ranks with one all-reduce). exact=False takes that kernel's norm everywhere: one
     read of the grads at full bandwidth and two launches instead of torch's per-tensor norms,
-    within an ulp or two of torch's norm (fp32 accumulation in another order)."""
+    within a few fp32 ulps of the exact norm (fp32 accumulation in its own order), where torch's
+    is bit for bit."""
     norm_type = float(norm_type)
     if not (norm_type > 0):
         raise ValueError(f"norm_type must be positive or inf, got {norm_type}")

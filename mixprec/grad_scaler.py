@@ -249,7 +249,7 @@ class GradScaler(torch.amp.GradScaler):
         norm types other than 1, 2, inf: clipping.needs_unscaled_grads) they are unscaled in
         place first, as torch's recipe does.
         Other optimizers get exactly unscale_ + clip_grad_norm_. exact=False (folding optimizers):
-        the norm from our one-read kernel instead, within an ulp or two of torch's, never
+        the norm from our one-read kernel instead, within a few fp32 ulps of torch's, never
         unscaling in place first (mixprec.clipping.measure)."""
         folds = isinstance(optimizer, FoldsClip)
         if not self._enabled:

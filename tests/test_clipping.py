@@ -413,3 +413,32 @@ def test_optimizer_clip_norm_is_torch_clip_grad_norm_bit_for_bit(device, norm_ty
         for p, g in zip(params, grads):
             p.grad = g
         assert_bitwise_equal(norm, torch.nn.utils.clip_grad_norm_(params, 0.5, norm_type), str(dtypes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_norm_is_one_read_within_an_ulp_and_clips_in_the_step(device, dtype):
+    """clip_grad_norm_(exact=False): our one-read kernel's norm (fp32, whatever the grads' dtype)
+    within a few fp32 ulps of the exact norm (relative 1e-6: fp32 accumulation in its own order),
+    no grad rewritten before the step, and the step clips with its coefficient (torch's formula
+    on that norm)."""
+    torch.manual_seed(3)
+    shapes = [(257,), (33, 17), (4096,)]
+    grads = [torch.randn(s, device=device).to(dtype) * 0.5 for s in shapes]
+    params = [torch.nn.Parameter(torch.ones(s, device=device, dtype=dtype)) for s in shapes]
+    scaler = mixprec.GradScaler(device, init_scale=2.0**8)
+    scaler.scale(torch.zeros((), device=device))
+    opt = optim.SGD(params, lr=1.0)
+    for p, g in zip(params, grads):
+        p.grad = g * 256.0
+    scaled = [p.grad.clone() for p in params]
+    norm = scaler.clip_grad_norm_(opt, 0.5, exact=False)
+    assert norm.dtype == torch.float32
+    assert all(torch.equal(p.grad, s) for p, s in zip(params, scaled))  # nothing rewritten yet
+    expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
+    assert abs(norm.double().item() - expected.item()) <= 1e-6 * expected.item()
+    coef = torch.clamp(0.5 / (norm + 1e-6), max=1.0)
+    scaler.step(opt)
+    for p, g in zip(params, grads):
+        update = (g.float() * coef).to(dtype) if dtype != torch.float32 else g * coef
+        rtol = 2e-2 if dtype != torch.float32 else 1e-6  # the bf16 weight is rounded
+        torch.testing.assert_close(p.detach().float(), 1.0 - update.float(), rtol=rtol, atol=1e-6)
