@@ -6,7 +6,7 @@
 # to drop when time runs short). Logs go to $OUT (or ./gpu_logs).
 #   BENCH="optimizer unscale" picks the benchmarks (BENCH= skips them);
 #   FILES="tests/test_optim.py ..." picks the test files (default: all);
-#   FILE_TIMEOUT=120 limits each test file (seconds).
+#   FILE_TIMEOUT=120 limits each test file (seconds); JOBS=4 files run at once.
 # Packages the machine lacks (expecttest) travel as wheels in .whl/ (see the device README).
 set -uo pipefail
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
@@ -23,11 +23,13 @@ PIP_NO_BUILD_ISOLATION=0 PIP_NO_INDEX=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
   || { grep -E "error" "$OUT/build.log" | head -30; exit 1; }
 echo "build: $((SECONDS - t0)) s"
 python3 -m scripts.fused_formulas 2>&1 | tee "$OUT/fused_formulas.txt"
-for f in ${FILES:-tests/test_*.py}; do
-  timeout "${FILE_TIMEOUT:-150}" python3 -m pytest -q -rf --tb=short "$f" -p no:cacheprovider \
-    > "$OUT/pytest_$(basename "$f" .py).log" 2>&1
-  echo "$f: rc $? $(tail -1 "$OUT/pytest_$(basename "$f" .py).log")"
-done
+run_file() {  # one test file, a summary line; JOBS files run at once (the host has 16 cores)
+  f=$1; log="$OUT/pytest_$(basename "$f" .py).log"
+  timeout "${FILE_TIMEOUT:-150}" python3 -m pytest -q -rf --tb=short "$f" -p no:cacheprovider > "$log" 2>&1
+  echo "$f: rc $? $(tail -1 "$log")"
+}
+export -f run_file; export OUT FILE_TIMEOUT
+printf '%s\n' ${FILES:-tests/test_*.py} | xargs -P "${JOBS:-4}" -I{} bash -c 'run_file {}'
 grep -h "^FAILED" "$OUT"/pytest_*.log | head -30
 echo "suite: $((SECONDS - t0)) s"
 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m scripts.sanitize_kernels \
