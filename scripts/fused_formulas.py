@@ -39,3 +39,42 @@ for wd in (0.01, 0.1):
     cands = {"fmaf(p,wd,g)": fmaf(p0, wd_f, g), "g + p*wd (float)": g + p0 * wd_f,
              "double": (g.to(d) + p0.to(d) * wd).float()}
     print("Adam L2 wd", wd, {k: round(frac(m, v), 5) for k, v in cands.items()})
+
+# Adam's L2 decay and SGD's weight decay / nesterov: exact candidates (a double fma emulated with
+# Fractions on a sample), and the elements where the closest float candidate differs.
+from fractions import Fraction
+
+
+def dfma_to_float(a, b, c):  # float(fma in double): exact a*b + c rounded to double, then float
+    out = [float(Fraction(x) * Fraction(y) + Fraction(z)) for x, y, z in zip(a, b, c)]
+    return torch.tensor(out, dtype=torch.float64).float()
+
+
+k = 4096
+ps, gs = p0[:k].cpu(), g[:k].cpu()
+for wd in (0.01, 0.1):
+    p = p0.clone(); p.grad = g.clone()
+    opt = torch.optim.Adam([p], lr=1e-3, betas=(0.0, 0.0), weight_decay=wd, fused=True)
+    opt.step(); m = opt.state[p]["exp_avg"][:k].cpu()
+    wd_f = float(torch.tensor(wd))
+    cands = {"dfma(p,wd_d,g)": dfma_to_float(ps.tolist(), [wd] * k, gs.tolist()),
+             "dfma(p,wd_f,g)": dfma_to_float(ps.tolist(), [wd_f] * k, gs.tolist()),
+             "g + float(p*wd_d)": gs + (ps.to(d) * wd).float(),
+             "fmaf(p,wd_f,g)": fmaf(ps, torch.tensor(wd_f), gs),
+             "fmaf(p,wd_f,g) as float(g+p*wd_f exact)": dfma_to_float(ps.tolist(), [wd_f] * k, gs.tolist())}
+    print("Adam L2 exact wd", wd, {n: round(frac(m, v), 5) for n, v in cands.items()})
+    bad = (m.view(torch.int32) != cands["fmaf(p,wd_f,g)"].view(torch.int32)).nonzero().flatten()[:4]
+    for i in bad.tolist():
+        print("  p", ps[i].item(), "g", gs[i].item(), "torch", m[i].item(), "fmaf", cands["fmaf(p,wd_f,g)"][i].item())
+for wd, nesterov in ((0.01, False), (0.1, False), (0.0, True)):
+    p = p0.clone(); p.grad = g.clone()
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=wd, nesterov=nesterov, fused=True)
+    opt.step(); b1 = opt.state[p]["momentum_buffer"].clone(); p1 = p.detach().clone()
+    g2 = torch.randn(n, device=dev); p.grad = g2.clone(); opt.step()
+    lr_f, m_f, wd_f = (torch.tensor(x, device=dev) for x in (0.1, 0.9, wd))
+    gd = fmaf(wd_f, p1, g2) if wd else g2
+    b = fmaf(torch.tensor(1.0, device=dev), gd, m_f * b1)
+    upd = fmaf(m_f, b, gd) if nesterov else b
+    ours = fmaf(-lr_f, upd, p1)
+    print("SGD wd", wd, "nesterov", nesterov, "float fma chain:", round(frac(p.detach(), ours), 5),
+          "buf:", round(frac(opt.state[p]["momentum_buffer"], b), 5))

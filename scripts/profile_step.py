@@ -1,69 +1,40 @@
-"""Where the GPU time of one optimizer step goes: torch.profiler over a few calls of the
-GPT-2 124M scale/clip/step/update sequence (mixprec.optim.AdamW), kernels per step in µs.
-Usage, from the repository root: python -m scripts.profile_step [bf16-nearest bf16-stochastic ...]
-(a variant is a dtype, optionally followed by -rounding for master_weights=False)."""
-import sys
-from collections import defaultdict
+"""Where one optimizer step's GPU time goes: the kernels of a bench_optimizer variant under
+torch.profiler, with their total time per step and the gaps between them. Run on the GPU machine:
+  python -m scripts.profile_step --model 124M --variant ours-fp32-fast-norm"""
+import argparse
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-import mixprec
+from benchmarks.bench_optimizer import MODELS, make_variant
 from benchmarks.harness import gpt2_shapes
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CALLS = 10
 
-
-def profile(variant: str) -> None:
-    dtype_name, _, rounding = variant.partition("-")
-    dtype = DTYPES[dtype_name]
-    params = [(torch.randn(s, device="cuda", dtype=dtype) * 0.02).requires_grad_()
-              for s in gpt2_shapes(12, 768)]
-    for q in params:
-        q.grad = torch.randn_like(q) * 65.536
-    options = {"master_weights": False, "rounding": rounding} if rounding else {}
-    opt = mixprec.optim.AdamW(params, lr=3e-4, weight_decay=0.1, **options)
-    scaler = mixprec.GradScaler("cuda")
-    scaler.scale(torch.ones((), device="cuda"))
-
-    def call():
-        scaler.clip_grad_norm_(opt, 1.0)
-        scaler.step(opt)
-        scaler.update()
-
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="124M")
+    ap.add_argument("--variant", default="ours-fp32-fast-norm")
+    ap.add_argument("--steps", type=int, default=5)
+    a = ap.parse_args()
+    call, note, _ = make_variant(a.variant, gpt2_shapes(*MODELS[a.model]), "cuda")
     for _ in range(3):
         call()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(CALLS):
-            torch.cuda._sleep(4_000_000)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.steps):
             call()
         torch.cuda.synchronize()
-    per_kernel = defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and "spin_kernel" not in e.name and "sleep" not in e.name:
-            per_kernel[e.name][0] += 1
-            per_kernel[e.name][1] += e.device_time
-    print(f"\n## {variant}: kernels per step (count, µs)")
-    total = 0.0
-    for name, (count, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1]):
-        total += us / CALLS
-        print(f"{count / CALLS:5.1f} {us / CALLS:9.1f}  {name[:110]}")
-    print(f"      {total:9.1f}  total kernel time per step")
-    # Wall GPU time per step (kernels + gaps), events around a sleep-held call.
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(4_000_000)
-        start.record()
-        call()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    times.sort()
-    print(f"      {times[len(times) // 2]:9.1f}  event time per step (median of 20)")
+    events = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    print(a.model, a.variant, note)
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        totals.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
+    for name, ts in sorted(totals.items(), key=lambda kv: -sum(kv[1])):
+        print(f"{sum(ts) / a.steps:9.1f} us/step  x{len(ts) / a.steps:4.1f}  {name}")
+    span = (events[-1].time_range.end - events[0].time_range.start) / a.steps
+    busy = sum(e.time_range.elapsed_us() for e in events) / a.steps
+    print(f"span {span:.1f} us/step, kernels busy {busy:.1f} us/step, gaps {span - busy:.1f} us/step")
 
 
-for v in sys.argv[1:] or ["bf16-nearest"]:
-    profile(v)
-    torch.cuda.empty_cache()
+if __name__ == "__main__":
+    main()

