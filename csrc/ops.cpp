@@ -89,6 +89,26 @@ TORCH_LIBRARY(mixprec, lib) {
       "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool maximize, "
       "Tensor? inv_scale, Tensor? clip_coef, Tensor? found_inf, *, str rounding=\"nearest\", "
       "int seed=0, bool store_grads=False) -> ()");
+  // Adam/AdamW with compressed state (issue 15). `moments` by name: "fp32", "bf16" (stochastically
+  // rounded with the moment stream of seed, step, tensor) or "8bit" (uint8 codes of the
+  // signed_map / unsigned_map entries times one fp32 absmax per 256-element block, requantized in
+  // the same pass). `weights` by name: "plain" (fp32, or fp16/bf16 rounded to nearest), "master"
+  // (fp32 master_params), "remainder" (bf16 params + int16 remainders: together the fp32 master,
+  // bit for bit), "stochastic" (fp16/bf16 rounded stochastically). Otherwise as adam_step_ (no
+  // amsgrad): found_inf skips everything, steps are incremented first, store_grads writes the
+  // unscaled, clipped grads back.
+  m.def(
+      "adam_step_compressed_(Tensor(a!)[] params, Tensor(h!)[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] exp_avg_absmax, Tensor(e!)[] exp_avg_sq_absmax, "
+      "Tensor(g!)[] master_params, Tensor(i!)[] remainders, Tensor(f!)[] steps, float lr, "
+      "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
+      "bool decoupled_weight_decay, bool maximize, Tensor? inv_scale, Tensor? clip_coef, "
+      "Tensor? found_inf, Tensor signed_map, Tensor unsigned_map, *, str moments, str weights, "
+      "int seed=0, bool store_grads=False) -> ()");
+  // Block-wise 8-bit quantization (256 elements a block, absmax scaling, nearest map entry) and
+  // its inverse: checkpoints convert fp32 moments with these, bit for bit the step's own codes.
+  m.def("quantize_blockwise(Tensor x, Tensor map) -> (Tensor, Tensor)");
+  m.def("dequantize_blockwise(Tensor codes, Tensor absmax, Tensor map) -> Tensor");
   // SGD: momentum_buffers empty when momentum == 0; otherwise steps say which buffers are new
   // (step 1: the buffer starts as the grad, torch's "momentum_buffer is None"). Stochastic
   // rounding needs steps (the random stream is keyed on them).

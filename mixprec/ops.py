@@ -156,6 +156,44 @@ def sgd_step_(
     )
 
 
+# The storage names adam_step_compressed_ takes (C++ parses them: compressed_checks.h's tables;
+# tests/test_compressed_state.py checks the two agree).
+MOMENT_STORAGES = ("fp32", "bf16", "8bit")
+WEIGHT_STORAGES = ("plain", "master", "remainder", "stochastic")
+
+
+def adam_step_compressed_(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    exp_avg_absmax: list[Tensor], exp_avg_sq_absmax: list[Tensor], master_params: list[Tensor],
+    remainders: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float,
+    eps: float, weight_decay: float, decoupled_weight_decay: bool, maximize: bool,
+    signed_map: Tensor, unsigned_map: Tensor, moments: str, weights: str,
+    inv_scale: Tensor | None = None, clip_coef: Tensor | None = None, found_inf: Tensor | None = None,
+    seed: int = 0, store_grads: bool = False,
+) -> None:
+    """One fused Adam/AdamW step with compressed state (see csrc/ops.cpp): moments "fp32", "bf16"
+    or "8bit" (with one absmax per 256-element block and the two 256-entry maps), weights "plain",
+    "master", "remainder" or "stochastic"."""
+    lr_float, lr_tensor = (0.0, lr) if isinstance(lr, Tensor) else (float(lr), None)
+    library().adam_step_compressed_(
+        params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmax, exp_avg_sq_absmax, master_params, remainders,
+        steps, lr_float, lr_tensor, float(beta1), float(beta2), float(eps), float(weight_decay),
+        bool(decoupled_weight_decay), bool(maximize), inv_scale, clip_coef, found_inf, signed_map, unsigned_map,
+        moments=moments, weights=weights, seed=int(seed), store_grads=bool(store_grads),
+    )
+
+
+def quantize_blockwise(x: Tensor, qmap: Tensor) -> tuple[Tensor, Tensor]:
+    """(uint8 codes of x's shape, fp32 absmax per 256-element block): the nearest entry of the
+    sorted 256-entry `qmap` to x / absmax, the codes the optimizer step itself writes."""
+    return library().quantize_blockwise(x, qmap)
+
+
+def dequantize_blockwise(codes: Tensor, absmax: Tensor, qmap: Tensor) -> Tensor:
+    """fp32 values qmap[code] * absmax[block] (the inverse of quantize_blockwise, up to rounding)."""
+    return library().dequantize_blockwise(codes, absmax, qmap)
+
+
 @_fake("grad_norm")
 def _grad_norm_fake(grads, found_inf, inv_scale, norm_type) -> Tensor:
     return found_inf.new_empty(())
@@ -179,3 +217,18 @@ def _adam_step_fake(*args, **kwargs) -> None:
 @_fake("sgd_step_")
 def _sgd_step_fake(*args, **kwargs) -> None:
     return None
+
+
+@_fake("adam_step_compressed_")
+def _adam_step_compressed_fake(*args, **kwargs) -> None:
+    return None
+
+
+@_fake("quantize_blockwise")
+def _quantize_blockwise_fake(x, qmap):
+    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(((x.numel() + 255) // 256,), dtype=torch.float32)
+
+
+@_fake("dequantize_blockwise")
+def _dequantize_blockwise_fake(codes, absmax, qmap):
+    return codes.new_empty(codes.shape, dtype=torch.float32)

@@ -21,6 +21,18 @@ torch.optim. What is different:
   stream of (seed, step, tensor, element), so runs repeat exactly and CUDA graphs capture it), or
   "kahan" (the rounding error is kept in a compensation buffer of the param's dtype, 2 bytes per
   param, and added back on the next step).
+- Compressed state (Adam/AdamW), for fitting bigger models (mixprec.state_bytes tells the bytes):
+  master_weights="remainder" keeps, for bf16 params, the 16 low bits bf16 drops
+  (state["master_remainder"], int16): weight and remainder together are the fp32 master, so the
+  masters step bit for bit as with master_weights=True at 2 bytes per param less. The weight is
+  the master rounded to nearest with ties away from zero (16 bits cannot recover the master from
+  a ties-to-even weight), so it differs from master_weights=True's only where the master's low 16
+  bits are exactly 0x8000. moments="bf16" stores exp_avg/exp_avg_sq in bf16, stochastically
+  rounded (to nearest, a second moment decaying by beta2 = 0.999 never moves); moments="8bit"
+  stores them as uint8 codes of mixprec.quant's dynamic maps with one fp32 absmax per 256-element
+  block (state["exp_avg_absmax"], state["exp_avg_sq_absmax"]), decoded and re-encoded inside the
+  step kernel. Checkpoints of torch.optim load into every mode (quantized on load);
+  to_torch_state_dict() exports ours as torch.optim's (fp32 moments, fp32 master_param).
 """
 from __future__ import annotations
 
@@ -32,10 +44,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mixprec import ops
+from mixprec import ops, quant
 from mixprec.clipping import ClipResult, clip_folded_
 from mixprec.distributed import local
 from mixprec.loss_scaler import reciprocal_fp32
+from mixprec.remainder import join_master, split_master
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _SUPPORTED = (torch.float32,) + _LOW_PRECISION
@@ -76,7 +89,25 @@ def _check_fused_flags(fused: bool | None, foreach: bool | None) -> None:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
-def _check_precision_options(master_weights: bool, rounding: str) -> None:
+MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": torch.uint8}
+
+
+def quant_blocks(p: Tensor) -> int:
+    """absmax entries of an 8-bit moment of p: one per quant.QUANT_BLOCK elements."""
+    return (p.numel() + quant.QUANT_BLOCK - 1) // quant.QUANT_BLOCK
+
+
+def _check_precision_options(master_weights: bool | str, rounding: str, moments: str = "fp32",
+                             amsgrad: bool = False) -> None:
+    if master_weights not in (True, False, "remainder"):
+        raise ValueError(f"master_weights must be True, False or 'remainder', got {master_weights!r}")
+    if moments not in MOMENT_DTYPES:
+        raise ValueError(f"moments must be one of {list(MOMENT_DTYPES)}, got {moments!r}")
+    if moments != "fp32" and amsgrad:
+        raise ValueError(f"amsgrad keeps a third fp32 moment; it is not available with moments={moments!r}")
+    if (moments != "fp32" or master_weights == "remainder") and rounding == "kahan":
+        raise ValueError("rounding='kahan' is not available with compressed state (moments or "
+                         "master_weights='remainder'); use rounding='stochastic'")
     if rounding not in ops.ROUNDING_MODES:
         raise ValueError(f"rounding must be one of {list(ops.ROUNDING_MODES)}, got {rounding!r}")
     if master_weights and rounding != "nearest":
@@ -259,7 +290,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         """fp16/bf16 params: the fp32 master copy, or the Kahan compensation buffer."""
         if p.dtype not in _LOW_PRECISION:
             return
+        if group.get("master_weights", True) == "remainder" and p.dtype == torch.bfloat16:
+            if "master_param" in state:  # from a master_weights=True checkpoint: split it exactly
+                weight, state["master_remainder"] = split_master(state.pop("master_param").to(p.device))
+                p.detach().copy_(weight)
+            elif "master_remainder" not in state:  # the weight alone is the master
+                state["master_remainder"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)
+            return
         if group.get("master_weights", True):
+            if "master_remainder" in state:  # from a remainder checkpoint: join weight and remainder
+                state["master_param"] = join_master(p.detach(), state.pop("master_remainder"))
             if "master_param" not in state:
                 state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(p.detach())
         elif group.get("rounding") == "kahan" and "compensation" not in state:
@@ -272,7 +312,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         return self._fp32_state_keys
 
     def _masters(self, batch: _Batch, group: dict[str, Any]) -> list[Tensor]:
-        if batch.params[0].dtype not in _LOW_PRECISION or not group.get("master_weights", True):
+        master = group.get("master_weights", True)
+        if batch.params[0].dtype not in _LOW_PRECISION or not master or master == "remainder":
             return []
         return [local(self.state[p]["master_param"]) for p in batch.params]
 
@@ -341,8 +382,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     step = value.detach().reshape(()) if isinstance(value, Tensor) else torch.tensor(float(value))
                     state[key] = step.to(device=p.device, dtype=torch.float32, copy=True)
                 elif isinstance(value, Tensor):
-                    dtype = p.dtype if key == "compensation" else torch.float32
-                    state[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
+                    state[key] = value.detach().to(device=p.device, dtype=_loaded_dtype(key, value, p), copy=True)
             self._complete_loaded_state(p, group_of[id(p)], state)
 
     def _check_loaded_state(self, saved_id: Any, saved: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
@@ -372,7 +412,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # The state keys our optimizers keep as tensors of the param's shape; None is allowed for the
     # optional ones (torch's SGD saves momentum_buffer=None before its first step).
     _tensor_state_keys = frozenset(
-        {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "master_param", "compensation"})
+        {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "master_param", "compensation",
+         "master_remainder"})
     _optional_state_keys = frozenset({"momentum_buffer"})
 
     def _required_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -388,6 +429,17 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _complete_loaded_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         self._init_weight_state(p, group, state)
+
+
+def _loaded_dtype(key: str, value: Tensor, p: Tensor) -> torch.dtype:
+    """The dtype a checkpoint's state tensor is loaded in: the compensation in the param's dtype,
+    compressed state (8-bit codes, bf16 moments, remainders) as saved, everything else fp32.
+    _complete_loaded_state then converts moments to the group's `moments`."""
+    if key == "compensation":
+        return p.dtype
+    if value.dtype in (torch.uint8, torch.int16):
+        return value.dtype
+    return torch.float32
 
 
 def _is_dense(t: Tensor) -> bool:
@@ -415,14 +467,15 @@ class Adam(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
-        master_weights: bool = True,
+        master_weights: bool | str = True,
         rounding: str = "nearest",
         seed: int | None = None,
         write_back_grads: bool = True,
+        moments: str = "fp32",
     ) -> None:
         _check_tensor_lr_for_foreach(lr, foreach, capturable)
         _check_lr(lr)
-        _check_precision_options(master_weights, rounding)
+        _check_precision_options(master_weights, rounding, moments, amsgrad)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not 0.0 <= betas[0] < 1.0:
@@ -438,13 +491,89 @@ class Adam(FusedOptimizer):
             "maximize": maximize, "foreach": foreach, "capturable": capturable,
             "differentiable": differentiable, "fused": fused, "decoupled_weight_decay": decoupled_weight_decay,
             "master_weights": master_weights, "rounding": rounding,
-            "seed": _default_seed() if seed is None else int(seed),
+            "seed": _default_seed() if seed is None else int(seed), "moments": moments,
         }
         super().__init__(params, defaults, write_back_grads)
         _check_fused_flags(fused, foreach)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_precision_options(group.get("master_weights", True), group.get("rounding", "nearest"),
+                                 group.get("moments", "fp32"), group.get("amsgrad", False))
+        if group.get("master_weights") == "remainder":
+            for i, p in enumerate(group["params"]):
+                if p.dtype == torch.float16:
+                    raise ValueError(
+                        f"{type(self).__name__}: master_weights='remainder' needs bfloat16 params (bf16 + 16 bits "
+                        f"is fp32); param {i} is float16: use master_weights=True for fp16 params")
+
     def _fp32_state_keys_for(self, group):
+        if group.get("moments", "fp32") != "fp32":
+            return ()
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        super()._init_state(p, group)
+        moments = group.get("moments", "fp32")
+        if moments == "fp32":
+            return
+        state = self.state[p]
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros(p.shape, dtype=MOMENT_DTYPES[moments], device=p.device)
+            if moments == "8bit" and key + "_absmax" not in state:
+                state[key + "_absmax"] = torch.zeros(quant_blocks(p), dtype=torch.float32, device=p.device)
+
+    def _check_loaded_state(self, saved_id, saved, p, group) -> None:
+        super()._check_loaded_state(saved_id, saved, p, group)
+        where = f"{type(self).__name__}.load_state_dict: state['{{}}'] of param {saved_id}"
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = saved.get(key)
+            absmax = saved.get(key + "_absmax")
+            if isinstance(value, Tensor) and value.dtype == torch.uint8:
+                if not isinstance(absmax, Tensor) or absmax.dtype != torch.float32 or absmax.numel() != quant_blocks(p):
+                    raise ValueError(f"{where.format(key + '_absmax')} must be a float32 tensor of "
+                                     f"{quant_blocks(p)} blocks beside 8-bit {key} codes")
+            elif isinstance(value, Tensor) and group.get("moments") == "8bit":
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"{where.format(key)} holds inf/NaN, which 8-bit moments cannot store")
+                if key == "exp_avg_sq" and (value < 0).any():
+                    raise ValueError(f"{where.format(key)} has negative values; a second moment is >= 0")
+        remainder = saved.get("master_remainder")
+        if remainder is not None and (not isinstance(remainder, Tensor) or remainder.dtype != torch.int16
+                                      or p.dtype != torch.bfloat16):
+            raise ValueError(f"{where.format('master_remainder')} must be an int16 tensor of a bfloat16 param")
+
+    def _complete_loaded_state(self, p, group, state) -> None:
+        super()._complete_loaded_state(p, group, state)
+        moments = group.get("moments", "fp32")
+        for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            value = state.get(key)
+            if value is None:
+                continue
+            if value.dtype == torch.uint8:  # saved 8-bit: keep, or decode for another format
+                if moments == "8bit":
+                    continue
+                value = quant.dequantize(value, state.pop(key + "_absmax"), signed=signed)
+            if moments == "8bit":
+                state[key], state[key + "_absmax"] = quant.quantize(value.float(), signed=signed)
+            else:
+                state[key] = value.to(MOMENT_DTYPES[moments])
+
+    def _weights_storage(self, dtype: torch.dtype, group: dict[str, Any]) -> str:
+        """adam_step_compressed_'s `weights` for params of `dtype` in `group`."""
+        master = group.get("master_weights", True)
+        if dtype not in _LOW_PRECISION:
+            return "plain"
+        if master == "remainder":
+            return "remainder"
+        if master:
+            return "master"
+        return "stochastic" if group.get("rounding") == "stochastic" else "plain"
+
+    def _compressed(self, dtype: torch.dtype, group: dict[str, Any]) -> bool:
+        return group.get("moments", "fp32") != "fp32" or self._weights_storage(dtype, group) == "remainder"
 
     def _required_state_keys(self, group):
         return ("step",) + self._fp32_state_keys_for(group)
@@ -452,6 +581,24 @@ class Adam(FusedOptimizer):
     def _update(self, group, batch, *, lr, inv_scale, clip_coef, found_inf, store_grads) -> None:
         states = [self.state[p] for p in batch.params]
         beta1, beta2 = group["betas"]
+        dtype = batch.params[0].dtype
+        if self._compressed(dtype, group):
+            weights, device = self._weights_storage(dtype, group), batch.tensors[0].device
+            eight_bit = group["moments"] == "8bit"
+            ops.adam_step_compressed_(
+                batch.tensors, batch.grads, self._states(batch, "exp_avg"), self._states(batch, "exp_avg_sq"),
+                self._states(batch, "exp_avg_absmax") if eight_bit else [],
+                self._states(batch, "exp_avg_sq_absmax") if eight_bit else [],
+                self._masters(batch, group) if weights == "master" else [],
+                self._states(batch, "master_remainder") if weights == "remainder" else [],
+                [s["step"] for s in states], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+                maximize=group["maximize"], signed_map=quant.signed_map(device),
+                unsigned_map=quant.unsigned_map(device), moments=group["moments"], weights=weights,
+                inv_scale=inv_scale, clip_coef=clip_coef, found_inf=found_inf, seed=group.get("seed", 0),
+                store_grads=store_grads,
+            )
+            return
         ops.adam_step_(
             batch.tensors, batch.grads, self._states(batch, "exp_avg"), self._states(batch, "exp_avg_sq"),
             self._states(batch, "max_exp_avg_sq") if group["amsgrad"] else [],
@@ -480,16 +627,17 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
-        master_weights: bool = True,
+        master_weights: bool | str = True,
         rounding: str = "nearest",
         seed: int | None = None,
         write_back_grads: bool = True,
+        moments: str = "fp32",
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True, master_weights=master_weights, rounding=rounding, seed=seed,
-            write_back_grads=write_back_grads,
+            write_back_grads=write_back_grads, moments=moments,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -567,3 +715,29 @@ class SGD(FusedOptimizer):
             maximize=group["maximize"], inv_scale=inv_scale, clip_coef=clip_coef, found_inf=found_inf,
             store_grads=store_grads,
         )
+
+
+def to_torch_state_dict(optimizer: Adam) -> dict[str, Any]:
+    """`optimizer.state_dict()` as torch.optim.Adam/AdamW keeps it: moments in fp32 (8-bit and bf16
+    ones decoded), no absmax; a remainder and its bf16 weight joined into an fp32 "master_param"
+    (which torch ignores and our optimizers with master_weights=True load). Loads into
+    torch.optim.AdamW as it is; the optimizer is not changed."""
+    saved = optimizer.state_dict()
+    params = list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
+    ids = list(chain.from_iterable(g["params"] for g in saved["param_groups"]))
+    by_id = dict(zip(ids, params))
+    out_state = {}
+    for pid, st in saved["state"].items():
+        st = dict(st)
+        for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            value = st.get(key)
+            if isinstance(value, Tensor) and value.dtype == torch.uint8:
+                st[key] = quant.dequantize(value, st.pop(key + "_absmax"), signed=signed)
+            elif isinstance(value, Tensor):
+                st[key] = value.float()
+        if "master_remainder" in st:
+            st["master_param"] = join_master(by_id[pid].detach(), st.pop("master_remainder"))
+        out_state[pid] = st
+    groups = [{k: v for k, v in g.items() if k not in ("master_weights", "rounding", "seed", "moments")}
+              for g in saved["param_groups"]]
+    return {"state": out_state, "param_groups": groups}

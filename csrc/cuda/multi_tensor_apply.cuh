@@ -88,6 +88,17 @@ struct WantsLargeTable<F, std::void_t<decltype(F::kLargeTable)>> {
   static constexpr bool value = F::kLargeTable;
 };
 
+// Functor::kChunkGranule (default 64): chunks hold a multiple of this many elements (8-bit state
+// needs whole 256-element quantization blocks in a chunk).
+template <typename F, typename = void>
+struct ChunkGranule {
+  static constexpr int64_t value = 64;
+};
+template <typename F>
+struct ChunkGranule<F, std::void_t<decltype(F::kChunkGranule)>> {
+  static constexpr int64_t value = F::kChunkGranule;
+};
+
 // Functor interface: init(); chunk(meta, t, start, n) for elements [start, start + n) of tensor
 // t (start is a multiple of the chunk size, itself a multiple of 64 elements); finish(). The
 // functor is copied per thread, so it may carry per-thread state (e.g. "saw an inf").
@@ -141,11 +152,11 @@ int64_t max_grid(int device) {
 }
 
 // Elements per chunk: the shape's chunk bytes over the bytes that size an element (e.g. the fp32
-// optimizer state), a multiple of 64 elements so every list's chunks start on 16-byte and
-// 4-element (random-word block) boundaries.
-inline int64_t chunk_elements(int device, int64_t elem_chunk_bytes) {
-  const int64_t n = launch_shape(device).chunk_bytes / elem_chunk_bytes / 64 * 64;
-  return n > 64 ? n : 64;
+// optimizer state), a multiple of `granule` (at least 64) elements so every list's chunks start
+// on 16-byte and 4-element (random-word block) boundaries.
+inline int64_t chunk_elements(int device, int64_t elem_chunk_bytes, int64_t granule = 64) {
+  const int64_t n = launch_shape(device).chunk_bytes / elem_chunk_bytes / granule * granule;
+  return n > granule ? n : granule;
 }
 
 // How many launches multi_tensor_apply makes for these sizes with this table (reductions size
@@ -211,7 +222,7 @@ void multi_tensor_apply(const std::vector<std::array<void*, Depth>>& ptrs,
                         const Functor& functor, int device, cudaStream_t stream,
                         PerLaunch per_launch = {},
                         bool large_table = WantsLargeTable<Functor>::value) {
-  const int64_t chunk_size = chunk_elements(device, elem_chunk_bytes);
+  const int64_t chunk_size = chunk_elements(device, elem_chunk_bytes, ChunkGranule<Functor>::value);
 #if MIXPREC_HAS_LARGE_TABLE
   if constexpr (WantsLargeTable<Functor>::value) {  // else no large-table kernel is compiled
     if (large_table && launch_shape(device).large_table) {

@@ -1,0 +1,251 @@
+// CPU kernels of mixprec::adam_step_compressed_ (Adam/AdamW with compressed state: bf16 or 8-bit
+// moments, a bf16 + remainder master weight) and of the block-wise quantize/dequantize ops. One
+// at::parallel_for over the quantization blocks of every tensor; per element the maths of the CPU
+// step (optim_math.h's adam_element, so master_weights="remainder" equals master_weights=True
+// here bit for bit), with the state decoded and encoded in registers (compressed_state.h).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "mixprec/compressed_checks.h"
+#include "mixprec/compressed_state.h"
+#include "mixprec/optim_math.h"
+#include "mixprec/rounding.h"
+#include "parallel_spans.h"
+
+namespace mixprec::cpu {
+namespace {
+
+constexpr const char* kOp = "mixprec.adam_step_compressed_";
+
+template <typename T>
+T* data_or_null(at::TensorList list, size_t i) {
+  return list.empty() ? nullptr : static_cast<T*>(list[i].data_ptr());
+}
+
+// One tensor's pointers and per-step scalars.
+struct CompressedSlice {
+  void* param;
+  void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  float* exp_avg_absmax;
+  float* exp_avg_sq_absmax;
+  float* master;
+  int16_t* remainder;
+  AdamStepScalars scalars;
+  RandomStream weight_random, moment_random;
+};
+
+struct CompressedRule {
+  GradTransform transform;
+  MomentStorage moments;
+  WeightStorage weights;
+  bool store_grads;
+  const float* signed_map;
+  const float* unsigned_map;
+};
+
+template <typename T>
+float load_weight(const CompressedRule& r, const CompressedSlice& s, int64_t i) {
+  const T* param = static_cast<const T*>(s.param);
+  switch (r.weights) {
+    case WeightStorage::kMaster: return s.master[i];
+    case WeightStorage::kRemainder:
+      return join_master(reinterpret_cast<const uint16_t*>(param)[i], s.remainder[i]);
+    default: return static_cast<float>(param[i]);
+  }
+}
+
+template <typename T>
+void store_weight(const CompressedRule& r, const CompressedSlice& s, int64_t i, float p, uint32_t word) {
+  T* param = static_cast<T*>(s.param);
+  switch (r.weights) {
+    case WeightStorage::kMaster:
+      s.master[i] = p;
+      param[i] = static_cast<T>(p);
+      break;
+    case WeightStorage::kRemainder: {
+      const SplitMaster split = split_master(p);
+      reinterpret_cast<uint16_t*>(param)[i] = split.weight_bits;
+      s.remainder[i] = split.remainder;
+      break;
+    }
+    case WeightStorage::kStochastic:
+      if constexpr (std::is_floating_point_v<T>) {  // fp32 (fp64 never reaches here: the checks refuse it)
+        param[i] = static_cast<T>(p);
+      } else {
+        param[i] = round_stochastic<T>(p, word);
+      }
+      break;
+    default: param[i] = static_cast<T>(p);
+  }
+}
+
+// Elements [begin, end) of one tensor: begin is a block start, end - begin <= kQuantBlock.
+template <typename T>
+void step_block(const CompressedRule& r, const CompressedSlice& s, int64_t begin, int64_t end) {
+  float m[kQuantBlock], v[kQuantBlock];
+  const int64_t block = begin / kQuantBlock;
+  T* grad = static_cast<T*>(s.grad);
+  const float m_scale = r.moments == MomentStorage::kInt8 ? s.exp_avg_absmax[block] : 0.0f;
+  const float v_scale = r.moments == MomentStorage::kInt8 ? s.exp_avg_sq_absmax[block] : 0.0f;
+  float m_max = 0.0f, v_max = 0.0f;
+  uint32_t wwords[4] = {0, 0, 0, 0}, mwords[4] = {0, 0, 0, 0};
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t k = i - begin;
+    if (i % 4 == 0 || i == begin) {  // one Philox block per 4 elements, as on CUDA
+      if (r.weights == WeightStorage::kStochastic) s.weight_random.block(i / 4, wwords);
+      if (r.moments == MomentStorage::kBf16) s.moment_random.block(i / 4, mwords);
+    }
+    switch (r.moments) {
+      case MomentStorage::kFp32:
+        m[k] = static_cast<float*>(s.exp_avg)[i];
+        v[k] = static_cast<float*>(s.exp_avg_sq)[i];
+        break;
+      case MomentStorage::kBf16:
+        m[k] = static_cast<float>(static_cast<c10::BFloat16*>(s.exp_avg)[i]);
+        v[k] = static_cast<float>(static_cast<c10::BFloat16*>(s.exp_avg_sq)[i]);
+        break;
+      case MomentStorage::kInt8:
+        m[k] = dequantize_value(static_cast<uint8_t*>(s.exp_avg)[i], m_scale, r.signed_map);
+        v[k] = dequantize_value(static_cast<uint8_t*>(s.exp_avg_sq)[i], v_scale, r.unsigned_map);
+        break;
+    }
+    const float u = r.transform.unscaled(static_cast<float>(grad[i]));
+    if (r.store_grads) grad[i] = static_cast<T>(u);
+    float p = load_weight<T>(r, s, i);
+    float no_v_max = 0.0f;
+    adam_element(s.scalars, r.transform.maximize ? -u : u, p, m[k], v[k], no_v_max);
+    store_weight<T>(r, s, i, p, wwords[i % 4]);
+    if (r.moments == MomentStorage::kBf16) {
+      static_cast<c10::BFloat16*>(s.exp_avg)[i] = round_moment_m(m[k], mwords[i % 4]);
+      static_cast<c10::BFloat16*>(s.exp_avg_sq)[i] = round_moment_v(v[k], mwords[i % 4]);
+    } else if (r.moments == MomentStorage::kFp32) {
+      static_cast<float*>(s.exp_avg)[i] = m[k];
+      static_cast<float*>(s.exp_avg_sq)[i] = v[k];
+    }
+    m_max = std::max(m_max, std::fabs(m[k]));
+    v_max = std::max(v_max, std::fabs(v[k]));
+  }
+  if (r.moments != MomentStorage::kInt8) return;
+  s.exp_avg_absmax[block] = m_max;
+  s.exp_avg_sq_absmax[block] = v_max;
+  for (int64_t i = begin; i < end; ++i) {
+    static_cast<uint8_t*>(s.exp_avg)[i] = quantize_value(m[i - begin], m_max, r.signed_map);
+    static_cast<uint8_t*>(s.exp_avg_sq)[i] = quantize_value(v[i - begin], v_max, r.unsigned_map);
+  }
+}
+
+void adam_step_compressed_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, at::TensorList exp_avg_absmax,
+                              at::TensorList exp_avg_sq_absmax, at::TensorList masters,
+                              at::TensorList remainders, at::TensorList steps, double lr,
+                              const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                              double eps, double weight_decay, bool decoupled_weight_decay, bool maximize,
+                              const c10::optional<at::Tensor>& inv_scale,
+                              const c10::optional<at::Tensor>& clip_coef,
+                              const c10::optional<at::Tensor>& found_inf, const at::Tensor& signed_map,
+                              const at::Tensor& unsigned_map, c10::string_view moments_name,
+                              c10::string_view weights_name, int64_t seed, bool store_grads) {
+  const MomentStorage moments = parse_name(kOp, "moments", moments_name, kMomentNames);
+  const WeightStorage weights = parse_name(kOp, "weights", weights_name, kWeightNames);
+  check_compressed_args(kOp, params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmax, exp_avg_sq_absmax,
+                        masters, remainders, steps, moments, weights, signed_map, unsigned_map, lr_tensor,
+                        inv_scale, clip_coef, found_inf);
+  if (params.empty()) return;
+  TORCH_CHECK(params[0].is_cpu(), kOp, ": the CPU kernel needs CPU tensors, got ", params[0].device());
+  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // skip everything
+  const double lr_value = lr_tensor.has_value() ? static_cast<double>(lr_tensor->item<float>()) : lr;
+  const CompressedRule rule{
+      GradTransform{inv_scale.has_value() ? inv_scale->item<float>() : 1.0f,
+                    clip_coef.has_value() ? clip_coef->item<float>() : 1.0f, maximize},
+      moments, weights, store_grads,
+      moments == MomentStorage::kInt8 ? signed_map.data_ptr<float>() : nullptr,
+      moments == MomentStorage::kInt8 ? unsigned_map.data_ptr<float>() : nullptr};
+  const AdamConfig config{beta1, beta2, eps, weight_decay, decoupled_weight_decay, false};
+  std::vector<CompressedSlice> slices;
+  std::vector<int64_t> blocks;
+  for (size_t t = 0; t < params.size(); ++t) {
+    float& step = *steps[t].data_ptr<float>();
+    step += 1.0f;  // torch increments first
+    const auto step_id = static_cast<uint32_t>(step);
+    slices.push_back(CompressedSlice{
+        params[t].data_ptr(), grads[t].data_ptr(), exp_avgs[t].data_ptr(), exp_avg_sqs[t].data_ptr(),
+        data_or_null<float>(exp_avg_absmax, t), data_or_null<float>(exp_avg_sq_absmax, t),
+        data_or_null<float>(masters, t), data_or_null<int16_t>(remainders, t),
+        adam_step_scalars(config, lr_value, static_cast<double>(step)),
+        RandomStream{static_cast<uint64_t>(seed), step_id, static_cast<uint32_t>(t)},
+        moment_stream(static_cast<uint64_t>(seed), step_id, static_cast<uint32_t>(t))});
+    blocks.push_back(quant_blocks(params[t].numel()));
+  }
+  const Concatenation all(blocks);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step_compressed_cpu", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // the checks refuse fp64
+      all.parallel_walk(64, [&](size_t t, int64_t b0, int64_t b1) {
+        const int64_t n = params[t].numel();
+        for (int64_t b = b0; b < b1; ++b) {
+          step_block<scalar_t>(rule, slices[t], b * kQuantBlock, std::min(n, (b + 1) * kQuantBlock));
+        }
+      });
+    }
+  });
+}
+
+// Block-wise 8-bit quantization of a float tensor: (uint8 codes of x's shape, fp32 absmax per
+// block of kQuantBlock elements in x's flat order).
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, const at::Tensor& map) {
+  constexpr const char* op = "mixprec.quantize_blockwise";
+  check_map(map, x, op, "map");
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be a float tensor, got ", x.scalar_type());
+  const at::Tensor flat = x.contiguous().to(at::kFloat).reshape({-1});
+  const int64_t n = flat.numel();
+  at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({quant_blocks(n)}, x.options().dtype(at::kFloat));
+  const float* in = flat.data_ptr<float>();
+  const float* qmap = map.data_ptr<float>();
+  uint8_t* out = codes.data_ptr<uint8_t>();
+  float* scale = absmax.data_ptr<float>();
+  at::parallel_for(0, quant_blocks(n), 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = b * kQuantBlock, end = std::min(n, begin + kQuantBlock);
+      float mx = 0.0f;
+      for (int64_t i = begin; i < end; ++i) mx = std::max(mx, std::fabs(in[i]));
+      scale[b] = mx;
+      for (int64_t i = begin; i < end; ++i) out[i] = quantize_value(in[i], mx, qmap);
+    }
+  });
+  return {codes, absmax};
+}
+
+at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& map) {
+  constexpr const char* op = "mixprec.dequantize_blockwise";
+  check_map(map, codes, op, "map");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), op, ": codes must be contiguous uint8");
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() &&
+                  absmax.numel() == quant_blocks(codes.numel()) && absmax.device() == codes.device(),
+              op, ": absmax must be contiguous float32 with one entry per block of ",
+              std::to_string(kQuantBlock), " codes on the codes' device");
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const uint8_t* in = codes.data_ptr<uint8_t>();
+  const float* scale = absmax.data_ptr<float>();
+  const float* qmap = map.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, codes.numel(), 32768, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) o[i] = dequantize_value(in[i], scale[i / kQuantBlock], qmap);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace mixprec::cpu
+
+TORCH_LIBRARY_IMPL(mixprec, CPU, m) {
+  m.impl("adam_step_compressed_", &mixprec::cpu::adam_step_compressed_cpu);
+  m.impl("quantize_blockwise", &mixprec::cpu::quantize_blockwise_cpu);
+  m.impl("dequantize_blockwise", &mixprec::cpu::dequantize_blockwise_cpu);
+}

@@ -1,0 +1,351 @@
+// CUDA kernels of mixprec::adam_step_compressed_ (Adam/AdamW with bf16 or 8-bit moments and/or a
+// bf16 + remainder master weight) and of the block-wise quantize/dequantize ops. One pass: each
+// warp takes one 256-element quantization block of one tensor, decodes its state in registers,
+// steps it with the maths of the fused CUDA step (optim_math.h's fused_cuda::adam_element, so
+// master_weights="remainder" equals master_weights=True bit for bit on CUDA too), reduces the
+// block's new absmax across the warp and encodes the state again: no fp32 copy of the state
+// exists anywhere, not even transiently. A lane owns 4 consecutive elements (one Philox block of
+// random words) twice: elements 4 * lane + 128 * half + j.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "mixprec/compressed_checks.h"
+#include "mixprec/compressed_state.h"
+#include "mixprec/optim_math.h"
+#include "mixprec/rounding.h"
+#include "multi_tensor_apply.cuh"
+#include "step_inputs.cuh"
+
+namespace mixprec::cuda {
+namespace {
+
+constexpr const char* kOp = "mixprec.adam_step_compressed_";
+constexpr int kWarpsPerBlock = kBlockThreads / 32;
+constexpr int kPerLane = kQuantBlock / 32;  // 8 elements: two groups of 4
+
+struct Slot {
+  enum : int { grad, param, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, master, remainder, step, count };
+};
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, offset));
+  return x;
+}
+
+template <typename T, MomentStorage M, WeightStorage W>
+struct CompressedAdamFunctor {
+  static constexpr int64_t kChunkGranule = kQuantBlock;
+  static constexpr bool kLargeTable = true;
+  AdamConfig config;
+  const float* lr_tensor;
+  double lr_value;
+  const float* inv_scale;
+  const float* clip_coef;
+  const float* found_inf;
+  const float* signed_map_global;
+  const float* unsigned_map_global;
+  bool maximize;
+  bool store_grads;
+  uint64_t seed;
+  int64_t first_tensor;
+  // per thread
+  bool skip;
+  float lr;
+  GradTransform transform;
+  const float* smap;  // the maps in shared memory (8-bit only)
+  const float* umap;
+
+  __device__ void init() {
+    skip = found_inf != nullptr && *found_inf != 0.0f;
+    lr = static_cast<float>(lr_tensor ? static_cast<double>(*lr_tensor) : lr_value);
+    transform = GradTransform{inv_scale ? *inv_scale : 1.0f, clip_coef ? *clip_coef : 1.0f, maximize};
+    if constexpr (M == MomentStorage::kInt8) {
+      __shared__ float maps[2 * 256];
+      for (int i = threadIdx.x; i < 512; i += blockDim.x) {
+        maps[i] = i < 256 ? signed_map_global[i] : unsigned_map_global[i - 256];
+      }
+      __syncthreads();
+      smap = maps;
+      umap = maps + 256;
+    }
+  }
+
+  template <typename Meta>
+  __device__ void chunk(const Meta& meta, int t, int64_t start, int64_t n) {
+    if (skip) return;
+    // The update kernel reads the step before its increment (a small kernel after this one).
+    const float step = *slot_ptr<const float>(meta, Slot::step, t) + 1.0f;
+    const fused_cuda::AdamScalars s = fused_cuda::adam_scalars(config, lr, step);
+    const auto step_id = static_cast<uint32_t>(step);
+    const auto tensor_id = static_cast<uint32_t>(first_tensor + t);
+    const RandomStream weight_random{seed, step_id, tensor_id};
+    const RandomStream moment_random = moment_stream(seed, step_id, tensor_id);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t blocks = (n + kQuantBlock - 1) / kQuantBlock;
+    T* grad = slot_ptr<T>(meta, Slot::grad, t, start);
+    T* param = slot_ptr<T>(meta, Slot::param, t, start);
+    float* master = slot_ptr<float>(meta, Slot::master, t, start);
+    int16_t* remainder = slot_ptr<int16_t>(meta, Slot::remainder, t, start);
+    for (int64_t b = warp; b < blocks; b += kWarpsPerBlock) {
+      const int64_t base = b * kQuantBlock;              // in the chunk
+      const int64_t qblock = (start + base) / kQuantBlock;  // in the tensor
+      float m[kPerLane], v[kPerLane];
+      float m_max = 0.0f, v_max = 0.0f;
+      float m_scale = 0.0f, v_scale = 0.0f;
+      if constexpr (M == MomentStorage::kInt8) {
+        m_scale = slot_ptr<float>(meta, Slot::exp_avg_absmax, t)[qblock];
+        v_scale = slot_ptr<float>(meta, Slot::exp_avg_sq_absmax, t)[qblock];
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t first = base + 4 * lane + 128 * half;  // in the chunk, a multiple of 4
+        uint32_t wwords[4] = {0, 0, 0, 0}, mwords[4] = {0, 0, 0, 0};
+        if (first < n) {
+          if constexpr (W == WeightStorage::kStochastic) weight_random.block((start + first) / 4, wwords);
+          if constexpr (M == MomentStorage::kBf16) moment_random.block((start + first) / 4, mwords);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int k = 4 * half + j;
+          const int64_t i = first + j;
+          m[k] = 0.0f;
+          v[k] = 0.0f;
+          if (i >= n) continue;
+          if constexpr (M == MomentStorage::kFp32) {
+            m[k] = slot_ptr<float>(meta, Slot::exp_avg, t, start)[i];
+            v[k] = slot_ptr<float>(meta, Slot::exp_avg_sq, t, start)[i];
+          } else if constexpr (M == MomentStorage::kBf16) {
+            m[k] = static_cast<float>(slot_ptr<c10::BFloat16>(meta, Slot::exp_avg, t, start)[i]);
+            v[k] = static_cast<float>(slot_ptr<c10::BFloat16>(meta, Slot::exp_avg_sq, t, start)[i]);
+          } else {
+            m[k] = dequantize_value(slot_ptr<uint8_t>(meta, Slot::exp_avg, t, start)[i], m_scale, smap);
+            v[k] = dequantize_value(slot_ptr<uint8_t>(meta, Slot::exp_avg_sq, t, start)[i], v_scale, umap);
+          }
+          const float u = transform.unscaled(static_cast<float>(grad[i]));
+          if (store_grads) grad[i] = static_cast<T>(u);
+          float p;
+          if constexpr (W == WeightStorage::kMaster) {
+            p = master[i];
+          } else if constexpr (W == WeightStorage::kRemainder) {
+            p = join_master(reinterpret_cast<const uint16_t*>(param)[i], remainder[i]);
+          } else {
+            p = static_cast<float>(param[i]);
+          }
+          float no_v_max = 0.0f;
+          fused_cuda::adam_element(s, transform.maximize ? -u : u, p, m[k], v[k], no_v_max);
+          if constexpr (W == WeightStorage::kMaster) {
+            master[i] = p;
+            param[i] = static_cast<T>(p);
+          } else if constexpr (W == WeightStorage::kRemainder) {
+            const SplitMaster split = split_master(p);
+            reinterpret_cast<uint16_t*>(param)[i] = split.weight_bits;
+            remainder[i] = split.remainder;
+          } else if constexpr (W == WeightStorage::kStochastic && !std::is_same_v<T, float>) {
+            param[i] = round_stochastic<T>(p, wwords[j]);
+          } else {
+            param[i] = static_cast<T>(p);
+          }
+          if constexpr (M == MomentStorage::kFp32) {
+            slot_ptr<float>(meta, Slot::exp_avg, t, start)[i] = m[k];
+            slot_ptr<float>(meta, Slot::exp_avg_sq, t, start)[i] = v[k];
+          } else if constexpr (M == MomentStorage::kBf16) {
+            slot_ptr<c10::BFloat16>(meta, Slot::exp_avg, t, start)[i] = round_moment_m(m[k], mwords[j]);
+            slot_ptr<c10::BFloat16>(meta, Slot::exp_avg_sq, t, start)[i] = round_moment_v(v[k], mwords[j]);
+          }
+          m_max = fmaxf(m_max, fabsf(m[k]));
+          v_max = fmaxf(v_max, fabsf(v[k]));
+        }
+      }
+      if constexpr (M == MomentStorage::kInt8) {
+        m_max = warp_max(m_max);
+        v_max = warp_max(v_max);
+        if (lane == 0) {
+          slot_ptr<float>(meta, Slot::exp_avg_absmax, t)[qblock] = m_max;
+          slot_ptr<float>(meta, Slot::exp_avg_sq_absmax, t)[qblock] = v_max;
+        }
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k) {
+          const int64_t i = base + 4 * lane + 128 * (k / 4) + k % 4;
+          if (i >= n) continue;
+          slot_ptr<uint8_t>(meta, Slot::exp_avg, t, start)[i] = quantize_value(m[k], m_max, smap);
+          slot_ptr<uint8_t>(meta, Slot::exp_avg_sq, t, start)[i] = quantize_value(v[k], v_max, umap);
+        }
+      }
+    }
+  }
+
+  __device__ void finish() {}
+};
+
+// Calls body(std::integral_constant<MomentStorage, M>, std::integral_constant<WeightStorage, W>)
+// for the instantiated combinations: fp32 params are plain; remainder is bf16 only; fp32 moments
+// come here only with the remainder (the other fp32-moment modes are adam_step_).
+template <typename T, typename Body>
+void with_storage(MomentStorage moments, WeightStorage weights, const Body& body) {
+  using MC = MomentStorage;
+  using WC = WeightStorage;
+  auto with_weights = [&](auto m) {
+    if constexpr (std::is_same_v<T, float>) {
+      body(m, std::integral_constant<WC, WC::kPlain>{});
+    } else {
+      switch (weights) {
+        case WC::kPlain: return body(m, std::integral_constant<WC, WC::kPlain>{});
+        case WC::kMaster: return body(m, std::integral_constant<WC, WC::kMaster>{});
+        case WC::kStochastic: return body(m, std::integral_constant<WC, WC::kStochastic>{});
+        case WC::kRemainder:
+          if constexpr (std::is_same_v<T, c10::BFloat16>) return body(m, std::integral_constant<WC, WC::kRemainder>{});
+          break;
+      }
+    }
+  };
+  switch (moments) {
+    case MC::kBf16: return with_weights(std::integral_constant<MC, MC::kBf16>{});
+    case MC::kInt8: return with_weights(std::integral_constant<MC, MC::kInt8>{});
+    case MC::kFp32:
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        TORCH_CHECK(weights == WC::kRemainder, kOp, ": moments='fp32' is adam_step_'s, except with weights='remainder'");
+        return body(std::integral_constant<MC, MC::kFp32>{}, std::integral_constant<WC, WC::kRemainder>{});
+      }
+      TORCH_CHECK(false, kOp, ": moments='fp32' is adam_step_'s, except with weights='remainder'");
+  }
+}
+
+void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                               at::TensorList exp_avg_sqs, at::TensorList exp_avg_absmax,
+                               at::TensorList exp_avg_sq_absmax, at::TensorList masters,
+                               at::TensorList remainders, at::TensorList steps, double lr,
+                               const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                               double eps, double weight_decay, bool decoupled_weight_decay, bool maximize,
+                               const c10::optional<at::Tensor>& inv_scale,
+                               const c10::optional<at::Tensor>& clip_coef,
+                               const c10::optional<at::Tensor>& found_inf, const at::Tensor& signed_map,
+                               const at::Tensor& unsigned_map, c10::string_view moments_name,
+                               c10::string_view weights_name, int64_t seed, bool store_grads) {
+  const MomentStorage moments = parse_name(kOp, "moments", moments_name, kMomentNames);
+  const WeightStorage weights = parse_name(kOp, "weights", weights_name, kWeightNames);
+  check_compressed_args(kOp, params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmax, exp_avg_sq_absmax,
+                        masters, remainders, steps, moments, weights, signed_map, unsigned_map, lr_tensor,
+                        inv_scale, clip_coef, found_inf);
+  if (params.empty()) return;
+  check_on_cuda(kOp, params);
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int device = params[0].get_device();
+  std::vector<std::array<void*, Slot::count>> ptrs(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto& row = ptrs[i];
+    row[Slot::grad] = grads[i].data_ptr();
+    row[Slot::param] = params[i].data_ptr();
+    row[Slot::exp_avg] = exp_avgs[i].data_ptr();
+    row[Slot::exp_avg_sq] = exp_avg_sqs[i].data_ptr();
+    row[Slot::exp_avg_absmax] = ptr_or_null(exp_avg_absmax, i);
+    row[Slot::exp_avg_sq_absmax] = ptr_or_null(exp_avg_sq_absmax, i);
+    row[Slot::master] = ptr_or_null(masters, i);
+    row[Slot::remainder] = ptr_or_null(remainders, i);
+    row[Slot::step] = steps[i].data_ptr();
+  }
+  const bool int8 = moments == MomentStorage::kInt8;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_compressed_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      with_storage<scalar_t>(moments, weights, [&](auto m, auto w) {
+        CompressedAdamFunctor<scalar_t, decltype(m)::value, decltype(w)::value> f{};
+        f.config = AdamConfig{beta1, beta2, eps, weight_decay, decoupled_weight_decay, false};
+        f.lr_tensor = scalar_ptr(lr_tensor);
+        f.lr_value = lr;
+        f.inv_scale = scalar_ptr(inv_scale);
+        f.clip_coef = scalar_ptr(clip_coef);
+        f.found_inf = scalar_ptr(found_inf);
+        f.signed_map_global = int8 ? signed_map.data_ptr<float>() : nullptr;
+        f.unsigned_map_global = int8 ? unsigned_map.data_ptr<float>() : nullptr;
+        f.maximize = maximize;
+        f.store_grads = store_grads;
+        f.seed = static_cast<uint64_t>(seed);
+        // Chunks sized by the param's bytes (the state is that or less), whole quant blocks.
+        multi_tensor_apply<Slot::count>(ptrs, numels_of(params), sizeof(scalar_t), f, device, stream,
+                                        [](auto& g, int, int64_t first) { g.first_tensor = first; });
+      });
+    }
+  });
+  increment_steps(steps, scalar_ptr(found_inf), stream);
+}
+
+__global__ void quantize_kernel(const float* x, int64_t n, const float* map_global, uint8_t* codes, float* absmax) {
+  __shared__ float map[256];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = map_global[i];
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (b * kQuantBlock >= n) return;
+  float vals[kPerLane];
+  float mx = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t i = b * kQuantBlock + lane + 32 * k;
+    vals[k] = i < n ? x[i] : 0.0f;
+    mx = fmaxf(mx, fabsf(vals[k]));
+  }
+  mx = warp_max(mx);
+  if (lane == 0) absmax[b] = mx;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t i = b * kQuantBlock + lane + 32 * k;
+    if (i < n) codes[i] = quantize_value(vals[k], mx, map);
+  }
+}
+
+__global__ void dequantize_kernel(const uint8_t* codes, const float* absmax, int64_t n, const float* map, float* out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = dequantize_value(codes[i], absmax[i / kQuantBlock], map);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x, const at::Tensor& map) {
+  constexpr const char* op = "mixprec.quantize_blockwise";
+  check_map(map, x, op, "map");
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be a float tensor, got ", x.scalar_type());
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor flat = x.contiguous().to(at::kFloat).reshape({-1});
+  const int64_t n = flat.numel();
+  at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({quant_blocks(n)}, x.options().dtype(at::kFloat));
+  if (n == 0) return {codes, absmax};
+  const int64_t grid = (quant_blocks(n) + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  quantize_kernel<<<static_cast<unsigned>(grid), kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      flat.data_ptr<float>(), n, map.data_ptr<float>(), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {codes, absmax};
+}
+
+at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& map) {
+  constexpr const char* op = "mixprec.dequantize_blockwise";
+  check_map(map, codes, op, "map");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), op, ": codes must be contiguous uint8");
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() &&
+                  absmax.numel() == quant_blocks(codes.numel()) && absmax.device() == codes.device(),
+              op, ": absmax must be contiguous float32 with one entry per block of ",
+              std::to_string(kQuantBlock), " codes on the codes' device");
+  c10::cuda::CUDAGuard guard(codes.device());
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const int64_t n = codes.numel();
+  if (n == 0) return out;
+  const int64_t grid = std::min<int64_t>((n + kBlockThreads - 1) / kBlockThreads, 65535);
+  dequantize_kernel<<<static_cast<unsigned>(grid), kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n, map.data_ptr<float>(), out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+}  // namespace mixprec::cuda
+
+TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
+  m.impl("adam_step_compressed_", &mixprec::cuda::adam_step_compressed_cuda);
+  m.impl("quantize_blockwise", &mixprec::cuda::quantize_blockwise_cuda);
+  m.impl("dequantize_blockwise", &mixprec::cuda::dequantize_blockwise_cuda);
+}

@@ -1,0 +1,97 @@
+// Compressed optimizer state, shared by the CPU and CUDA kernels of mixprec::adam_step_compressed_
+// and the block-wise quantize/dequantize ops:
+// - the remainder master weight: a bf16 weight plus the 16 low bits bf16 drops, together exactly
+//   the fp32 master (split / join);
+// - moments stored in bf16 (stochastically rounded) or in 8 bits with one fp32 absmax per block
+//   of kQuantBlock elements (block-wise dynamic quantization, as bitsandbytes and torchao do; the
+//   256-entry maps come from mixprec/quant.py, sorted ascending).
+#pragma once
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "mixprec/host_device.h"
+#include "mixprec/rounding.h"
+
+namespace mixprec {
+
+// Elements per quantization block (one absmax each): bitsandbytes' and torchao's 256. A block
+// never straddles two tensors, or two shards of one (each shard is its own tensor here).
+constexpr int64_t kQuantBlock = 256;
+
+// How the optimizer's moments are stored (the op schema's `moments`, by name).
+enum class MomentStorage : int { kFp32, kBf16, kInt8 };
+// How the weight is stored (the op schema's `weights`, by name): the param alone (fp32, or
+// fp16/bf16 rounded to nearest), with an fp32 master, as bf16 + remainder, or fp16/bf16 alone
+// rounded stochastically.
+enum class WeightStorage : int { kPlain, kMaster, kRemainder, kStochastic };
+
+MIXPREC_HOST_DEVICE inline float float_from_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+#endif
+}
+
+// Splits an fp32 master into a bf16 weight and a signed 16-bit remainder so that join() gives
+// the master back bit for bit. The weight is the master rounded to nearest with ties away from
+// zero (adding half a bf16 ulp to the sign-magnitude pattern): round-to-nearest-even cannot be
+// used, because an even bf16 value has 65,537 fp32 neighbours that round to it, one more than 16
+// bits can tell apart. So the weight differs from master_weights=True's (nearest even) only when
+// the master's low 16 bits are exactly 0x8000. NaN becomes the canonical bf16 NaN, remainder 0.
+struct SplitMaster {
+  uint16_t weight_bits;
+  int16_t remainder;
+};
+
+MIXPREC_HOST_DEVICE inline SplitMaster split_master(float master) {
+  const uint32_t bits = float_bits(master);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return {static_cast<uint16_t>(0x7FC0u), 0};
+  const uint16_t hi = static_cast<uint16_t>((bits + 0x8000u) >> 16);
+  return {hi, static_cast<int16_t>(static_cast<int32_t>(bits - (static_cast<uint32_t>(hi) << 16)))};
+}
+
+MIXPREC_HOST_DEVICE inline float join_master(uint16_t weight_bits, int16_t remainder) {
+  return float_from_bits((static_cast<uint32_t>(weight_bits) << 16) +
+                         static_cast<uint32_t>(static_cast<int32_t>(remainder)));
+}
+
+// The code of the map entry nearest to x / absmax (ties to the lower code); absmax 0 (an all-zero
+// block) gives the code of 0. `map` is sorted ascending and holds 0.
+MIXPREC_HOST_DEVICE inline uint8_t quantize_value(float x, float absmax, const float* map) {
+  const float y = absmax > 0.0f ? x / absmax : 0.0f;
+  int lo = 0;  // the last entry <= y (or 0)
+  for (int step = 128; step > 0; step >>= 1) {
+    if (lo + step < 256 && map[lo + step] <= y) lo += step;
+  }
+  if (lo < 255 && (map[lo + 1] - y) < (y - map[lo])) ++lo;
+  return static_cast<uint8_t>(lo);
+}
+
+MIXPREC_HOST_DEVICE inline float dequantize_value(uint8_t code, float absmax, const float* map) {
+  return map[code] * absmax;
+}
+
+// Moments in bf16: stochastic rounding keeps them unbiased (rounded to nearest, a second moment
+// decaying by beta2 = 0.999 per step moves less than half a bf16 ulp and never decays). One
+// random word per element drives both moments: its high 16 bits round m, its low 16 bits v
+// (round_stochastic<bf16> reads the high 16 bits of the word it gets).
+MIXPREC_HOST_DEVICE inline c10::BFloat16 round_moment_m(float m, uint32_t word) {
+  return round_stochastic<c10::BFloat16>(m, word);
+}
+MIXPREC_HOST_DEVICE inline c10::BFloat16 round_moment_v(float v, uint32_t word) {
+  return round_stochastic<c10::BFloat16>(v, word << 16);
+}
+
+// The stream of the moments' random words: the weight's stream (seed, step, tensor) with its
+// seed changed, so the two never share words.
+MIXPREC_HOST_DEVICE inline RandomStream moment_stream(uint64_t seed, uint32_t step, uint32_t tensor) {
+  return RandomStream{seed ^ 0x6D6F6D656E747321ull, step, tensor};
+}
+
+}  // namespace mixprec

@@ -1,0 +1,64 @@
+"""Block-wise 8-bit quantization of optimizer moments: the two 256-entry dynamic maps, and the
+conversions between fp32 moments and (codes, absmax) that checkpoints use.
+
+The maps follow Dettmers' dynamic quantization (arXiv 1511.04561), as bitsandbytes and torchao
+use it for 8-bit Adam: a value x in a block of 256 is stored as the code of the map entry nearest
+to x / absmax(block). Entries are dense near zero and sparse near one: level i (i = 0..6) covers
+[0.1, 1] * 10^(i - 6) with the midpoints of an even split of that decade, 2^i of them for the
+signed map (each with both signs: the first moment) and 2^(i+1) for the unsigned map (the second
+moment, never negative); 0 and 1.0 complete each map to 256 entries.
+"""
+from __future__ import annotations
+
+import functools
+from itertools import pairwise
+
+import torch
+from torch import Tensor
+
+from mixprec import ops
+
+QUANT_BLOCK = 256  # elements per absmax (csrc/include/mixprec/compressed_state.h's kQuantBlock)
+
+
+def _dynamic_map(signed: bool) -> list[float]:
+    values = [0.0, 1.0]
+    for level in range(7):
+        count = 2 ** level if signed else 2 ** (level + 1)
+        edges = [0.1 + 0.9 * k / count for k in range(count + 1)]
+        mids = [(a + b) / 2 * 10.0 ** (level - 6) for a, b in pairwise(edges)]
+        values += mids + ([-m for m in mids] if signed else [])
+    assert len(values) == 256
+    return sorted(values)
+
+
+@functools.cache
+def _maps_on(device: str) -> tuple[Tensor, Tensor]:
+    return tuple(torch.tensor(_dynamic_map(s), dtype=torch.float32, device=device) for s in (True, False))
+
+
+def signed_map(device: torch.device | str = "cpu") -> Tensor:
+    """The 256 sorted fp32 entries for values of either sign (Adam's exp_avg)."""
+    return _maps_on(str(torch.device(device)))[0]
+
+
+def unsigned_map(device: torch.device | str = "cpu") -> Tensor:
+    """The 256 sorted fp32 entries for values >= 0 (Adam's exp_avg_sq)."""
+    return _maps_on(str(torch.device(device)))[1]
+
+
+def quantize(x: Tensor, *, signed: bool) -> tuple[Tensor, Tensor]:
+    """(uint8 codes of x's shape, fp32 absmax per 256-element block of x's flat order). Refuses
+    inf/NaN (8 bits cannot hold them) and negative values for the unsigned map."""
+    if not torch.isfinite(x).all():
+        raise ValueError("cannot quantize a tensor holding inf/NaN to 8 bits")
+    if not signed and (x < 0).any():
+        raise ValueError("the unsigned map (exp_avg_sq) takes values >= 0; got negative ones")
+    qmap = signed_map(x.device) if signed else unsigned_map(x.device)
+    return ops.quantize_blockwise(x.detach(), qmap)
+
+
+def dequantize(codes: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
+    """fp32 values of codes (the inverse of quantize, up to its rounding)."""
+    qmap = signed_map(codes.device) if signed else unsigned_map(codes.device)
+    return ops.dequantize_blockwise(codes, absmax, qmap)
