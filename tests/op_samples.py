@@ -77,7 +77,48 @@ def _sgd_step(device):
     ]
 
 
+def _maps(device):
+    from mixprec import quant
+    return quant.signed_map(device), quant.unsigned_map(device)
+
+
+def _adam_step_compressed(device):
+    p = [torch.randn(300, device=device).bfloat16(), torch.randn(4, 5, device=device).bfloat16()]
+    g = [torch.randn_like(t) for t in p]
+    steps = [_scalar(3.0, device) for _ in p]
+    codes = lambda: [torch.randint(0, 256, t.shape, dtype=torch.uint8, device=device) for t in p]
+    absmax = lambda: [torch.rand((t.numel() + 255) // 256, device=device) for t in p]
+    remainders = [torch.randint(-1000, 1000, t.shape, dtype=torch.int16, device=device) for t in p]
+    fp32 = lambda: [torch.rand(t.shape, device=device) for t in p]
+    bf16 = lambda: [torch.rand(t.shape, device=device).bfloat16() for t in p]
+    sm, um = _maps(device)
+    tail = (_scalar(0.5, device), _scalar(0.9, device), _scalar(0.0, device), sm, um)
+    return [
+        # 8-bit moments, remainder master, every optional scalar given
+        ((p, g, codes(), codes(), absmax(), absmax(), [], remainders, steps, 1e-3, None, 0.9, 0.999, 1e-8,
+          0.01, True, False) + tail, {"moments": "8bit", "weights": "remainder", "seed": 3}),
+        # bf16 moments, stochastic weights, lr on the device
+        ((p, g, bf16(), bf16(), [], [], [], [], steps, 0.0, _scalar(1e-3, device), 0.9, 0.999, 1e-8, 0.0,
+          False, True, None, None, None, sm, um), {"moments": "bf16", "weights": "stochastic", "store_grads": True}),
+        # fp32 moments with the remainder
+        ((p, g, fp32(), fp32(), [], [], [], remainders, steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, True,
+          False, None, None, None, sm, um), {"moments": "fp32", "weights": "remainder"}),
+    ]
+
+
+def _quantize_blockwise(device):
+    return [(torch.randn(700, device=device), _maps(device)[0]), (torch.rand(3, 5, device=device), _maps(device)[1])]
+
+
+def _dequantize_blockwise(device):
+    return [(torch.randint(0, 256, (700,), dtype=torch.uint8, device=device), torch.rand(3, device=device),
+             _maps(device)[0])]
+
+
 SAMPLES = {
+    "adam_step_compressed_": _adam_step_compressed,
+    "quantize_blockwise": _quantize_blockwise,
+    "dequantize_blockwise": _dequantize_blockwise,
     "non_finite_check_and_unscale_": _unscale,
     "update_scale_": _update_scale,
     "grad_norm": _grad_norm,
