@@ -46,7 +46,21 @@ MODELS = {"tiny": (2, 64, 1000, 64), "124M": (12, 768), "1.5B": (48, 1600)}
 # Any "ours-*" variant also runs as "<variant>-fast-norm": clip_grad_norm_(exact=False).
 VARIANTS = {"torch": torch.float32, "ours-fp32": torch.float32, "ours-fp32-keep-grads": torch.float32,
             "ours-fp16": torch.float16, "ours-bf16": torch.bfloat16, "ours-bf16-stochastic": torch.bfloat16,
-            "ours-bf16-kahan": torch.bfloat16, "ours-bf16-nearest": torch.bfloat16}
+            "ours-bf16-kahan": torch.bfloat16, "ours-bf16-nearest": torch.bfloat16,
+            # compressed state (issue 15), and bitsandbytes' AdamW8bit (its step alone, fp32 params)
+            "ours-bf16-remainder": torch.bfloat16, "ours-bf16-remainder-bf16m": torch.bfloat16,
+            "ours-bf16-8bit": torch.bfloat16, "ours-bf16-remainder-8bit": torch.bfloat16,
+            "ours-bf16-stochastic-8bit": torch.bfloat16, "bnb-8bit": torch.float32}
+# The optimizer options of each "ours-*" variant.
+OPTIONS = {"ours-fp32-keep-grads": {"write_back_grads": False},
+           "ours-bf16-stochastic": {"master_weights": False, "rounding": "stochastic"},
+           "ours-bf16-kahan": {"master_weights": False, "rounding": "kahan"},
+           "ours-bf16-nearest": {"master_weights": False, "rounding": "nearest"},
+           "ours-bf16-remainder": {"master_weights": "remainder"},
+           "ours-bf16-remainder-bf16m": {"master_weights": "remainder", "moments": "bf16"},
+           "ours-bf16-8bit": {"moments": "8bit"},
+           "ours-bf16-remainder-8bit": {"master_weights": "remainder", "moments": "8bit"},
+           "ours-bf16-stochastic-8bit": {"master_weights": False, "rounding": "stochastic", "moments": "8bit"}}
 # Ideal bytes moved per param per call. fp32: grad read twice (norm, step) 8 + param r/w 8 + two
 # moments r/w 16 + the unscaled, clipped grad written back 4 (as torch's fused step leaves p.grad;
 # "keep-grads" is write_back_grads=False, without that write). With master weights: grad 2*2 +
@@ -54,8 +68,13 @@ VARIANTS = {"torch": torch.float32, "ours-fp32": torch.float32, "ours-fp32-keep-
 # 2*2 + weight r/w 4 + moments 16 + grad written back 2 (+ compensation r/w 4 for kahan). torch's
 # recipe moves more (unscale_ and clip rewrite the grads); its limit is counted as fp32's without
 # the write-back, 32.
+# Compressed state: the remainder adds its r/w 4 to the weight's r/w 4 (no master); 8-bit moments
+# move 4 (codes r/w; absmax 0.06 more), bf16 moments 8. bitsandbytes' step alone on fp32 params:
+# grad 4 + param r/w 8 + codes 4.
 MOVED_BYTES = {"torch": 32, "ours-fp32": 36, "ours-fp32-keep-grads": 32, "ours-fp16": 32, "ours-bf16": 32,
-               "ours-bf16-stochastic": 26, "ours-bf16-kahan": 30, "ours-bf16-nearest": 26}
+               "ours-bf16-stochastic": 26, "ours-bf16-kahan": 30, "ours-bf16-nearest": 26,
+               "ours-bf16-remainder": 30, "ours-bf16-remainder-bf16m": 22, "ours-bf16-8bit": 20,
+               "ours-bf16-remainder-8bit": 18, "ours-bf16-stochastic-8bit": 14, "bnb-8bit": 16}
 # The step alone (--cpu-step), bytes per param: fp32 AdamW reads grad, param, m, v and writes param,
 # m, v (28); with fp32 master: grad 2 + master r/w 8 + m, v r/w 16 + weight written 2 (28); without
 # master: grad 2 + weight r/w 4 + m, v 16 (22), + compensation r/w 4 for kahan (26); amsgrad adds
@@ -112,12 +131,15 @@ def make_variant(name: str, shapes: list[tuple[int, ...]], device: str
             scaler.step(opt)
             scaler.update()
         return call, "torch AdamW " + next(iter(flag)), lambda: held_bytes_per_param(params, opt)
+    if name == "bnb-8bit":
+        import bitsandbytes as bnb  # the GPU machine gets it as a wheel (.whl)
+        opt = bnb.optim.AdamW8bit(params, lr=3e-4, weight_decay=0.1)
+        for p in params:
+            p.grad.div_(INIT_SCALE)   # unscaled: bitsandbytes' step takes no scaler
+        return opt.step, "bitsandbytes AdamW8bit (step only)", lambda: held_bytes_per_param(params, opt)
     exact = not name.endswith("-fast-norm")   # -fast-norm: clip_grad_norm_(exact=False)
     name = name.removesuffix("-fast-norm")
-    rounding = name.removeprefix("ours-bf16-") if name.startswith("ours-bf16-") else None
-    options = {"master_weights": False, "rounding": rounding} if rounding else {}
-    if name.endswith("-keep-grads"):
-        options = {"write_back_grads": False}
+    options = OPTIONS.get(name, {})
     opt = mixprec.optim.AdamW(params, lr=3e-4, weight_decay=0.1, **options)
     scaler = mixprec.GradScaler(dev, init_scale=INIT_SCALE)
     scaler.scale(one)

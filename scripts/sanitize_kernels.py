@@ -92,4 +92,23 @@ scaler.clip_grad_norm_(opt, 1.0)
 scaler.step(opt)
 scaler.update()
 torch.cuda.synchronize()
+# Compressed state: every mode over sizes around quant-block and chunk edges, misaligned views,
+# and the block-wise quantize/dequantize ops.
+from mixprec import optim, quant
+
+for moments, options in (("8bit", {"master_weights": "remainder"}), ("bf16", {"master_weights": True}),
+                         ("8bit", {"master_weights": False, "rounding": "stochastic"}),
+                         ("fp32", {"master_weights": "remainder"}), ("8bit", {"dtype": torch.float32})):
+    dtype = options.pop("dtype", torch.bfloat16)
+    for offset in (0, 1):
+        params = [torch.nn.Parameter(t) for t in tensors(dtype, offset)[:40]]
+        opt = optim.AdamW(params, moments=moments, **options)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+for n in (0, 1, 255, 256, 257, 100_003):
+    codes, absmax = quant.quantize(torch.randn(n, device=dev), signed=True)
+    quant.dequantize(codes, absmax, signed=True)
+torch.cuda.synchronize()
 print("sanitize_kernels: all kernels ran")
