@@ -37,7 +37,7 @@ def _train(device, steps, shapes, seed, overflow_steps=(), **options):
     """bf16 params stepped by the same grads (independent of the weights) under a scaler with
     overflow steps; returns (params, optimizer)."""
     torch.manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, device=device).bfloat16()) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s).bfloat16().to(device)) for s in shapes]  # same on every device
     opt = optim.AdamW(params, lr=options.pop("lr", 1e-3), weight_decay=options.pop("weight_decay", 0.01), **options)
     scaler = mixprec.GradScaler(device, init_scale=2.0**8, growth_interval=50)
     scaler.scale(torch.zeros((), device=device))  # makes the scale, as the first scaled loss would

@@ -11,7 +11,8 @@
 //   are written out as fmaf here, and the host build has contraction off (-ffp-contract=off), so
 //   no compiler choice changes our bits. Adam's L2 decay is the exception (1 ulp on < 3 % of
 //   elements, see adam_element below);
-// - CUDA SGD (sgd_element): the same fma chain as torch's fused CUDA SGD (H200, torch 2.11).
+// - CUDA SGD (sgd_element): the fma chain scripts/fused_formulas.py finds in torch's fused CUDA
+//   SGD (H200, torch 2.11); tests/test_optim.py still saw a first-step difference there.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -138,7 +139,7 @@ MIXPREC_HOST_DEVICE inline void sgd_element(const SgdStepScalars& s, float g, fl
 }
 
 // torch's fused CUDA Adam kernel (FusedAdamKernel.cu / fused_adam_utils.cuh). SGD on CUDA uses
-// sgd_element above: the same fma chain as torch's fused CUDA SGD, measured equal bit for bit.
+// sgd_element above.
 namespace fused_cuda {
 
 // Per tensor and step, on the device: every scalar rounded to float, the bias corrections with
