@@ -671,6 +671,9 @@ class SGD(FusedOptimizer):
     ) -> None:
         _check_lr(lr)
         _check_precision_options(master_weights, rounding)
+        if master_weights == "remainder":
+            raise ValueError("SGD: master_weights='remainder' is Adam/AdamW's (compressed state); use "
+                             "master_weights=True, or False with rounding='stochastic'")
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
         if weight_decay < 0.0:

@@ -48,6 +48,7 @@ from mixprec.precision_modes import (  # noqa: F401
     parse_precision,
     valid_precisions,
 )
+from mixprec.remainder import split_master
 
 
 # -- input/output casting (as Lightning Fabric does) -------------------------------------------
@@ -179,6 +180,9 @@ class Precision:
     `master_weights`, `rounding`, `seed`: for 16-true/bf16-true, the options of the mixprec.optim
     optimizer setup() builds (master_weights=False with rounding="stochastic" keeps no fp32 copy,
     4 B/param less, and stays unbiased; "nearest" loses updates below half an ulp).
+    `master_weights="remainder"` (bf16-true) and `moments` ("fp32", "bf16", "8bit"): compressed
+    Adam/AdamW state (mixprec.optim's docstring): bf16 weight + remainder + 8-bit moments hold 6
+    B/param where fp32 weights and AdamW hold 12.
     `scaler`: a configured mixprec.GradScaler for 16-mixed (default: GradScaler's defaults).
     `track_overflow_names`: under 16-mixed, read found_inf after each step (one host sync) and,
     when the step overflowed, record the names of the params whose grads held inf/NaN (stats()).
@@ -190,9 +194,10 @@ class Precision:
         precision: str | int | None = None,
         *,
         device: str | torch.device | None = None,
-        master_weights: bool = True,
+        master_weights: bool | str = True,
         rounding: str = "nearest",
         seed: int | None = None,
+        moments: str = "fp32",
         scaler: GradScaler | None = None,
         track_overflow_names: bool = False,
         policy: Any = None,
@@ -212,10 +217,21 @@ class Precision:
         if master_weights and rounding != "nearest":
             raise ValueError(f"rounding={rounding!r} applies without fp32 master weights: pass "
                              "master_weights=False with it (master weights are rounded to nearest)")
+        if moments not in mixprec_optim.MOMENT_DTYPES:
+            raise ValueError(f"moments must be one of {list(mixprec_optim.MOMENT_DTYPES)}, got {moments!r}")
+        if (master_weights == "remainder" or moments != "fp32") and not self.mode.half_weights:
+            raise ValueError(
+                f"master_weights={master_weights!r}, moments={moments!r} (compressed optimizer state) apply "
+                f"to the optimizer setup() builds for '16-true' and 'bf16-true'; under {self.precision!r} "
+                "build mixprec.optim.AdamW(params, master_weights=..., moments=...) yourself")
+        if master_weights == "remainder" and self.dtype is not torch.bfloat16:
+            raise ValueError("master_weights='remainder' needs bf16 weights (bf16 + 16 bits is fp32): use "
+                             "'bf16-true', or master_weights=True with '16-true'")
         if scaler is not None and not self.mode.scaled:
             raise ValueError(f"scaler= is for '16-mixed'; precision {self.precision!r} uses no loss scaling")
         self.master_weights = master_weights
         self.rounding = rounding
+        self.moments = moments
         self.seed = seed
         self.policy = policy
         self.track_overflow_names = track_overflow_names
@@ -359,12 +375,18 @@ class Precision:
         or when the optimizer already holds state built for its own options."""
         if not self.mode.half_weights or not isinstance(optimizer, mixprec_optim.FusedOptimizer):
             return
-        ours, default = (self.master_weights, self.rounding), (True, "nearest")
         name = type(optimizer).__name__
-        asked = f"master_weights={self.master_weights!r}, rounding={self.rounding!r}"
+        keys, ours, default = ["master_weights", "rounding"], [self.master_weights, self.rounding], [True, "nearest"]
+        if isinstance(optimizer, mixprec_optim.Adam):
+            keys.append("moments"), ours.append(self.moments), default.append("fp32")
+        elif self.master_weights == "remainder" or self.moments != "fp32":
+            raise ValueError(f"{self.precision}: master_weights={self.master_weights!r}, moments={self.moments!r} "
+                             f"(compressed state) are Adam/AdamW's; the {name} given has no such state")
+        ours, default = tuple(ours), tuple(default)
+        asked = ", ".join(f"{k}={v!r}" for k, v in zip(keys, ours))
         to_apply, kept = [], None
         for group in optimizer.param_groups:
-            theirs = (group.get("master_weights", True), group.get("rounding", "nearest"))
+            theirs = tuple(group.get(k, d) for k, d in zip(keys, default))
             if theirs == ours:
                 continue
             if ours == default:
@@ -373,7 +395,7 @@ class Precision:
             if theirs != default:
                 raise ValueError(
                     f"{self.precision}: the precision asks for {asked} but the {name} was built with "
-                    f"master_weights={theirs[0]!r}, rounding={theirs[1]!r}: set them in one place (build "
+                    f"{', '.join(f'{k}={v!r}' for k, v in zip(keys, theirs))}: set them in one place (build "
                     f"the optimizer with the defaults, or drop them from the precision)")
             if any(p in optimizer.state for p in group["params"]):
                 raise ValueError(
@@ -383,14 +405,14 @@ class Precision:
             to_apply.append(group)
         if kept is not None:
             self.warn_once("optimizer-options", (
-                f"{self.precision}: the {name} given keeps its own master_weights={kept[0]!r}, "
-                f"rounding={kept[1]!r}, not the precision's ({asked})"), 4)
+                f"{self.precision}: the {name} given keeps its own "
+                f"{', '.join(f'{k}={v!r}' for k, v in zip(keys, kept))}, not the precision's ({asked})"), 4)
         for group in to_apply:  # checked every group first: an error above changed nothing
-            group["master_weights"], group["rounding"] = ours
+            group.update(zip(keys, ours))
             if self.seed is not None:
                 group["seed"] = int(self.seed)
         if to_apply:  # param groups added later get them too
-            optimizer.defaults.update(master_weights=ours[0], rounding=ours[1])
+            optimizer.defaults.update(zip(keys, ours))
             if self.seed is not None:
                 optimizer.defaults["seed"] = int(self.seed)
 
@@ -408,6 +430,10 @@ class Precision:
                 if value is None:
                     continue
                 state = optimizer.state[p]
+                if group["master_weights"] == "remainder":  # the weight and its remainder are the fp32 value
+                    weight, state["master_remainder"] = split_master(value)
+                    p.detach().copy_(weight)
+                    continue
                 if "master_param" in state:
                     state["master_param"].copy_(value)
                 else:
@@ -442,7 +468,12 @@ class Precision:
         for g in groups:  # torch's per-group implementation flags mean nothing to ours
             for key in ("fused", "foreach", "capturable"):
                 g.pop(key, None)
-        new = cls(groups, **kwargs, master_weights=self.master_weights, rounding=self.rounding, seed=self.seed)
+        compressed = {"moments": self.moments} if issubclass(cls, mixprec_optim.Adam) else {}
+        if self.master_weights == "remainder" and not compressed or self.moments != "fp32" and not compressed:
+            raise ValueError(f"{self.precision}: master_weights={self.master_weights!r}, moments={self.moments!r} "
+                             f"(compressed state) are Adam/AdamW's; got a {type(opt).__name__}")
+        new = cls(groups, **kwargs, master_weights=self.master_weights, rounding=self.rounding, seed=self.seed,
+                  **compressed)
         if opt.state:
             new.load_state_dict(opt.state_dict())
         return new

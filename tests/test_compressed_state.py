@@ -290,3 +290,30 @@ def test_compressed_step_on_cuda_agrees_with_the_cpu(mode):
                 assert (da - db).abs().max() <= gap * 1.01, key
             else:
                 torch.testing.assert_close(sb[key].cpu().float(), sa[key].float(), rtol=2**-7, atol=1e-7)
+
+
+def test_precision_bf16_true_builds_compressed_state_from_the_exact_fp32_weights():
+    """Precision("bf16-true", master_weights="remainder", moments="8bit").setup() turns torch's
+    AdamW into ours with that state; the remainder starts from the exact fp32 weights (joined
+    back bit for bit). The options refuse SGD and modes without bf16 weights, naming the fix."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(300, 4)
+    fp32 = [p.detach().clone() for p in model.parameters()]
+    prec = mixprec.Precision("bf16-true", master_weights="remainder", moments="8bit", device="cpu")
+    model, opt = prec.setup(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    assert isinstance(opt, optim.AdamW) and opt.param_groups[0]["moments"] == "8bit"
+    for p, value in zip(model.parameters(), fp32):
+        assert p.dtype == torch.bfloat16
+        assert_bitwise_equal(join_master(p.detach(), opt.state[p]["master_remainder"]), value, "seeded master")
+    model(torch.randn(2, 300)).float().square().mean().backward()
+    opt.step()
+    assert opt.state[model.weight]["exp_avg"].dtype == torch.uint8
+    with pytest.raises(ValueError, match="Adam/AdamW"):
+        mixprec.Precision("bf16-true", moments="8bit", device="cpu").setup(
+            torch.nn.Linear(3, 3), torch.optim.SGD(torch.nn.Linear(3, 3).parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="bf16"):
+        mixprec.Precision("16-true", master_weights="remainder")
+    with pytest.raises(ValueError, match="compressed optimizer state"):
+        mixprec.Precision("bf16-mixed", moments="8bit")
+    with pytest.raises(ValueError, match="Adam/AdamW"):
+        optim.SGD([torch.nn.Parameter(torch.zeros(3))], master_weights="remainder")
