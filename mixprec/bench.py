@@ -225,12 +225,12 @@ def _sync(device: torch.device) -> None:
 
 
 @dataclass
-class _Peak:
+class Peak:
     bytes: int | None = None  # None: not measured
 
 
 @contextmanager
-def _peak_memory(device: torch.device) -> Iterator[_Peak]:
+def peak_memory(device: torch.device) -> Iterator[Peak]:
     """Peak memory growth over the block, in bytes (left None where it cannot be measured).
 
     CUDA: the caching allocator's peak (max_memory_allocated) above what was allocated before.
@@ -238,7 +238,7 @@ def _peak_memory(device: torch.device) -> Iterator[_Peak]:
     (malloc reuses the pages earlier variants freed, so a whole variant showed "0 B"); instead
     torch.profiler records every allocation and free of CPU tensor memory (profile_memory=True)
     and the peak of their running sum is the same figure as on CUDA, exact and repeatable."""
-    peak = _Peak()
+    peak = Peak()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -282,7 +282,7 @@ def _walk(nodes: list[Any]) -> Iterator[Any]:
         yield from _walk(node.children)
 
 
-class _Progress:
+class Progress:
     """A plain text progress bar on stderr (a line per ~10 % when stderr is not a terminal)."""
 
     def __init__(self, total: int, enabled: bool = True, width: int = 30) -> None:
@@ -355,14 +355,14 @@ def run_bench(
         builders.append((mixprec_variant, p))
         if compare_torch and p in TORCH_COMPARABLE:
             builders.append((torch_variant, p))
-    bar = _Progress(len(builders) * (max(1, warmup) + rounds * per_round), enabled=progress)
+    bar = Progress(len(builders) * (max(1, warmup) + rounds * per_round), enabled=progress)
     for p in names:  # untimed: library initialisation and workspaces land outside every figure
         throwaway = mixprec_variant(p, work, dev, lr, clip)
         _time_block(throwaway, work.batches, 1, dev)
         del throwaway
     variants: list[Variant] = []
     for build, p in builders:
-        with _peak_memory(dev) as peak:  # one warm-up step at least: the optimizer state exists
+        with peak_memory(dev) as peak:  # one warm-up step at least: the optimizer state exists
             variant = build(p, work, dev, lr, clip)
             _time_block(variant, work.batches, max(1, warmup), dev)
         variant.peak_bytes = peak.bytes

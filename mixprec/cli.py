@@ -106,7 +106,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Times every variant interleaved in one process (median and spread over rounds).")
     bench.add_argument("--precisions", type=_precision_list, default=None,
                        help="comma-separated (default 32-true,16-mixed,bf16-mixed,bf16-true)")
-    bench.add_argument("--model", choices=["gpt", "mlp", "cnn"], default="gpt")
+    bench.add_argument("--model", choices=["gpt", "mlp", "cnn", "vit"], default="gpt",
+                       help="vit only with --fit")
+    bench.add_argument("--fit", action="store_true",
+                       help="find the largest model (gpt or vit, scaled by depth) whose training step fits on "
+                            "this device, per optimizer-state mode, beside torch.amp bf16-mixed (mixprec.fit)")
+    bench.add_argument("--fit-modes", default=None,
+                       help="comma-separated fit modes (default: all; see mixprec.fit.MODES)")
+    bench.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
+                       help="--fit: a probe fits when its peak is under this (default: the device's free memory)")
+    bench.add_argument("--tiny", action="store_true", help="--fit: tiny shapes (a dry run on the CPU)")
     bench.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 100 on CUDA, 20 on CPU)")
     bench.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 10 on CUDA, 5 on CPU)")
     bench.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default 3 CUDA, 1 CPU)")
@@ -123,12 +132,49 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fit(args: argparse.Namespace) -> int:
+    from mixprec import bench, fit
+
+    if args.model not in fit.FAMILIES:
+        print(f"mixprec bench --fit: --model must be one of {list(fit.FAMILIES)}", file=sys.stderr)
+        return 2
+    modes = args.fit_modes.split(",") if args.fit_modes else list(fit.MODES)
+    if args.precisions:  # keep the modes of the precisions asked for
+        modes = [m for m in modes if any(m.removeprefix("torch-").startswith(p) for p in args.precisions)]
+    if args.plot:
+        try:
+            bench.require_matplotlib()
+        except bench.MissingDependency as e:
+            print(f"mixprec bench: {e}", file=sys.stderr)
+            return 2
+    limit = None if args.memory_limit is None else int(args.memory_limit * 2**30)
+    try:
+        result = fit.run_fit(args.model, modes, args.device, tiny=args.tiny, memory_limit=limit,
+                             progress=not args.no_progress)
+    except ValueError as e:
+        print(f"mixprec bench --fit: {e}", file=sys.stderr)
+        return 2
+    print(fit.format_fit(result))
+    if args.json:
+        bench.write_json(result, args.json)
+        print(f"figures written to {args.json}")
+    if args.plot:
+        fit.write_plot(result, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from mixprec import bench
 
     error = _device_error("bench", args.device)
     if error:
         print(error, file=sys.stderr)
+        return 2
+    if args.fit:
+        return _fit(args)
+    if args.model == "vit":
+        print("mixprec bench: --model vit is for --fit", file=sys.stderr)
         return 2
     if args.plot:
         try:

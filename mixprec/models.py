@@ -12,18 +12,20 @@ from torch import Tensor, nn
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
+    """A pre-norm transformer block: causal self-attention for the GPT, full for the ViT."""
+
+    def __init__(self, d: int, heads: int, bias: bool = True, causal: bool = True) -> None:
         super().__init__()
-        self.heads = heads
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.fc_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.heads, self.causal = heads, causal
+        self.ln_1, self.ln_2 = nn.LayerNorm(d, bias=bias), nn.LayerNorm(d, bias=bias)
+        self.attn, self.proj = nn.Linear(d, 3 * d, bias=bias), nn.Linear(d, d, bias=bias)
+        self.fc, self.fc_proj = nn.Linear(d, 4 * d, bias=bias), nn.Linear(4 * d, d, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         q, k, v = self.attn(self.ln_1(x)).split(d, dim=2)
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
         return x + self.fc_proj(F.gelu(self.fc(self.ln_2(x))))
 
@@ -32,11 +34,11 @@ class GPT(nn.Module):
     """GPT-2's architecture at any size, with an output head of its own (GPT-2 ties it to the
     token embedding): GPT(50257, 1024, 12, 768, 12) is GPT-2 124M plus a 50257 x 768 head."""
 
-    def __init__(self, vocab: int, ctx: int, layers: int, d: int, heads: int) -> None:
+    def __init__(self, vocab: int, ctx: int, layers: int, d: int, heads: int, bias: bool = True) -> None:
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList(Block(d, heads, bias) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d, bias=bias)
         self.head = nn.Linear(d, vocab, bias=False)
         for name, p in self.named_parameters():  # GPT-2's initialisation
             if p.dim() == 2:
@@ -50,6 +52,28 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
+
+
+class ViT(nn.Module):
+    """A Vision Transformer (ViT-L/16 at 224 x 224 is ViT(224, 16, 24, 1024, 16)): patches by a
+    strided convolution, a class token, learned positions, full-attention blocks, a linear head."""
+
+    def __init__(self, image: int, patch: int, layers: int, d: int, heads: int, classes: int = 1000) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, patch, stride=patch)
+        tokens = (image // patch) ** 2 + 1
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, tokens, d) * 0.02)
+        self.blocks = nn.ModuleList(Block(d, heads, causal=False) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.patch(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x[:, 0]))
 
 
 class MarkovText:

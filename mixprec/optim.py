@@ -186,14 +186,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"{sorted(str(d) for d in devices)}; put each device's params in its own param group"
             )
 
-    def _collect(self) -> list[tuple[dict[str, Any], list[_Batch]]]:
-        """Every (group, batches) to update, validated before anything is modified."""
+    def _collect(self, only: Tensor | None = None) -> list[tuple[dict[str, Any], list[_Batch]]]:
+        """Every (group, batches) to update (or only the param `only`), validated before anything
+        is modified."""
         name = type(self).__name__
         work = []
         for index, group in enumerate(self.param_groups):
+            if only is not None and not any(q is only for q in group["params"]):
+                continue
             self._check_one_device(group, index)
             batches: dict[tuple[torch.device, torch.dtype], _Batch] = defaultdict(_Batch)
-            for param in group["params"]:
+            for param in group["params"] if only is None else [only]:
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse or param.grad.layout != torch.strided:
@@ -233,7 +236,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._collect()
+        self._step_work(self._collect())
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, param: Tensor) -> None:
+        """Step one param alone (it must be in a param group), as step() would step it: what
+        mixprec.optim.step_in_backward calls as each grad is accumulated."""
+        self._step_work(self._collect(only=param))
+
+    def _step_work(self, work: list[tuple[dict[str, Any], list[_Batch]]]) -> None:
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         clip = self._clip_result
@@ -272,7 +284,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                     for grad, copy in batch.grad_write_back:
                         grad.copy_(copy)
         self._clip_result = None
-        return loss
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         # No entry for a param that keeps no state (SGD without momentum), as in torch.
@@ -744,3 +755,29 @@ def to_torch_state_dict(optimizer: Adam) -> dict[str, Any]:
     groups = [{k: v for k, v in g.items() if k not in ("master_weights", "rounding", "seed", "moments")}
               for g in saved["param_groups"]]
     return {"state": out_state, "param_groups": groups}
+
+
+def step_in_backward(optimizer: FusedOptimizer) -> Callable[[], None]:
+    """Step each param of `optimizer` as soon as backward has accumulated its grad, then free the
+    grad (torch's register_post_accumulate_grad_hook), so the grads of the whole model never exist
+    at once: a model holds its weights and optimizer state, plus one param's grad at a time.
+    Call backward() only (no optimizer.step(); zero_grad is not needed). Returns a function that
+    removes the hooks.
+
+    What it gives up: anything that needs every grad before the first step. There is no global
+    grad-norm clipping and no loss scaling with overflow skipping (a GradScaler would have to see
+    every grad first): use it with bf16 weights or bf16-mixed, which need no loss scaling.
+    Gradient accumulation over micro-batches does not apply either (each backward steps)."""
+    if not isinstance(optimizer, FusedOptimizer):
+        raise TypeError(f"step_in_backward takes a mixprec.optim optimizer, got {type(optimizer).__name__}")
+
+    def hook(param: Tensor) -> None:
+        optimizer.step_param(param)
+        param.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(hook) for g in optimizer.param_groups for p in g["params"]]
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+    return remove

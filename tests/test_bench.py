@@ -16,21 +16,21 @@ def test_cpu_peak_memory_is_the_peak_of_tensor_bytes():
     """4 MiB + 1 MiB live, the 4 MiB freed, 2 MiB more: the peak is 5 MiB, to the byte. Freeing a
     tensor from before the block does not lower the figure (its size was never counted)."""
     older = torch.empty(MiB // 4)
-    with bench._peak_memory(torch.device("cpu")) as peak:
+    with bench.peak_memory(torch.device("cpu")) as peak:
         a = torch.empty(MiB)
         b = torch.empty(MiB // 4)
         del a, older
         c = torch.empty(MiB // 2)
     assert peak.bytes == 5 * MiB
     assert b.numel() + c.numel() > 0
-    with bench._peak_memory(torch.device("cpu")) as peak:
+    with bench.peak_memory(torch.device("cpu")) as peak:
         pass
     assert peak.bytes == 0
 
 
 def test_peak_memory_not_measured_when_the_profiler_lacks_allocation_events(monkeypatch):
     monkeypatch.delattr(torch._C._profiler, "_ExtraFields_Allocation")
-    with bench._peak_memory(torch.device("cpu")) as peak:
+    with bench.peak_memory(torch.device("cpu")) as peak:
         torch.empty(MiB)
     assert peak.bytes is None
     assert bench._fmt_bytes(None) == "not measured"

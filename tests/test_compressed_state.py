@@ -317,3 +317,29 @@ def test_precision_bf16_true_builds_compressed_state_from_the_exact_fp32_weights
         mixprec.Precision("bf16-mixed", moments="8bit")
     with pytest.raises(ValueError, match="Adam/AdamW"):
         optim.SGD([torch.nn.Parameter(torch.zeros(3))], master_weights="remainder")
+
+
+def test_step_in_backward_equals_step_after_backward_and_frees_each_grad(device):
+    """step_in_backward steps every param inside backward, bit for bit as backward + step(), and
+    no grad is left afterwards (so the model's grads never all exist at once)."""
+    def model_and_opt():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.GELU(), torch.nn.Linear(300, 8)).to(device)
+        model = model.bfloat16()
+        return model, optim.AdamW(model.parameters(), lr=1e-2, master_weights="remainder", moments="8bit")
+
+    x = torch.randn(16, 64, device=device, dtype=torch.bfloat16)
+    ref, ref_opt = model_and_opt()
+    ours, opt = model_and_opt()
+    remove = optim.step_in_backward(opt)
+    for _ in range(3):
+        ref(x).float().square().mean().backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        ours(x).float().square().mean().backward()
+        assert all(p.grad is None for p in ours.parameters())
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        assert_bitwise_equal(a, b, "param")
+    remove()
+    ours(x).float().square().mean().backward()
+    assert all(p.grad is not None for p in ours.parameters())
