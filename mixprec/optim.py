@@ -93,8 +93,9 @@ MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": torch.ui
 
 
 def quant_blocks(p: Tensor) -> int:
-    """absmax entries of an 8-bit moment of p: one per quant.QUANT_BLOCK elements."""
-    return (p.numel() + quant.QUANT_BLOCK - 1) // quant.QUANT_BLOCK
+    """absmax entries of an 8-bit moment of p: one per quant.QUANT_BLOCK elements of this rank's
+    part of p (its local shard under FSDP2)."""
+    return (local(p).numel() + quant.QUANT_BLOCK - 1) // quant.QUANT_BLOCK
 
 
 def _check_precision_options(master_weights: bool | str, rounding: str, moments: str = "fp32",
@@ -306,7 +307,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 weight, state["master_remainder"] = split_master(state.pop("master_param").to(p.device))
                 p.detach().copy_(weight)
             elif "master_remainder" not in state:  # the weight alone is the master
-                state["master_remainder"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)
+                state["master_remainder"] = torch.zeros_like(p, dtype=torch.int16, memory_format=torch.contiguous_format)
             return
         if group.get("master_weights", True):
             if "master_remainder" in state:  # from a remainder checkpoint: join weight and remainder
@@ -531,10 +532,11 @@ class Adam(FusedOptimizer):
             return
         state = self.state[p]
         for key in ("exp_avg", "exp_avg_sq"):
-            if key not in state:
-                state[key] = torch.zeros(p.shape, dtype=MOMENT_DTYPES[moments], device=p.device)
+            if key not in state:  # zeros_like: a DTensor param (FSDP2) gets DTensor state, sharded alike
+                state[key] = torch.zeros_like(p, dtype=MOMENT_DTYPES[moments], memory_format=torch.contiguous_format)
             if moments == "8bit" and key + "_absmax" not in state:
-                state[key + "_absmax"] = torch.zeros(quant_blocks(p), dtype=torch.float32, device=p.device)
+                # One absmax per 256 elements of this rank's shard: blocks never straddle shards.
+                state[key + "_absmax"] = torch.zeros(quant_blocks(p), dtype=torch.float32, device=local(p).device)
 
     def _check_loaded_state(self, saved_id, saved, p, group) -> None:
         super()._check_loaded_state(saved_id, saved, p, group)

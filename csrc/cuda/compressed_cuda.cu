@@ -37,8 +37,39 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
+// Four consecutive elements [i, i + 4) of a list, one vector access where they are all inside n
+// and aligned (a view's offset may break that), else one at a time; past n reads give zeros.
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, int64_t i, int64_t n, T (&out)[4]) {
+  if (i + 4 <= n && reinterpret_cast<uintptr_t>(p + i) % sizeof(Pack<T, 4>) == 0) {
+    const Pack<T, 4> v = *reinterpret_cast<const Pack<T, 4>*>(p + i);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[j] = v.v[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[j] = i + j < n ? p[i + j] : T{};
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store4(T* p, int64_t i, int64_t n, const T (&in)[4]) {
+  if (i + 4 <= n && reinterpret_cast<uintptr_t>(p + i) % sizeof(Pack<T, 4>) == 0) {
+    Pack<T, 4> v;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v.v[j] = in[j];
+    *reinterpret_cast<Pack<T, 4>*>(p + i) = v;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (i + j < n) p[i + j] = in[j];
+    }
+  }
+}
+
 template <typename T, MomentStorage M, WeightStorage W>
 struct CompressedAdamFunctor {
+  // 3 resident blocks per SM (85 registers): at 4 (64 registers) most instances spill.
+  static constexpr int kMinBlocksPerSM = 3;
   static constexpr int64_t kChunkGranule = kQuantBlock;
   static constexpr bool kLargeTable = true;
   AdamConfig config;
@@ -91,10 +122,15 @@ struct CompressedAdamFunctor {
     T* param = slot_ptr<T>(meta, Slot::param, t, start);
     float* master = slot_ptr<float>(meta, Slot::master, t, start);
     int16_t* remainder = slot_ptr<int16_t>(meta, Slot::remainder, t, start);
+    using MomentT = std::conditional_t<M == MomentStorage::kFp32, float,
+                                       std::conditional_t<M == MomentStorage::kBf16, c10::BFloat16, uint8_t>>;
+    MomentT* exp_avg = slot_ptr<MomentT>(meta, Slot::exp_avg, t, start);
+    MomentT* exp_avg_sq = slot_ptr<MomentT>(meta, Slot::exp_avg_sq, t, start);
     for (int64_t b = warp; b < blocks; b += kWarpsPerBlock) {
-      const int64_t base = b * kQuantBlock;              // in the chunk
+      const int64_t base = b * kQuantBlock;                 // in the chunk
       const int64_t qblock = (start + base) / kQuantBlock;  // in the tensor
       float m[kPerLane], v[kPerLane];
+      MomentT mq[kPerLane], vq[kPerLane];
       float m_max = 0.0f, v_max = 0.0f;
       float m_scale = 0.0f, v_scale = 0.0f;
       if constexpr (M == MomentStorage::kInt8) {
@@ -104,61 +140,83 @@ struct CompressedAdamFunctor {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int64_t first = base + 4 * lane + 128 * half;  // in the chunk, a multiple of 4
-        uint32_t wwords[4] = {0, 0, 0, 0}, mwords[4] = {0, 0, 0, 0};
-        if (first < n) {
-          if constexpr (W == WeightStorage::kStochastic) weight_random.block((start + first) / 4, wwords);
-          if constexpr (M == MomentStorage::kBf16) moment_random.block((start + first) / 4, mwords);
+        if (first >= n) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) m[4 * half + j] = v[4 * half + j] = 0.0f;
+          continue;
         }
+        uint32_t wwords[4] = {0, 0, 0, 0}, mwords[4] = {0, 0, 0, 0};
+        if constexpr (W == WeightStorage::kStochastic) weight_random.block((start + first) / 4, wwords);
+        if constexpr (M == MomentStorage::kBf16) moment_random.block((start + first) / 4, mwords);
+        T g4[4], p4[4];
+        float master4[4];
+        int16_t rem4[4];
+        load4(grad, first, n, g4);
+        if constexpr (W == WeightStorage::kMaster) {
+          load4(master, first, n, master4);
+        } else {
+          load4(param, first, n, p4);
+        }
+        if constexpr (W == WeightStorage::kRemainder) load4(remainder, first, n, rem4);
+        MomentT* mq4 = mq + 4 * half;
+        MomentT* vq4 = vq + 4 * half;
+        load4(exp_avg, first, n, *reinterpret_cast<MomentT(*)[4]>(mq4));
+        load4(exp_avg_sq, first, n, *reinterpret_cast<MomentT(*)[4]>(vq4));
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int k = 4 * half + j;
-          const int64_t i = first + j;
-          m[k] = 0.0f;
-          v[k] = 0.0f;
-          if (i >= n) continue;
-          if constexpr (M == MomentStorage::kFp32) {
-            m[k] = slot_ptr<float>(meta, Slot::exp_avg, t, start)[i];
-            v[k] = slot_ptr<float>(meta, Slot::exp_avg_sq, t, start)[i];
-          } else if constexpr (M == MomentStorage::kBf16) {
-            m[k] = static_cast<float>(slot_ptr<c10::BFloat16>(meta, Slot::exp_avg, t, start)[i]);
-            v[k] = static_cast<float>(slot_ptr<c10::BFloat16>(meta, Slot::exp_avg_sq, t, start)[i]);
+          if constexpr (M == MomentStorage::kInt8) {
+            m[k] = dequantize_value(mq[k], m_scale, smap);
+            v[k] = dequantize_value(vq[k], v_scale, umap);
           } else {
-            m[k] = dequantize_value(slot_ptr<uint8_t>(meta, Slot::exp_avg, t, start)[i], m_scale, smap);
-            v[k] = dequantize_value(slot_ptr<uint8_t>(meta, Slot::exp_avg_sq, t, start)[i], v_scale, umap);
+            m[k] = static_cast<float>(mq[k]);
+            v[k] = static_cast<float>(vq[k]);
           }
-          const float u = transform.unscaled(static_cast<float>(grad[i]));
-          if (store_grads) grad[i] = static_cast<T>(u);
+          if (first + j >= n) {  // past the tensor's end: keeps the block's absmax unchanged
+            m[k] = v[k] = 0.0f;
+            continue;
+          }
+          const float u = transform.unscaled(static_cast<float>(g4[j]));
+          g4[j] = static_cast<T>(u);
           float p;
           if constexpr (W == WeightStorage::kMaster) {
-            p = master[i];
+            p = master4[j];
           } else if constexpr (W == WeightStorage::kRemainder) {
-            p = join_master(reinterpret_cast<const uint16_t*>(param)[i], remainder[i]);
+            p = join_master(p4[j].x, rem4[j]);
           } else {
-            p = static_cast<float>(param[i]);
+            p = static_cast<float>(p4[j]);
           }
           float no_v_max = 0.0f;
           fused_cuda::adam_element(s, transform.maximize ? -u : u, p, m[k], v[k], no_v_max);
           if constexpr (W == WeightStorage::kMaster) {
-            master[i] = p;
-            param[i] = static_cast<T>(p);
+            master4[j] = p;
+            p4[j] = static_cast<T>(p);
           } else if constexpr (W == WeightStorage::kRemainder) {
             const SplitMaster split = split_master(p);
-            reinterpret_cast<uint16_t*>(param)[i] = split.weight_bits;
-            remainder[i] = split.remainder;
+            p4[j] = T(split.weight_bits, T::from_bits());
+            rem4[j] = split.remainder;
           } else if constexpr (W == WeightStorage::kStochastic && !std::is_same_v<T, float>) {
-            param[i] = round_stochastic<T>(p, wwords[j]);
+            p4[j] = round_stochastic<T>(p, wwords[j]);
           } else {
-            param[i] = static_cast<T>(p);
+            p4[j] = static_cast<T>(p);
           }
           if constexpr (M == MomentStorage::kFp32) {
-            slot_ptr<float>(meta, Slot::exp_avg, t, start)[i] = m[k];
-            slot_ptr<float>(meta, Slot::exp_avg_sq, t, start)[i] = v[k];
+            mq[k] = m[k];
+            vq[k] = v[k];
           } else if constexpr (M == MomentStorage::kBf16) {
-            slot_ptr<c10::BFloat16>(meta, Slot::exp_avg, t, start)[i] = round_moment_m(m[k], mwords[j]);
-            slot_ptr<c10::BFloat16>(meta, Slot::exp_avg_sq, t, start)[i] = round_moment_v(v[k], mwords[j]);
+            mq[k] = round_moment_m(m[k], mwords[j]);
+            vq[k] = round_moment_v(v[k], mwords[j]);
           }
           m_max = fmaxf(m_max, fabsf(m[k]));
           v_max = fmaxf(v_max, fabsf(v[k]));
+        }
+        if (store_grads) store4(grad, first, n, g4);
+        store4(param, first, n, p4);
+        if constexpr (W == WeightStorage::kMaster) store4(master, first, n, master4);
+        if constexpr (W == WeightStorage::kRemainder) store4(remainder, first, n, rem4);
+        if constexpr (M != MomentStorage::kInt8) {
+          store4(exp_avg, first, n, *reinterpret_cast<MomentT(*)[4]>(mq4));
+          store4(exp_avg_sq, first, n, *reinterpret_cast<MomentT(*)[4]>(vq4));
         }
       }
       if constexpr (M == MomentStorage::kInt8) {
@@ -169,11 +227,16 @@ struct CompressedAdamFunctor {
           slot_ptr<float>(meta, Slot::exp_avg_sq_absmax, t)[qblock] = v_max;
         }
 #pragma unroll
-        for (int k = 0; k < kPerLane; ++k) {
-          const int64_t i = base + 4 * lane + 128 * (k / 4) + k % 4;
-          if (i >= n) continue;
-          slot_ptr<uint8_t>(meta, Slot::exp_avg, t, start)[i] = quantize_value(m[k], m_max, smap);
-          slot_ptr<uint8_t>(meta, Slot::exp_avg_sq, t, start)[i] = quantize_value(v[k], v_max, umap);
+        for (int half = 0; half < 2; ++half) {
+          const int64_t first = base + 4 * lane + 128 * half;
+          if (first >= n) continue;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            mq[4 * half + j] = quantize_value(m[4 * half + j], m_max, smap);
+            vq[4 * half + j] = quantize_value(v[4 * half + j], v_max, umap);
+          }
+          store4(exp_avg, first, n, *reinterpret_cast<MomentT(*)[4]>(mq + 4 * half));
+          store4(exp_avg_sq, first, n, *reinterpret_cast<MomentT(*)[4]>(vq + 4 * half));
         }
       }
     }
