@@ -343,3 +343,43 @@ def test_step_in_backward_equals_step_after_backward_and_frees_each_grad(device)
     remove()
     ours(x).float().square().mean().backward()
     assert all(p.grad is not None for p in ours.parameters())
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_an_overflowing_step_changes_nothing(device, mode):
+    """A scaler's found_inf skips the compressed step on the device: weights, remainders, codes,
+    absmax and step counts stay as they were (and the grads keep their values)."""
+    params, opt = _train(device, 3, [(300,), (7, 3)], 1, **dict(mode))
+    scaler = mixprec.GradScaler(device, init_scale=2.0**8)
+    scaler.scale(torch.zeros((), device=device))
+    before = {k: v.clone() for p in params for k, v in [(f"{id(p)}:w", p.detach())]
+              + [(f"{id(p)}:{key}", t) for key, t in opt.state[p].items()]}
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[1].grad.view(-1)[2] = float("inf")
+    scaler.step(opt)
+    for p in params:
+        assert_bitwise_equal(p.detach(), before[f"{id(p)}:w"], "weight")
+        for key, t in opt.state[p].items():
+            assert_bitwise_equal(t, before[f"{id(p)}:{key}"], key)
+
+
+def test_folded_clip_with_the_remainder_equals_fp32_masters(device):
+    """scaler.clip_grad_norm_ hands the clip to the compressed step as to the plain one: the
+    remainder's joined masters equal master_weights=True's bit for bit under clipping."""
+    runs = []
+    for master in (True, "remainder"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(300).bfloat16().to(device))]
+        opt = optim.AdamW(params, lr=1e-2, master_weights=master)
+        scaler = mixprec.GradScaler(device, init_scale=2.0**8)
+        scaler.scale(torch.zeros((), device=device))
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(5):
+            params[0].grad = (torch.randn(300, generator=gen) * 10 * scaler.get_scale()).bfloat16().to(device)
+            scaler.clip_grad_norm_(opt, 0.5)
+            scaler.step(opt)
+            scaler.update()
+        state = opt.state[params[0]]
+        runs.append(state["master_param"] if master is True else join_master(params[0].detach(), state["master_remainder"]))
+    assert_bitwise_equal(runs[1], runs[0], "clipped masters")
