@@ -6,6 +6,11 @@ Markov-chain tokens under each mode and prints loss curves' end points:
   bf16-stochastic  bf16 weights only, stochastic rounding of each update
   bf16-kahan       bf16 weights + a bf16 compensation buffer
   bf16-nearest     bf16 weights only, round to nearest (updates below half an ulp are lost)
+  compressed optimizer state (issue 15; its reference is bf16-master, fp32-master AdamW):
+  bf16-remainder            bf16 weights + int16 remainder (= the fp32 master bit for bit)
+  bf16-remainder-bf16m      ... and bf16 moments (stochastically rounded)
+  bf16-remainder-8bit       ... and 8-bit block-wise moments
+  bf16-stochastic-8bit      bf16 weights only, stochastic rounding, 8-bit moments
 
   python -m benchmarks.convergence_bf16 --device cpu --size tiny     # what CI's test runs
   python -m benchmarks.convergence_bf16 --device cuda --size small   # the GPU-sized run
@@ -25,23 +30,33 @@ import mixprec
 from benchmarks.harness import JSON_HELP, results_path, write_jsonl
 from mixprec.models import GPT, MarkovText
 
-MODES = ["bf16-mixed", "bf16-master", "bf16-stochastic", "bf16-kahan", "bf16-nearest"]
+MODES = ["bf16-mixed", "bf16-master", "bf16-stochastic", "bf16-kahan", "bf16-nearest", "bf16-remainder",
+         "bf16-remainder-bf16m", "bf16-remainder-8bit", "bf16-stochastic-8bit"]
+# mixprec.optim.AdamW's options per mode.
+OPTIONS = {"bf16-mixed": {}, "bf16-master": {},
+           "bf16-stochastic": {"master_weights": False, "rounding": "stochastic"},
+           "bf16-kahan": {"master_weights": False, "rounding": "kahan"},
+           "bf16-nearest": {"master_weights": False, "rounding": "nearest"},
+           "bf16-remainder": {"master_weights": "remainder"},
+           "bf16-remainder-bf16m": {"master_weights": "remainder", "moments": "bf16"},
+           "bf16-remainder-8bit": {"master_weights": "remainder", "moments": "8bit"},
+           "bf16-stochastic-8bit": {"master_weights": False, "rounding": "stochastic", "moments": "8bit"}}
 # layers, d, heads, vocab, ctx, batch, steps, lr (cosine to lr/10: the late small updates are
 # where round-to-nearest loses them)
 SIZES = {"tiny": (2, 64, 4, 64, 32, 16, 300, 1e-3), "small": (6, 384, 6, 512, 128, 32, 1000, 3e-4)}
 
 
-def run(mode: str, device: str, size: str = "tiny", seed: int = 0, log_every: int = 50) -> dict:
-    layers, d, heads, vocab, ctx, batch, steps, lr = SIZES[size]
+def run(mode: str, device: str, size: str = "tiny", seed: int = 0, log_every: int = 50,
+        steps: int | None = None) -> dict:
+    layers, d, heads, vocab, ctx, batch, default_steps, lr = SIZES[size]
+    steps = steps or default_steps
     torch.manual_seed(seed)
     model = GPT(vocab, ctx, layers, d, heads).to(device)
     data = MarkovText(vocab, seed=seed, device=device)
     eval_x, eval_y = data.batch(64, ctx)
     if mode != "bf16-mixed":
         model = model.bfloat16()
-    rounding = mode.removeprefix("bf16-")
-    options = {} if mode in ("bf16-mixed", "bf16-master") else {"master_weights": False, "rounding": rounding}
-    opt = mixprec.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, seed=seed, **options)
+    opt = mixprec.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, seed=seed, **OPTIONS[mode])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr / 10)
 
     def loss_of(x, y):
@@ -68,20 +83,25 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", default="tiny", choices=list(SIZES))
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the size's)")
     p.add_argument("--json", default=None, help=JSON_HELP)
     args = p.parse_args()
     rows = []
     for mode in args.modes.split(","):
-        rows.append(run(mode, args.device, args.size))
+        rows.append(run(mode, args.device, args.size, steps=args.steps))
         print(f"# {mode}: final loss {rows[-1]['final_loss']:.4f} in {rows[-1]['seconds']:.1f} s", flush=True)
     reference = next((r["final_loss"] for r in rows if r["mode"] == "bf16-mixed"), None)
+    master = next((r["final_loss"] for r in rows if r["mode"] == "bf16-master"), None)
     for r in rows:
         r["vs_mixed"] = r["final_loss"] / reference if reference else None
+        r["vs_master"] = r["final_loss"] / master if master else None
         print(json.dumps(r))
-    print(f"\n{'mode':>16}  {'final loss':>10}  {'vs mixed':>8}  {'seconds':>7}   (floor {rows[0]['entropy_floor']:.3f})")
+    print(f"\n{'mode':>22}  {'final loss':>10}  {'vs mixed':>8}  {'vs master':>9}  {'seconds':>7}"
+          f"   (floor {rows[0]['entropy_floor']:.3f})")
     for r in rows:
-        ratio = f"{r['vs_mixed']:.3f}" if r["vs_mixed"] else "-"
-        print(f"{r['mode']:>16}  {r['final_loss']:10.4f}  {ratio:>8}  {r['seconds']:7.1f}")
+        ratio = f"{r['vs_mixed']:.4f}" if r["vs_mixed"] else "-"
+        vs_master = f"{r['vs_master']:.4f}" if r["vs_master"] else "-"
+        print(f"{r['mode']:>22}  {r['final_loss']:10.4f}  {ratio:>8}  {vs_master:>9}  {r['seconds']:7.1f}")
     write_jsonl(rows, results_path(args.json, f"convergence_bf16_{args.size}", args.device))
 
 

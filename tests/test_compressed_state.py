@@ -383,3 +383,18 @@ def test_folded_clip_with_the_remainder_equals_fp32_masters(device):
         state = opt.state[params[0]]
         runs.append(state["master_param"] if master is True else join_master(params[0].detach(), state["master_remainder"]))
     assert_bitwise_equal(runs[1], runs[0], "clipped masters")
+
+
+def test_the_step_allocates_no_copy_of_the_state():
+    """Decoding and encoding happen in registers: after the first step (which makes the state)
+    a step allocates nothing the size of the state, so the peak is the persistent state."""
+    from mixprec.bench import peak_memory
+
+    p = torch.nn.Parameter(torch.randn(256 * 400).bfloat16())
+    opt = optim.AdamW([p], master_weights="remainder", moments="8bit")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    with peak_memory(torch.device("cpu")) as peak:
+        opt.step()
+    state_bytes = sum(t.numel() * t.element_size() for t in opt.state[p].values())
+    assert peak.bytes is not None and peak.bytes < 0.01 * state_bytes, (peak.bytes, state_bytes)
