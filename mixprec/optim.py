@@ -21,7 +21,7 @@ torch.optim. What is different:
   stream of (seed, step, tensor, element), so runs repeat exactly and CUDA graphs capture it), or
   "kahan" (the rounding error is kept in a compensation buffer of the param's dtype, 2 bytes per
   param, and added back on the next step).
-- Compressed state (Adam/AdamW), for fitting bigger models (mixprec.state_bytes tells the bytes):
+- Compressed state (Adam/AdamW), for fitting bigger models (`mixprec bench --fit` measures it):
   master_weights="remainder" keeps, for bf16 params, the 16 low bits bf16 drops
   (state["master_remainder"], int16): weight and remainder together are the fp32 master, so the
   masters step bit for bit as with master_weights=True at 2 bytes per param less. The weight is
@@ -445,8 +445,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
 def _loaded_dtype(key: str, value: Tensor, p: Tensor) -> torch.dtype:
     """The dtype a checkpoint's state tensor is loaded in: the compensation in the param's dtype,
-    compressed state (8-bit codes, bf16 moments, remainders) as saved, everything else fp32.
-    _complete_loaded_state then converts moments to the group's `moments`."""
+    integer state (8-bit codes, int16 remainders) as saved, every float (bf16 moments included)
+    in fp32; _complete_loaded_state then converts the moments to the group's `moments`."""
     if key == "compensation":
         return p.dtype
     if value.dtype in (torch.uint8, torch.int16):
