@@ -8,7 +8,9 @@ A Policy maps aten ops (overloads such as ``aten::softmax.int``) to a rule:
 - ``keep``: no cast (the op runs in whatever dtypes it is given);
 - torch's special cases: ``fp32_set_opt_dtype`` (fill the op's ``dtype=None`` argument with
   float32: softmax, sum, cumsum, ...) and ``fp32_append_dtype`` (aten::norm: call the overload
-  that takes a dtype, with float32).
+  that takes a dtype, with float32);
+- ``fp8`` (aten::linear only): fp8 operands through torch._scaled_mm (mixprec.fp8), the output
+  in the region's dtype.
 
 Ops not in the table are ``keep``. ``default_policy(device_type)`` is torch's own table for the
 installed torch: the CUDA lists are read from the torch headers mixprec was compiled against, the
@@ -171,6 +173,9 @@ def _check_rule(key: str, rule: str) -> bool:
         raise ValueError(f"unknown rule {rule!r} for {key}; valid rules: {', '.join(rule_names())}")
     if rule == "fp32_set_opt_dtype":
         return any(str(a.real_type) == "Optional[ScalarType]" for a in _overload(key)._schema.arguments)
+    if rule == "fp8":  # aten::linear only (mixprec.fp8 defines the op the kernel calls)
+        import mixprec.fp8  # noqa: F401
+        return key == "aten::linear"
     if rule == "fp32_append_dtype":  # aten::norm overloads with a dtype-taking sibling
         name, overload = _split(key)
         sibling = "ScalarOpt_dtype" if overload == "Scalar" else overload + "_dtype"

@@ -96,7 +96,7 @@ def test_rules_only_torch_implements_or_misspelt_are_refused(rule):
 
 
 # ---- the rule names: one table, in C++ --------------------------------------------------------
-DOCUMENTED = ["lower", "fp16", "bf16", "fp32", "promote", "keep", "fp32_set_opt_dtype", "fp32_append_dtype"]
+DOCUMENTED = ["lower", "fp16", "bf16", "fp32", "promote", "keep", "fp32_set_opt_dtype", "fp32_append_dtype", "fp8"]
 
 
 def test_rule_names_come_from_cpp_and_match_the_docs():

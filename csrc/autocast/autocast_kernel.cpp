@@ -152,6 +152,18 @@ void policy_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch:
         }
       }
       break;
+    case Rule::fp8: {
+      // aten::linear(input, weight, bias) with fp8 operands and its output in the region's
+      // dtype: mixprec_fp8::linear, defined by mixprec/fp8.py (imported by any policy holding
+      // the rule). Called below our key and torch's autocast key, above autograd.
+      auto fp8_linear = c10::Dispatcher::singleton().findSchema({"mixprec_fp8::linear", ""});
+      TORCH_CHECK(fp8_linear.has_value() && op.operator_name().name == "aten::linear",
+                  "mixprec.autocast: rule fp8 applies to aten::linear, with mixprec.fp8 imported; got ",
+                  op.operator_name().name);
+      stack->emplace_back(static_cast<int64_t>(at::autocast::get_autocast_dtype(*dev)));
+      fp8_linear->callBoxed(stack);
+      return;
+    }
     case Rule::fp32_append_dtype: {
       const c10::IValue& first = *(stack->end() - n);
       at::ScalarType to = first_argument_eligible(stack, n, *dev) ? at::kFloat

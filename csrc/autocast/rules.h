@@ -19,6 +19,7 @@ enum class Rule : uint8_t {
   keep,                // no cast, and torch's rule is switched off for the op
   fp32_set_opt_dtype,  // torch: fill a None `dtype` argument with float32
   fp32_append_dtype,   // torch: call the overload that takes a dtype, with float32
+  fp8,                 // aten::linear with fp8 operands (mixprec/fp8.py's mixprec_fp8::linear)
 };
 
 struct RuleName {
@@ -27,7 +28,7 @@ struct RuleName {
 };
 
 // In the order the docs list them (README, mixprec/policy.py's docstring).
-inline constexpr std::array<RuleName, 8> kRuleNames{{
+inline constexpr std::array<RuleName, 9> kRuleNames{{
     {Rule::lower, "lower"},
     {Rule::fp16, "fp16"},
     {Rule::bf16, "bf16"},
@@ -36,6 +37,7 @@ inline constexpr std::array<RuleName, 8> kRuleNames{{
     {Rule::keep, "keep"},
     {Rule::fp32_set_opt_dtype, "fp32_set_opt_dtype"},
     {Rule::fp32_append_dtype, "fp32_append_dtype"},
+    {Rule::fp8, "fp8"},
 }};
 
 std::string_view rule_name(Rule rule);

@@ -1,0 +1,101 @@
+"""fp8 linear layers as a rule of the op-policy table (issue 16, first part): with
+``policy.override({F.linear: "fp8"})`` mixprec.autocast runs ``aten::linear`` through
+``mixprec_fp8::linear`` below, and every other op under the region's rules. The model is not
+changed: same modules, same state_dict.
+
+The recipe: e4m3 activations and weights in forward, e5m2 output grads in backward (the hybrid
+recipe of TransformerEngine and torchao), per-tensor "current" scaling: each tensor is scaled by
+fp8_max / amax(tensor) before the cast, so its largest value lands on the format's largest, and
+the matrix products run through ``torch._scaled_mm`` with the inverse scales (cuBLASLt on Hopper
+GPUs; torch's reference kernel on the CPU, torch >= 2.13). Scales stay on the device: nothing
+synchronises with the host. The casts are torch ops for now (our own one-pass cast kernels,
+delayed scaling, the weight cache and the audit are the issue's next parts).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+FP8_MAX = {E4M3: torch.finfo(E4M3).max, E5M2: torch.finfo(E5M2).max}  # 448, 57344
+FP8_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (sm_89) and Hopper (sm_90) on
+
+
+def current_scale(amax: Tensor, fmt: torch.dtype) -> Tensor:
+    """fp8_max / amax in fp32, on amax's device: 1 where amax is 0 (an all-zero tensor) or not
+    finite (the values are then cast as they are: inf/NaN stay inf/NaN, as in bf16)."""
+    amax = amax.float()
+    usable = torch.isfinite(amax) & (amax > 0)
+    return torch.where(usable, FP8_MAX[fmt] / torch.where(usable, amax, 1.0), 1.0)
+
+
+def cast(x: Tensor, fmt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(x * scale saturated to the format's range and rounded to fp8, 1 / scale) with the
+    current scale of x. Saturating keeps a rounding overflow at the format's largest value."""
+    scale = current_scale(x.detach().abs().amax(), fmt)
+    limit = FP8_MAX[fmt]
+    return (x.float() * scale).clamp(-limit, limit).to(fmt), scale.reciprocal()
+
+
+def _col_major(t: Tensor) -> Tensor:
+    """t with column-major strides (what _scaled_mm takes as its second matrix on CUDA)."""
+    return t.t().contiguous().t()
+
+
+def _check_device(t: Tensor) -> None:
+    if t.is_cuda and torch.cuda.get_device_capability(t.device) < FP8_CAPABILITY:
+        name = torch.cuda.get_device_name(t.device)
+        raise RuntimeError(f"mixprec fp8 rule: {name} has no fp8 tensor cores; fp8 matrix products need "
+                           f"compute capability {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} or newer "
+                           "(Ada, Hopper); keep linear at 'lower' on this GPU")
+    if not t.is_cuda and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13):
+        raise RuntimeError(f"mixprec fp8 rule: torch {torch.__version__} has no CPU _scaled_mm; the CPU "
+                           "reference path needs torch >= 2.13")
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+        _check_device(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        x8, x_inv = cast(x2, E4M3)
+        w8, w_inv = cast(weight, E4M3)
+        out = torch._scaled_mm(x8, _col_major(w8.t()), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
+        if bias is not None:
+            out = out + bias.to(out_dtype)
+        ctx.save_for_backward(x8, x_inv, w8, w_inv)
+        ctx.shapes = (x.shape, x.dtype, weight.dtype, bias is not None, bias.dtype if bias is not None else None)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x8, x_inv, w8, w_inv = ctx.saved_tensors
+        x_shape, x_dtype, w_dtype, has_bias, b_dtype = ctx.shapes
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        g8, g_inv = cast(g2, E5M2)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # (M x N) @ (N x K)
+            grad_x = torch._scaled_mm(g8, _col_major(w8), scale_a=g_inv, scale_b=w_inv,
+                                      out_dtype=grad_out.dtype).reshape(x_shape).to(x_dtype)
+        if ctx.needs_input_grad[1]:  # (N x M) @ (M x K)
+            grad_w = torch._scaled_mm(g8.t().contiguous(), _col_major(x8), scale_a=g_inv, scale_b=x_inv,
+                                      out_dtype=torch.float32).to(w_dtype)
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.float().sum(0).to(b_dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+_LIB = torch.library.Library("mixprec_fp8", "DEF")
+_LIB.define("linear(Tensor input, Tensor weight, Tensor? bias, ScalarType out_dtype) -> Tensor")
+
+
+def _linear(input: Tensor, weight: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    return _Fp8Linear.apply(input, weight, bias, out_dtype)
+
+
+_LIB.impl("linear", _linear, "CompositeImplicitAutograd")
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """F.linear with fp8 operands (what the "fp8" rule runs), the output in `out_dtype`."""
+    return torch.ops.mixprec_fp8.linear(input, weight, bias, out_dtype)

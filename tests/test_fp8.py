@@ -1,0 +1,90 @@
+"""The fp8 rule (mixprec/fp8.py and the "fp8" rule of mixprec.autocast): casts against torch's
+fp8 dtypes, the fp8 linear's forward and gradients against bf16 within documented bounds, and
+the policy: only the named op changes, per-module opt-out, bad rules refused."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mixprec
+from mixprec import fp8
+
+
+@given(values=st.lists(st.floats(-(2.0**60), 2.0**60, width=32), min_size=1, max_size=300),
+       fmt=st.sampled_from([fp8.E4M3, fp8.E5M2]))
+def test_cast_scales_amax_to_the_format_max_and_rounds_like_torch(values, fmt):
+    """cast(x) is torch's own fp8 conversion of x * (fp8_max / amax), bit for bit: the largest
+    magnitude lands on the format's largest value; an all-zero tensor keeps scale 1."""
+    x = torch.tensor(values)
+    x8, inv = fp8.cast(x, fmt)
+    amax = x.abs().max()
+    scale = torch.tensor(1.0) if amax == 0 else fp8.FP8_MAX[fmt] / amax
+    ref = (x * scale).clamp(-fp8.FP8_MAX[fmt], fp8.FP8_MAX[fmt]).to(fmt)
+    assert torch.equal(x8.view(torch.uint8), ref.view(torch.uint8))
+    assert inv.item() == pytest.approx(1 / scale.item(), rel=1e-6)
+    if amax > 0:
+        assert x8.float().abs().max().item() == fp8.FP8_MAX[fmt]
+
+
+def test_cast_keeps_inf_and_nan_visible():
+    x8, inv = fp8.cast(torch.tensor([1.0, float("inf"), -2.0]), fp8.E4M3)
+    assert inv.item() == 1.0  # no finite amax: unscaled
+    assert torch.isnan(x8.float()).any() or torch.isinf(x8.float()).any() or x8.float().abs().max() == 448
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp8_linear_is_within_fp8_rounding_of_bf16(bias):
+    """Forward and all three gradients of the fp8 linear against the same maths in fp32: within
+    the relative error two fp8 roundings allow (e4m3: 2^-4 per operand, e5m2: 2^-3), measured as
+    the error norm over the reference norm."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 64, requires_grad=True)
+    w = (torch.randn(48, 64) * 0.05).requires_grad_()
+    b = torch.randn(48).requires_grad_() if bias else None
+    out = fp8.linear(x, w, b, torch.float32)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    got = [out.detach(), x.grad, w.grad] + ([b.grad] if bias else [])
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    b2 = b.detach().clone().requires_grad_() if bias else None
+    ref_out = F.linear(x2, w2, b2)
+    ref_out.backward(grad)
+    want = [ref_out.detach(), x2.grad, w2.grad] + ([b2.grad] if bias else [])
+    for name, g, r, bound in zip(["out", "grad_x", "grad_w", "grad_b"], got, want, [0.08, 0.15, 0.15, 1e-5]):
+        err = ((g.float() - r).norm() / r.norm()).item()
+        assert err < bound, (name, err)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 16))
+
+
+def test_fp8_rule_runs_only_linear_in_fp8_and_the_model_is_unchanged():
+    """Under the rule, each linear gives the fp8 linear's result (bit for bit), other ops keep the
+    region's rules, the module and its state_dict keys are untouched, and backward reaches every
+    weight; set_policy(module, default) keeps one layer in bf16."""
+    model = _mlp()
+    keys = list(model.state_dict())
+    x = torch.randn(8, 64)
+    policy = mixprec.default_policy("cpu").override({F.linear: "fp8"})
+    with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy):
+        out = model(x)
+    h = F.gelu(fp8.linear(x, model[0].weight, model[0].bias, torch.bfloat16))
+    expect = fp8.linear(h, model[2].weight, model[2].bias, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expect)
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert list(model.state_dict()) == keys and all(type(m) is not fp8._Fp8Linear for m in model)
+    mixprec.set_policy(model[2], mixprec.default_policy("cpu"))  # opt the last layer out
+    with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy):
+        opted = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        last = model[2](h)
+    assert torch.equal(opted, last)
+
+
+def test_fp8_rule_is_refused_on_other_ops():
+    with pytest.raises(ValueError, match="does not apply"):
+        mixprec.default_policy("cpu").override({torch.matmul: "fp8"})
