@@ -7,7 +7,9 @@
 Modes (Lightning Fabric's strings): "32-true" (nothing changes), "64-true" (float64 model and
 inputs), "16-mixed" (fp16 autocast + mixprec.GradScaler), "bf16-mixed" (bf16 autocast, no scaler),
 "16-true" / "bf16-true" (fp16/bf16 weights, updated by a mixprec.optim optimizer that keeps fp32
-master weights unless master_weights=False). The mode is validated once, in parse_precision.
+master weights unless master_weights=False), "fp8-mixed" / "fp8-mixed-16" (Fabric's
+"transformer-engine" / "transformer-engine-float16": bf16 / fp16 autocast with linear layers on
+the "fp8" rule, mixprec.fp8). The mode is validated once, in parse_precision.
 A set-up model returns fp32 outputs (as in Fabric) when called outside an autocast region, so
 fp32 loss code runs unchanged; called inside one (`with prec.autocast(): loss_fn(model(x), y)`),
 its outputs stay as autocast made them, as in the torch.amp recipe.
@@ -234,6 +236,7 @@ class Precision:
         self.moments = moments
         self.seed = seed
         self.policy = policy
+        self._fp8_policy: Any = None  # built on first use (region_policy)
         self.track_overflow_names = track_overflow_names
         self._device = torch.device(device) if device is not None else None
         default_type = self._device.type if self._device is not None else (
@@ -500,10 +503,21 @@ class Precision:
         """mixprec.autocast for mixed modes (e.g. around a loss or a validation loop); the default
         dtype set to the mode's for true modes; nothing for 32-true."""
         if self.mode.mixed:
-            return autocast(self.device_type, dtype=self.dtype, enabled=enabled, policy=self.policy)
+            return autocast(self.device_type, dtype=self.dtype, enabled=enabled, policy=self.region_policy())
         if self.dtype is torch.float32 or not enabled:
             return contextlib.nullcontext()
         return default_dtype(self.dtype)
+
+    def region_policy(self) -> Any:
+        """The policy of this mode's autocast regions: the one given, else for fp8 modes torch's
+        table with linear layers on the "fp8" rule (per-module opt-out: mixprec.set_policy)."""
+        if self.policy is not None or not self.mode.fp8:
+            return self.policy
+        if self._fp8_policy is None:
+            from mixprec.policy import default_policy
+
+            self._fp8_policy = default_policy(self.device_type).override({"aten::linear": "fp8"})
+        return self._fp8_policy
 
     # -- the step ---------------------------------------------------------------------------------------
     def _scaling(self) -> bool:

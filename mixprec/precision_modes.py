@@ -22,6 +22,7 @@ class Mode:
     dtype: torch.dtype
     mixed: bool
     scaled: bool
+    fp8: bool = False  # linear layers with fp8 operands (the "fp8" autocast rule, mixprec.fp8)
 
     @property
     def half_weights(self) -> bool:
@@ -35,10 +36,14 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("bf16-mixed", torch.bfloat16, mixed=True, scaled=False),
     Mode("16-true", torch.float16, mixed=False, scaled=False),
     Mode("bf16-true", torch.bfloat16, mixed=False, scaled=False),
+    Mode("fp8-mixed", torch.bfloat16, mixed=True, scaled=False, fp8=True),
+    Mode("fp8-mixed-16", torch.float16, mixed=True, scaled=True, fp8=True),
 )}
 # Fabric's short forms.
 ALIASES: dict[Any, str] = {"32": "32-true", 32: "32-true", "64": "64-true", 64: "64-true",
-                           "16": "16-mixed", 16: "16-mixed", "bf16": "bf16-mixed"}
+                           "16": "16-mixed", 16: "16-mixed", "bf16": "bf16-mixed",
+                           # Fabric's TransformerEngine plugin strings: fp8 linears, the rest bf16 / fp16
+                           "transformer-engine": "fp8-mixed", "transformer-engine-float16": "fp8-mixed-16"}
 
 
 def valid_precisions() -> list[str]:

@@ -88,3 +88,28 @@ def test_fp8_rule_runs_only_linear_in_fp8_and_the_model_is_unchanged():
 def test_fp8_rule_is_refused_on_other_ops():
     with pytest.raises(ValueError, match="does not apply"):
         mixprec.default_policy("cpu").override({torch.matmul: "fp8"})
+
+
+@pytest.mark.parametrize("name,dtype,scaled", [("fp8-mixed", torch.bfloat16, False), ("transformer-engine", torch.bfloat16, False),
+                                               ("transformer-engine-float16", torch.float16, True)])
+def test_precision_fp8_mixed_runs_linears_in_fp8(name, dtype, scaled):
+    """Precision("fp8-mixed") (and Fabric's TransformerEngine strings) set up a model whose
+    linears run the fp8 rule and everything else the region's dtype; the 16 variant has a scaler."""
+    prec = mixprec.Precision(name, device="cpu")
+    assert prec.mode.fp8 and prec.dtype is dtype and (prec.scaler is not None) == scaled
+    model = prec.setup(_mlp())
+    x = torch.randn(8, 64)
+    with prec.autocast():
+        out = model(x)
+    h = F.gelu(fp8.linear(x, model[0].weight, model[0].bias, dtype))
+    assert torch.equal(out, fp8.linear(h, model[2].weight, model[2].bias, dtype))
+
+
+def test_the_filter_keeps_small_or_odd_gemms_in_the_region_dtype(monkeypatch):
+    """K or N not a multiple of 16 (what _scaled_mm needs), or on CUDA a GEMM below MIN_GEMM:
+    the linear runs in the region's dtype, exactly F.linear on cast operands."""
+    assert not fp8.runs_in_fp8(8, 60, 16, on_cuda=False) and fp8.runs_in_fp8(8, 64, 16, on_cuda=False)
+    assert not fp8.runs_in_fp8(1024, 2048, 1024, on_cuda=True) and fp8.runs_in_fp8(4096, 8192, 16384, on_cuda=True)
+    x, w = torch.randn(4, 60), torch.randn(16, 60)
+    out = fp8.linear(x, w, None, torch.bfloat16)
+    assert torch.equal(out, F.linear(x.bfloat16(), w.bfloat16()))
