@@ -51,7 +51,7 @@ from mixprec import optim as mixprec_optim
 from mixprec.models import CNN, GPT, MLP, MarkovText, TeacherData
 from mixprec.precision import MODES, Precision, parse_precision
 
-MODELS = ("gpt", "mlp", "cnn")
+MODELS = ("gpt", "mlp", "cnn", "gpt-1b")
 DEFAULT_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true")
 TORCH_COMPARABLE = ("32-true", "16-mixed", "bf16-mixed")
 # A row whose rounds spread over more than this fraction of their median gets a warning.
@@ -65,6 +65,11 @@ SIZES: dict[tuple[str, str], dict[str, Any]] = {
     ("mlp", "cuda"): {"dim": 1024, "hidden": 4096, "depth": 4, "classes": 1000, "batch": 512},
     ("cnn", "cpu"): {"size": 16, "widths": (8, 16), "classes": 10, "batch": 16},
     ("cnn", "cuda"): {"size": 64, "widths": (64, 128, 256), "classes": 100, "batch": 128},
+    # issue 16's fp8 configuration: d=2048, 16 layers, 16 heads, vocab 32768, bias-free linears,
+    # 8 x 2048 tokens (on the CPU a shape-alike smoke size)
+    ("gpt-1b", "cpu"): {"vocab": 256, "ctx": 32, "layers": 2, "d": 64, "heads": 4, "batch": 4, "bias": False},
+    ("gpt-1b", "cuda"): {"vocab": 32768, "ctx": 2048, "layers": 16, "d": 2048, "heads": 16, "batch": 8,
+                         "bias": False},
 }
 
 
@@ -91,7 +96,7 @@ def _lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 def make_workload(name: str, device: torch.device, n_batches: int = 8, seed: int = 0,
                   batch: int | None = None) -> Workload:
-    """The built-in model `name` ("gpt", "mlp", "cnn") at the size for `device`'s type (batch
+    """The built-in model `name` ("gpt", "mlp", "cnn", "gpt-1b") at the size for `device`'s type (batch
     size overridable)."""
     if name not in MODELS:
         raise ValueError(f"model={name!r}; expected one of {', '.join(MODELS)}")
@@ -101,8 +106,8 @@ def make_workload(name: str, device: torch.device, n_batches: int = 8, seed: int
             raise ValueError(f"batch={batch}; expected a positive batch size")
         cfg["batch"] = batch
     torch.manual_seed(seed)
-    if name == "gpt":
-        model = GPT(cfg["vocab"], cfg["ctx"], cfg["layers"], cfg["d"], cfg["heads"])
+    if name in ("gpt", "gpt-1b"):
+        model = GPT(cfg["vocab"], cfg["ctx"], cfg["layers"], cfg["d"], cfg["heads"], bias=cfg.get("bias", True))
         data = MarkovText(cfg["vocab"], seed=seed, device=device)
         batches = [data.batch(cfg["batch"], cfg["ctx"]) for _ in range(n_batches)]
         return Workload(name, model, batches, _lm_loss, cfg["batch"] * cfg["ctx"], "tokens", cfg)

@@ -106,8 +106,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Times every variant interleaved in one process (median and spread over rounds).")
     bench.add_argument("--precisions", type=_precision_list, default=None,
                        help="comma-separated (default 32-true,16-mixed,bf16-mixed,bf16-true)")
-    bench.add_argument("--model", choices=["gpt", "mlp", "cnn", "vit"], default="gpt",
-                       help="vit only with --fit")
+    bench.add_argument("--model", choices=["gpt", "mlp", "cnn", "gpt-1b", "vit"], default="gpt",
+                       help="gpt-1b: issue 16's fp8 configuration; vit only with --fit")
     bench.add_argument("--fit", action="store_true",
                        help="find the largest model (gpt or vit, scaled by depth) whose training step fits on "
                             "this device, per optimizer-state mode, beside torch.amp bf16-mixed (mixprec.fit)")

@@ -113,3 +113,48 @@ def test_the_filter_keeps_small_or_odd_gemms_in_the_region_dtype(monkeypatch):
     x, w = torch.randn(4, 60), torch.randn(16, 60)
     out = fp8.linear(x, w, None, torch.bfloat16)
     assert torch.equal(out, F.linear(x.bfloat16(), w.bfloat16()))
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+
+
+@requires_cuda
+def test_fp8_rule_on_cuda_never_synchronises_and_captures_in_a_cuda_graph():
+    """Forward + backward under the fp8 rule run with set_sync_debug_mode("error") (scales stay
+    on the device), and a captured CUDA graph replays to the eager result."""
+    if torch.cuda.get_device_capability() < fp8.FP8_CAPABILITY:
+        pytest.skip("this GPU has no fp8 tensor cores")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2048, 4096, device="cuda")
+    x = torch.randn(2048, 2048, device="cuda")
+    policy = mixprec.default_policy("cuda").override({F.linear: "fp8"})
+
+    def run():
+        with mixprec.autocast("cuda", dtype=torch.bfloat16, policy=policy):
+            return model(x)
+
+    eager = run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run().float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
+@requires_cuda
+def test_fp8_rule_names_the_requirement_on_gpus_without_fp8(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    with pytest.raises(RuntimeError, match="compute capability 8.9"):
+        fp8.linear(torch.randn(16, 16, device="cuda"), torch.randn(16, 16, device="cuda"))
