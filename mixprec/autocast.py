@@ -158,10 +158,12 @@ class autocast:  # torch's name
 
     @property
     def records(self) -> dict[str, Counter]:
-        """With record=True: {"ops": Counter((op, dtype)), "casts": Counter((op, from, to))}."""
+        """With record=True: {"ops": Counter((op, dtype)), "casts": Counter((op, from, to)), "fp8":
+        [one entry per fp8 linear: shape, and per operand amax, scale, saturated and flushed counts
+        as device tensors]}."""
         if self._record is None:
             raise RuntimeError("records needs mixprec.autocast(..., record=True)")
-        return {"ops": self._record.ops, "casts": self._record.casts}
+        return {"ops": self._record.ops, "casts": self._record.casts, "fp8": self._record.fp8}
 
 
 class _Recorder(TorchDispatchMode):
@@ -174,7 +176,21 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.ops: Counter = Counter()
         self.casts: Counter = Counter()
+        self.fp8: list[dict[str, Any]] = []  # the fp8 rule's linears (mixprec.fp8's audit)
         self._pending: list[tuple[str | None, str, str]] = []
+        self._previous_fp8: list[dict[str, Any]] | None = None
+
+    def __enter__(self):
+        from mixprec import fp8
+
+        self._previous_fp8 = fp8.record_into(self.fp8)
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        from mixprec import fp8
+
+        fp8.record_into(self._previous_fp8)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -199,6 +215,10 @@ class _Recorder(TorchDispatchMode):
         lines += [f"{op:<35} {dtype:<10} {n:>5}" for (op, dtype), n in sorted(self.ops.items())]
         lines += ["", "casts (before op: from -> to)        count"]
         lines += [f"{op:<20} {a} -> {b:<12} {n:>5}" for (op, a, b), n in sorted(self.casts.items())]
+        if self.fp8:
+            from mixprec import fp8
+
+            lines += ["", fp8.audit_report(self.fp8)]
         return "\n".join(lines)
 
 

@@ -13,6 +13,9 @@ delayed scaling, the weight cache and the audit are the issue's next parts).
 """
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -48,6 +51,44 @@ def cast(x: Tensor, fmt: torch.dtype) -> tuple[Tensor, Tensor]:
     return (x.float() * scale).clamp(-limit, limit).to(fmt), scale.reciprocal()
 
 
+class _Audit(threading.local):
+    """Where fp8 linears report their casts while a mixprec.autocast(record=True) region runs
+    (None: not recording). Entries hold device tensors, read only when a report is made."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] | None = None
+
+
+_audit = _Audit()
+
+
+def record_into(records: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Send the fp8 linears' audit entries to `records` (None: stop); returns the previous list."""
+    previous, _audit.records = _audit.records, records
+    return previous
+
+
+def _cast_audit(x: Tensor, x8: Tensor, inv: Tensor, fmt: torch.dtype) -> dict[str, Tensor]:
+    """amax, scale, and the counts of values that saturated (beyond the format's range once
+    scaled, by more than fp32 rounding: the amax itself may land a few ulps above it) or flushed
+    to zero (nonzero, cast to 0): device tensors, no host read."""
+    scaled = x.detach().float() * inv.reciprocal()
+    return {"amax": x.detach().abs().amax().float(), "scale": inv.reciprocal(),
+            "saturated": (scaled.abs() > FP8_MAX[fmt] * (1 + 2**-20)).sum(),
+            "flushed": ((x != 0) & (x8.float() == 0)).sum()}
+
+
+def audit_report(records: list[dict[str, Any]]) -> str:
+    """A table of the fp8 linears recorded (this reads the device tensors: one sync)."""
+    lines = ["fp8 linear (M x K x N)      operand  amax        scale       saturated  flushed"]
+    for r in records:
+        for operand in ("input", "weight"):
+            a = r[operand]
+            lines.append(f"{r['shape']:<27} {operand:<8} {a['amax'].item():<11.4g} {a['scale'].item():<11.4g} "
+                         f"{int(a['saturated']):>9} {int(a['flushed']):>8}")
+    return "\n".join(lines)
+
+
 def _col_major(t: Tensor) -> Tensor:
     """t with column-major strides (what _scaled_mm takes as its second matrix on CUDA)."""
     return t.t().contiguous().t()
@@ -74,6 +115,10 @@ class _Fp8Linear(torch.autograd.Function):
         out = torch._scaled_mm(x8, _col_major(w8.t()), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
         if bias is not None:
             out = out + bias.to(out_dtype)
+        if _audit.records is not None:
+            _audit.records.append({"shape": f"{x2.shape[0]} x {x2.shape[1]} x {weight.shape[0]}",
+                                   "input": _cast_audit(x2, x8, x_inv, E4M3),
+                                   "weight": _cast_audit(weight, w8, w_inv, E4M3)})
         ctx.save_for_backward(x8, x_inv, w8, w_inv)
         ctx.shapes = (x.shape, x.dtype, weight.dtype, bias is not None, bias.dtype if bias is not None else None)
         return out.reshape(*x.shape[:-1], weight.shape[0])

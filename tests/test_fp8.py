@@ -158,3 +158,21 @@ def test_fp8_rule_names_the_requirement_on_gpus_without_fp8(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     with pytest.raises(RuntimeError, match="compute capability 8.9"):
         fp8.linear(torch.randn(16, 16, device="cuda"), torch.randn(16, 16, device="cuda"))
+
+
+def test_record_reports_each_fp8_linear_with_amax_scale_and_flushes():
+    """autocast(record=True) lists every linear that ran in fp8 with its operands' amax and scale
+    (scale * amax = 448, e4m3's largest) and the values flushed to zero (counted exactly)."""
+    model = _mlp()
+    x = torch.randn(8, 64)
+    x[0, 0] = 1e-9  # far below the smallest e4m3 subnormal once scaled: flushed to zero
+    policy = mixprec.default_policy("cpu").override({F.linear: "fp8"})
+    with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy, record=True) as region:
+        model(x)
+    entries = region.records["fp8"]
+    assert [e["shape"] for e in entries] == ["8 x 64 x 128", "8 x 128 x 16"]
+    first = entries[0]["input"]
+    assert first["amax"].item() == x.abs().max().item()
+    assert (first["scale"] * first["amax"]).item() == pytest.approx(448.0, rel=1e-6)
+    assert int(first["flushed"]) >= 1 and int(first["saturated"]) == 0
+    assert "fp8 linear" in region.report() and "8 x 64 x 128" in region.report()
