@@ -7,9 +7,12 @@ The recipe: e4m3 activations and weights in forward, e5m2 output grads in backwa
 recipe of TransformerEngine and torchao), per-tensor "current" scaling: each tensor is scaled by
 fp8_max / amax(tensor) before the cast, so its largest value lands on the format's largest, and
 the matrix products run through ``torch._scaled_mm`` with the inverse scales (cuBLASLt on Hopper
-GPUs; torch's reference kernel on the CPU, torch >= 2.13). Scales stay on the device: nothing
-synchronises with the host. The casts are torch ops for now (our own one-pass cast kernels,
-delayed scaling, the weight cache and the audit are the issue's next parts).
+GPUs; torch's reference kernel on the CPU, torch >= 2.13). Delayed scaling (amax histories on
+the device, TransformerEngine's recipe) is an option: use_delayed_scaling(); its state is plain
+tensors (state_dict / load_state_dict here; the model's state_dict is unchanged). Scales stay on
+the device: nothing synchronises with the host. autocast(record=True) reports each fp8 linear's
+amax, scale, saturated and flushed counts. The casts are torch ops for now (our own one-pass
+cast kernels and the weight cache are the issue's next parts).
 """
 from __future__ import annotations
 
@@ -43,12 +46,84 @@ def current_scale(amax: Tensor, fmt: torch.dtype) -> Tensor:
     return torch.where(usable, FP8_MAX[fmt] / torch.where(usable, amax, 1.0), 1.0)
 
 
-def cast(x: Tensor, fmt: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(x * scale saturated to the format's range and rounded to fp8, 1 / scale) with the
-    current scale of x. Saturating keeps a rounding overflow at the format's largest value."""
-    scale = current_scale(x.detach().abs().amax(), fmt)
+def cast(x: Tensor, fmt: torch.dtype, history: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(x * scale saturated to the format's range and rounded to fp8, 1 / scale). The scale is
+    x's current one, or with an amax `history` (delayed scaling) the one the history gives,
+    after which x's amax enters the history. Saturating keeps values beyond the range (a grown
+    amax under delayed scaling, or rounding) at the format's largest value."""
+    amax = x.detach().abs().amax().float()
+    if history is None:
+        scale = current_scale(amax, fmt)
+    else:
+        scale = _delayed.scale(history, fmt)
+        history.copy_(torch.roll(history, 1))
+        history[0] = amax
     limit = FP8_MAX[fmt]
     return (x.float() * scale).clamp(-limit, limit).to(fmt), scale.reciprocal()
+
+
+class DelayedScaling:
+    """Delayed scaling (TransformerEngine's default recipe): each tensor is scaled by
+    fp8_max / reduce(amax history) / 2^margin, the history holding the amaxes of its last
+    `history_len` casts (reduce "max" or "most_recent"); the history lives on the device, one per
+    operand of each layer, keyed by the layer's weight. Off by default (current scaling); turn
+    it on with use_delayed_scaling() (process-wide, as the histories are)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.history_len, self.margin, self.reduce = 16, 0, "max"
+        self.histories: dict[int, dict[str, Tensor]] = {}  # id(weight) -> operand -> history
+
+    def scale(self, history: Tensor, fmt: torch.dtype) -> Tensor:
+        amax = history.max() if self.reduce == "max" else history[0]
+        return current_scale(amax, fmt) / 2.0**self.margin
+
+    def history(self, weight: Tensor, operand: str) -> Tensor | None:
+        if not self.enabled:
+            return None
+        per_layer = self.histories.setdefault(id(weight), {})
+        if operand not in per_layer:
+            per_layer[operand] = torch.zeros(self.history_len, dtype=torch.float32, device=weight.device)
+        return per_layer[operand]
+
+
+_delayed = DelayedScaling()
+
+
+def use_delayed_scaling(history_len: int = 16, margin: int = 0, reduce: str = "max") -> None:
+    """Scale fp8 casts from an amax history (see DelayedScaling) from now on."""
+    if history_len < 1 or margin < 0 or reduce not in ("max", "most_recent"):
+        raise ValueError("use_delayed_scaling: history_len >= 1, margin >= 0 and reduce 'max' or "
+                         f"'most_recent', got {history_len}, {margin}, {reduce!r}")
+    _delayed.enabled, _delayed.history_len, _delayed.margin, _delayed.reduce = True, history_len, margin, reduce
+
+
+def use_current_scaling() -> None:
+    """Scale every fp8 cast by its tensor's own amax (the default)."""
+    _delayed.enabled = False
+
+
+def state_dict(model: torch.nn.Module) -> dict[str, dict[str, Tensor]]:
+    """The delayed-scaling state of `model`'s fp8 linears as plain tensors: {weight name:
+    {"input" | "weight" | "grad": amax history}}. The model's own state_dict is unchanged."""
+    return {name: {k: v.clone() for k, v in _delayed.histories[id(p)].items()}
+            for name, p in model.named_parameters() if id(p) in _delayed.histories}
+
+
+def load_state_dict(model: torch.nn.Module, state: dict[str, dict[str, Tensor]]) -> None:
+    """Load what state_dict() gave; every entry is checked before any is loaded."""
+    params = dict(model.named_parameters())
+    for name, histories in state.items():
+        if name not in params:
+            raise KeyError(f"fp8 state for {name!r}: the model has no such parameter")
+        for operand, h in histories.items():
+            if operand not in ("input", "weight", "grad") or not isinstance(h, Tensor) or h.dim() != 1 \
+                    or not h.is_floating_point():
+                raise ValueError(f"fp8 state for {name!r}[{operand!r}] must be a 1-d float amax history")
+    for name, histories in state.items():
+        p = params[name]
+        _delayed.histories[id(p)] = {k: h.detach().to(device=p.device, dtype=torch.float32).clone()
+                                     for k, h in histories.items()}
 
 
 class _Audit(threading.local):
@@ -110,8 +185,9 @@ class _Fp8Linear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
         _check_device(x)
         x2 = x.reshape(-1, x.shape[-1])
-        x8, x_inv = cast(x2, E4M3)
-        w8, w_inv = cast(weight, E4M3)
+        x8, x_inv = cast(x2, E4M3, _delayed.history(weight, "input"))
+        w8, w_inv = cast(weight, E4M3, _delayed.history(weight, "weight"))
+        ctx.grad_history = _delayed.history(weight, "grad")
         out = torch._scaled_mm(x8, _col_major(w8.t()), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
         if bias is not None:
             out = out + bias.to(out_dtype)
@@ -128,7 +204,7 @@ class _Fp8Linear(torch.autograd.Function):
         x8, x_inv, w8, w_inv = ctx.saved_tensors
         x_shape, x_dtype, w_dtype, has_bias, b_dtype = ctx.shapes
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        g8, g_inv = cast(g2, E5M2)
+        g8, g_inv = cast(g2, E5M2, ctx.grad_history)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # (M x N) @ (N x K)
             grad_x = torch._scaled_mm(g8, _col_major(w8), scale_a=g_inv, scale_b=w_inv,

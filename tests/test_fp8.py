@@ -176,3 +176,32 @@ def test_record_reports_each_fp8_linear_with_amax_scale_and_flushes():
     assert (first["scale"] * first["amax"]).item() == pytest.approx(448.0, rel=1e-6)
     assert int(first["flushed"]) >= 1 and int(first["saturated"]) == 0
     assert "fp8 linear" in region.report() and "8 x 64 x 128" in region.report()
+
+
+def test_delayed_scaling_follows_a_python_model_of_the_amax_history():
+    """Each call scales by fp8_max / max(history) / 2^margin (1 while the history is empty),
+    then pushes this call's amax; the state is plain tensors that reload into a fresh run."""
+    layer = torch.nn.Linear(64, 32)
+    xs = [torch.randn(16, 64) * s for s in (1.0, 4.0, 0.5, 2.0)]
+    fp8.use_delayed_scaling(history_len=3, margin=1, reduce="max")
+    try:
+        history: list[float] = []
+        for x in xs:
+            scale = 1.0 if not history or max(history) == 0 else 448.0 / max(history)
+            scale /= 2.0
+            with mixprec.autocast("cpu", dtype=torch.bfloat16,
+                                  policy=mixprec.default_policy("cpu").override({F.linear: "fp8"}),
+                                  record=True) as region:
+                layer(x)
+            got = region.records["fp8"][0]["input"]["scale"].item()
+            assert got == pytest.approx(scale, rel=1e-6), (got, scale)
+            history = ([x.abs().max().item()] + history)[:3]
+        saved = fp8.state_dict(torch.nn.Sequential(layer))
+        assert torch.allclose(saved["0.weight"]["input"], torch.tensor(history))
+        fresh = torch.nn.Sequential(torch.nn.Linear(64, 32))
+        fp8.load_state_dict(fresh, saved)
+        assert torch.equal(fp8.state_dict(fresh)["0.weight"]["input"], saved["0.weight"]["input"])
+        with pytest.raises(KeyError):
+            fp8.load_state_dict(fresh, {"nope": {}})
+    finally:
+        fp8.use_current_scaling()
