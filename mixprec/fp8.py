@@ -12,11 +12,13 @@ the device, TransformerEngine's recipe) is an option: use_delayed_scaling(); its
 tensors (state_dict / load_state_dict here; the model's state_dict is unchanged). Scales stay on
 the device: nothing synchronises with the host. autocast(record=True) reports each fp8 linear's
 amax, scale, saturated and flushed counts. The casts are torch ops for now (our own one-pass
-cast kernels and the weight cache are the issue's next parts).
+cast kernels are the issue's next part). Under current scaling each weight's fp8 copy is made
+once per version of the weight and cached (clear_weight_cache()).
 """
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -164,6 +166,35 @@ def audit_report(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# The weight cache: a weight's fp8 copy, made once per version of the weight (an optimizer step
+# bumps it), so micro-batches, activation recomputation and repeated forwards reuse it. Keyed
+# weakly on the weight tensor: a dropped layer drops its copy.
+_weight_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cast_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    history = _delayed.history(weight, "weight")
+    if history is None:  # current scaling: the copy depends on the weight alone
+        cached = _weight_cache.get(weight)
+        if cached is not None and cached[0] == weight._version:
+            return cached[1], cached[2]
+    w8, w_inv = cast(weight, E4M3, history)
+    if history is None:
+        _weight_cache[weight] = (weight._version, w8, w_inv)
+    return w8, w_inv
+
+
+def cached_weight(weight: Tensor) -> Tensor | None:
+    """The fp8 copy cached for this version of `weight` (None: none yet)."""
+    cached = _weight_cache.get(weight)
+    return cached[1] if cached is not None and cached[0] == weight._version else None
+
+
+def clear_weight_cache() -> None:
+    """Drop every cached fp8 weight copy."""
+    _weight_cache.clear()
+
+
 def _col_major(t: Tensor) -> Tensor:
     """t with column-major strides (what _scaled_mm takes as its second matrix on CUDA)."""
     return t.t().contiguous().t()
@@ -186,7 +217,7 @@ class _Fp8Linear(torch.autograd.Function):
         _check_device(x)
         x2 = x.reshape(-1, x.shape[-1])
         x8, x_inv = cast(x2, E4M3, _delayed.history(weight, "input"))
-        w8, w_inv = cast(weight, E4M3, _delayed.history(weight, "weight"))
+        w8, w_inv = _cast_weight(weight)
         ctx.grad_history = _delayed.history(weight, "grad")
         out = torch._scaled_mm(x8, _col_major(w8.t()), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
         if bias is not None:

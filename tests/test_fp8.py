@@ -205,3 +205,21 @@ def test_delayed_scaling_follows_a_python_model_of_the_amax_history():
             fp8.load_state_dict(fresh, {"nope": {}})
     finally:
         fp8.use_current_scaling()
+
+
+def test_weights_are_cast_once_per_version():
+    """Two forwards reuse the weight's fp8 copy; an in-place update (an optimizer step bumps the
+    version) makes a new one, equal to a fresh cast."""
+    fp8.clear_weight_cache()
+    w = torch.randn(32, 64)
+    x = torch.randn(8, 64)
+    assert fp8.cached_weight(w) is None
+    fp8.linear(x, w, None, torch.bfloat16)
+    first = fp8.cached_weight(w)
+    fp8.linear(x, w, None, torch.bfloat16)
+    assert first is not None and fp8.cached_weight(w) is first
+    with torch.no_grad():
+        w.mul_(2)
+    assert fp8.cached_weight(w) is None
+    fp8.linear(x, w, None, torch.bfloat16)
+    assert torch.equal(fp8.cached_weight(w).view(torch.uint8), fp8.cast(w, fp8.E4M3)[0].view(torch.uint8))
