@@ -167,27 +167,37 @@ def audit_report(records: list[dict[str, Any]]) -> str:
 
 
 # The weight cache: a weight's fp8 copy, made once per version of the weight (an optimizer step
-# bumps it), so micro-batches, activation recomputation and repeated forwards reuse it. Keyed
-# weakly on the weight tensor: a dropped layer drops its copy.
-_weight_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# bumps it), so micro-batches, activation recomputation and repeated forwards reuse it. Keyed on
+# the weight's id, checked against a weak reference to it: a dropped layer drops its copy.
+_weight_cache: dict[int, tuple[weakref.ref, int, Tensor, Tensor]] = {}
+
+
+def _cached(weight: Tensor) -> tuple[Tensor, Tensor] | None:
+    entry = _weight_cache.get(id(weight))
+    if entry is None or entry[0]() is not weight or entry[1] != weight._version:
+        return None
+    return entry[2], entry[3]
 
 
 def _cast_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     history = _delayed.history(weight, "weight")
     if history is None:  # current scaling: the copy depends on the weight alone
-        cached = _weight_cache.get(weight)
-        if cached is not None and cached[0] == weight._version:
-            return cached[1], cached[2]
+        hit = _cached(weight)
+        if hit is not None:
+            return hit
     w8, w_inv = cast(weight, E4M3, history)
     if history is None:
-        _weight_cache[weight] = (weight._version, w8, w_inv)
+        key = id(weight)
+        if key not in _weight_cache:
+            weakref.finalize(weight, _weight_cache.pop, key, None)
+        _weight_cache[key] = (weakref.ref(weight), weight._version, w8, w_inv)
     return w8, w_inv
 
 
 def cached_weight(weight: Tensor) -> Tensor | None:
     """The fp8 copy cached for this version of `weight` (None: none yet)."""
-    cached = _weight_cache.get(weight)
-    return cached[1] if cached is not None and cached[0] == weight._version else None
+    hit = _cached(weight)
+    return None if hit is None else hit[0]
 
 
 def clear_weight_cache() -> None:
