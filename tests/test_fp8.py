@@ -223,3 +223,19 @@ def test_weights_are_cast_once_per_version():
     assert fp8.cached_weight(w) is None
     fp8.linear(x, w, None, torch.bfloat16)
     assert torch.equal(fp8.cached_weight(w).view(torch.uint8), fp8.cast(w, fp8.E4M3)[0].view(torch.uint8))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_fp8_rule_traces_into_one_graph_under_torch_compile(backend):
+    """A compiled step entering a region with the fp8 rule traces with fullgraph=True and gives
+    the eager result bit for bit."""
+    torch._dynamo.reset()
+    model = _mlp()
+    policy = mixprec.default_policy("cpu").override({F.linear: "fp8"})
+
+    def step(x):
+        with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy):
+            return model(x)
+
+    x = torch.randn(8, 64)
+    assert torch.equal(torch.compile(step, backend=backend, fullgraph=True)(x), step(x))
