@@ -168,3 +168,48 @@ def test_8bit_moments_under_ddp_and_fsdp2(mode, backend, tmp_path):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
             else:
                 torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
+
+
+def fp8_worker(rank, port, out):
+    """FSDP2 over two ranks, forward and backward under the fp8 rule: the rule casts the gathered
+    (whole) weight, so each rank's output equals one process's on its rows."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 16))
+        x = torch.randn(8, 64)
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        policy = mixprec.default_policy("cpu").override({F.linear: "fp8"})
+        with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy):
+            y = model(x)
+        y.float().sum().backward()
+        grads = [p.grad.full_tensor() for p in model.parameters()]
+        torch.save({"y": y.detach(), "grads": grads}, os.path.join(out, f"fp8_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fp8_rule_under_fsdp2_casts_the_gathered_weight(tmp_path):
+    import torch.nn.functional as F
+
+    mp.spawn(fp8_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 16))
+    x = torch.randn(8, 64)
+    policy = mixprec.default_policy("cpu").override({F.linear: "fp8"})
+    with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy):
+        y = model(x)
+    y.float().sum().backward()
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"fp8_{r}.pt")
+        assert torch.equal(got["y"], y.detach())
+        for g, p in zip(got["grads"], model.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
