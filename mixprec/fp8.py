@@ -42,7 +42,8 @@ def runs_in_fp8(m: int, k: int, n: int, on_cuda: bool) -> bool:
 
 def current_scale(amax: Tensor, fmt: torch.dtype) -> Tensor:
     """fp8_max / amax in fp32, on amax's device: 1 where amax is 0 (an all-zero tensor) or not
-    finite (the values are then cast as they are: inf/NaN stay inf/NaN, as in bf16)."""
+    finite (then NaN stays NaN and inf saturates at the format's largest value, e4m3 having no
+    inf; autocast(record=True) counts it as saturated)."""
     amax = amax.float()
     usable = torch.isfinite(amax) & (amax > 0)
     return torch.where(usable, FP8_MAX[fmt] / torch.where(usable, amax, 1.0), 1.0)
