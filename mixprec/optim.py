@@ -538,6 +538,16 @@ class Adam(FusedOptimizer):
                 # One absmax per 256 elements of this rank's shard: blocks never straddle shards.
                 state[key + "_absmax"] = torch.zeros(quant_blocks(p), dtype=torch.float32, device=local(p).device)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As FusedOptimizer's, except that `moments` stays what this optimizer was built with
+        (a storage format, not a hyperparameter): saved moments of another format are converted."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(groups, list) and len(groups) == len(self.param_groups):
+            state_dict = {**state_dict, "param_groups": [
+                {**saved, "moments": ours.get("moments", "fp32")} if isinstance(saved, dict) else saved
+                for saved, ours in zip(groups, self.param_groups)]}
+        super().load_state_dict(state_dict)
+
     def _check_loaded_state(self, saved_id, saved, p, group) -> None:
         super()._check_loaded_state(saved_id, saved, p, group)
         where = f"{type(self).__name__}.load_state_dict: state['{{}}'] of param {saved_id}"

@@ -398,3 +398,18 @@ def test_the_step_allocates_no_copy_of_the_state():
         opt.step()
     state_bytes = sum(t.numel() * t.element_size() for t in opt.state[p].values())
     assert peak.bytes is not None and peak.bytes < 0.01 * state_bytes, (peak.bytes, state_bytes)
+
+
+def test_moments_stay_what_the_optimizer_was_built_with_on_load():
+    """Loading a checkpoint of ours saved with fp32 moments into an 8-bit optimizer (and back)
+    converts the moments: the format is the loading optimizer's, not the checkpoint's."""
+    params, opt = _train("cpu", 3, [(300,)], 0, master_weights="remainder")
+    saved = opt.state_dict()
+    twin = [torch.nn.Parameter(params[0].detach().clone())]
+    eight = optim.AdamW(twin, moments="8bit", master_weights="remainder")
+    eight.load_state_dict(saved)
+    assert eight.param_groups[0]["moments"] == "8bit" and eight.state[twin[0]]["exp_avg"].dtype == torch.uint8
+    back = optim.AdamW([torch.nn.Parameter(params[0].detach().clone())], master_weights="remainder")
+    back.load_state_dict(eight.state_dict())
+    state = next(iter(back.state.values()))
+    assert back.param_groups[0]["moments"] == "fp32" and state["exp_avg"].dtype == torch.float32
