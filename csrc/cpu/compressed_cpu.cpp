@@ -98,7 +98,7 @@ void step_block(const CompressedRule& r, const CompressedSlice& s, int64_t begin
   uint32_t wwords[4] = {0, 0, 0, 0}, mwords[4] = {0, 0, 0, 0};
   for (int64_t i = begin; i < end; ++i) {
     const int64_t k = i - begin;
-    if (i % 4 == 0 || i == begin) {  // one Philox block per 4 elements, as on CUDA
+    if (i % 4 == 0 || i == begin) {  // the words of 4 elements at a time, as on CUDA
       if (r.weights == WeightStorage::kStochastic) s.weight_random.block(i / 4, wwords);
       if (r.moments == MomentStorage::kBf16) s.moment_random.block(i / 4, mwords);
     }
@@ -179,7 +179,7 @@ void adam_step_compressed_cpu(at::TensorList params, at::TensorList grads, at::T
         data_or_null<float>(exp_avg_absmax, t), data_or_null<float>(exp_avg_sq_absmax, t),
         data_or_null<float>(masters, t), data_or_null<int16_t>(remainders, t),
         adam_step_scalars(config, lr_value, static_cast<double>(step)),
-        RandomStream{static_cast<uint64_t>(seed), step_id, static_cast<uint32_t>(t)},
+        RandomStream::of(static_cast<uint64_t>(seed), step_id, static_cast<uint32_t>(t)),
         moment_stream(static_cast<uint64_t>(seed), step_id, static_cast<uint32_t>(t))});
     blocks.push_back(quant_blocks(params[t].numel()));
   }

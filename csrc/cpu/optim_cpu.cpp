@@ -55,26 +55,17 @@ uint32_t step_of(at::TensorList steps, size_t t) {
   return steps.empty() ? 0u : static_cast<uint32_t>(*steps[t].data_ptr<float>());
 }
 
-// The random word of element i for stochastic rounding: one Philox call per 4 elements (the
-// same words the CUDA kernel draws for them), none unless rounding is stochastic.
+// The random word of element i for stochastic rounding (the same word the CUDA kernel draws for
+// it), none unless rounding is stochastic.
 template <typename T>
 struct RandomWords {
   bool active;
   RandomStream stream;
-  int64_t block = -1;
-  uint32_t words[4] = {0, 0, 0, 0};
 
   RandomWords(const WeightIO<T>& io, RandomStream s)
       : active(!std::is_same_v<T, float> && io.rounding == Rounding::kStochastic), stream(s) {}
 
-  uint32_t operator()(int64_t i) {
-    if (!active) return 0;
-    if (i / 4 != block) {
-      block = i / 4;
-      stream.block(block, words);
-    }
-    return words[i % 4];
-  }
+  uint32_t operator()(int64_t i) const { return active ? stream.word(i) : 0u; }
 };
 
 std::vector<int64_t> numels_of(at::TensorList params) {
@@ -89,8 +80,8 @@ WeightSlice weight_slice(at::TensorList params, at::TensorList grads, at::Tensor
   return WeightSlice{params[t].data_ptr(), grads[t].data_ptr(),
                      ptr_or_null<float>(masters, t),
                      compensations.empty() ? nullptr : compensations[t].data_ptr(),
-                     RandomStream{static_cast<uint64_t>(seed), step_of(steps, t),
-                                  static_cast<uint32_t>(t)}};
+                     RandomStream::of(static_cast<uint64_t>(seed), step_of(steps, t),
+                                      static_cast<uint32_t>(t))};
 }
 
 // The gradient for the update; with store_grads, also written back unscaled and clipped, as

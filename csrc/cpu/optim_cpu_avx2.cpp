@@ -4,8 +4,8 @@
 // multiply-add), separate roundings elsewhere, and sqrt and division correctly rounded in both,
 // so every mode gives the same bits. Conversions to fp16/bf16 are done on the bit patterns to
 // match c10's exactly, NaNs included (c10 writes 0x7FC0 for a bf16 NaN; ATen's vector
-// conversion would write 0xFFFF). Stochastic rounding draws the same Philox words, eight
-// blocks at once.
+// conversion would write 0xFFFF). Stochastic rounding draws the same random words
+// (RandomStream::word), eight at a time.
 #if defined(__x86_64__) && defined(__GNUC__)
 #include "avx2_target.h"  // first: the rest of this file compiles for AVX2
 #include <ATen/cpu/vec/vec.h>
@@ -23,9 +23,6 @@ namespace {
 using fVec = at::vec::Vectorized<float>;
 static_assert(fVec::size() == 8, "this file is the AVX2 build: 8 floats a vector");
 constexpr int64_t kLanes = 8;
-constexpr int kChains = 4;                // independent runs of 8 Philox blocks
-constexpr int kVectors = 4 * kChains;     // vectors per inner step
-constexpr int64_t kBatch = kLanes * kVectors;  // elements per inner step: 128, 32 Philox blocks
 
 // How the fp32 result reaches memory (optim_math.h's WeightIO, one case each).
 enum class Store { kFloat, kMaster, kNearest, kStochastic, kKahan };
@@ -97,19 +94,23 @@ __m128i round_nearest(fVec x) {
   }
 }
 
-// optim_math.h's round_stochastic, 8 lanes; `random` holds each element's Philox word.
+// optim_math.h's round_stochastic, 8 lanes; `random` holds each element's random word.
 template <typename T>
 __m128i round_stochastic(fVec x, __m256i random) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    // Add the top 16 random bits to the low half and truncate; step back from inf.
+    // Add the top 16 random bits to the low half and truncate. Lanes at the top of the range
+    // (where a carry could reach inf) or beyond it (inf, NaN) are rare: they take the exact
+    // reference below only when present, so the common case costs five instructions.
     const __m256i b = bits(x);
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_srli_epi32(random, 16)), 16);
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_srli_epi32(random, 16)), 16);
+    const __m256i magnitude = _mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i top = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7F7EFFFF));
+    if (_mm256_testz_si256(top, top)) return narrow(r);
+    // carried from the largest finite value into inf: step back (carried lanes are -1)
     const __m256i carried = _mm256_cmpeq_epi32(_mm256_and_si256(r, _mm256_set1_epi32(0x7FFF)),
                                                _mm256_set1_epi32(0x7F80));
-    r = _mm256_add_epi32(r, carried);  // carried lanes are -1
-    const __m256i finite = _mm256_cmpgt_epi32(
-        _mm256_set1_epi32(0x7F800000), _mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF)));
-    return narrow(_mm256_blendv_epi8(bf16_nearest32(x), r, finite));
+    const __m256i finite = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x7F800000), magnitude);
+    return narrow(_mm256_blendv_epi8(bf16_nearest32(x), _mm256_add_epi32(r, carried), finite));
   } else {
     const fVec ax = x.abs();
     __m128i down = _mm256_cvtps_ph(ax, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -128,66 +129,22 @@ __m128i round_stochastic(fVec x, __m256i random) {
   }
 }
 
-// -- Philox, 8 blocks at once --------------------------------------------------------------------
+// -- Random words, 8 lanes ------------------------------------------------------------------------
 
-// 32 x 32 -> 64-bit products of every lane with k: (high words, low words). The low words come
-// from the same two products (a shift and a blend) rather than _mm256_mullo_epi32, which costs
-// two multiplies of its own.
-inline void mul_wide(__m256i c, __m256i k, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(c, k);                          // lanes 0, 2, 4, 6
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), k);    // lanes 1, 3, 5, 7
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-}
-
-// The words of elements [4 * first_block, 4 * first_block + kBatch), as RandomStream::block draws
-// them one block at a time: out[v] holds elements 8v .. 8v + 7. kChains runs of 8 blocks go
-// through the rounds side by side: one run alone would wait on its multiplies' latency.
-void philox_batch(const RandomStream& stream, int64_t first_block, __m256i out[kVectors]) {
-  const __m256i first_lo = _mm256_set1_epi32(static_cast<int32_t>(first_block));
-  const __m256i first_hi =
-      _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint64_t>(first_block) >> 32));
-  const __m256i flip = _mm256_set1_epi32(INT32_MIN);  // unsigned compare through signed
-  __m256i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
-  for (int r = 0; r < kChains; ++r) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    c0[r] = _mm256_add_epi32(first_lo, _mm256_add_epi32(lane, _mm256_set1_epi32(8 * r)));
-    // The high word of the 64-bit block index carries where the low word wrapped.
-    const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(first_lo, flip),
-                                               _mm256_xor_si256(c0[r], flip));
-    c1[r] = _mm256_sub_epi32(first_hi, wrapped);
-    c2[r] = _mm256_set1_epi32(static_cast<int32_t>(stream.step));
-    c3[r] = _mm256_set1_epi32(static_cast<int32_t>(stream.tensor));
-  }
-  uint32_t k0 = static_cast<uint32_t>(stream.seed), k1 = static_cast<uint32_t>(stream.seed >> 32);
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int32_t>(0xD2511F53u));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int32_t>(0xCD9E8D57u));
-  for (int round = 0; round < 10; ++round) {
-    const __m256i key0 = _mm256_set1_epi32(static_cast<int32_t>(k0));
-    const __m256i key1 = _mm256_set1_epi32(static_cast<int32_t>(k1));
-    for (int r = 0; r < kChains; ++r) {
-      __m256i hi0, lo0, hi1, lo1;
-      mul_wide(c0[r], m0, hi0, lo0);
-      mul_wide(c2[r], m1, hi1, lo1);
-      c0[r] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[r]), key0);
-      c1[r] = lo1;
-      c2[r] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[r]), key1);
-      c3[r] = lo0;
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  // Lane b of c0..c3 is block b's four words; element 4b + k takes word k: transpose.
-  for (int r = 0; r < kChains; ++r) {
-    const __m256i t0 = _mm256_unpacklo_epi32(c0[r], c1[r]), t1 = _mm256_unpackhi_epi32(c0[r], c1[r]);
-    const __m256i t2 = _mm256_unpacklo_epi32(c2[r], c3[r]), t3 = _mm256_unpackhi_epi32(c2[r], c3[r]);
-    const __m256i b04 = _mm256_unpacklo_epi64(t0, t2), b15 = _mm256_unpackhi_epi64(t0, t2);
-    const __m256i b26 = _mm256_unpacklo_epi64(t1, t3), b37 = _mm256_unpackhi_epi64(t1, t3);
-    out[4 * r + 0] = _mm256_permute2x128_si256(b04, b15, 0x20);
-    out[4 * r + 1] = _mm256_permute2x128_si256(b26, b37, 0x20);
-    out[4 * r + 2] = _mm256_permute2x128_si256(b04, b15, 0x31);
-    out[4 * r + 3] = _mm256_permute2x128_si256(b26, b37, 0x31);
-  }
+// RandomStream::word for elements i .. i + 7 (i a multiple of 8, so they share the index's high
+// word): the keyed multiply-add and the finalizer, lane by lane.
+__m256i random_words(const RandomStream& stream, int64_t i) {
+  const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32);
+  __m256i x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(i)),
+                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  x = _mm256_add_epi32(_mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(stream.mul))),
+                       _mm256_set1_epi32(static_cast<int32_t>(stream.add)));
+  x = _mm256_xor_si256(x, _mm256_set1_epi32(static_cast<int32_t>(hi * stream.high)));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB352D));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(0x846CA68Bu)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
 
 // -- The weight, read and written per storage scheme --------------------------------------------
@@ -236,6 +193,11 @@ struct Weight {
       put(param + i, round_nearest<T>(p));
     } else if constexpr (S == Store::kStochastic) {
       put(param + i, round_stochastic<T>(p, random));
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      // The rounded weight as fp32 straight from its int32 lanes (no narrow and widen).
+      const __m256i rounded = bf16_nearest32(p);
+      put(param + i, narrow(rounded));
+      put(comp + i, round_nearest<T>(p - fVec(_mm256_castsi256_ps(_mm256_slli_epi32(rounded, 16)))));
     } else {
       const __m128i rounded = round_nearest<T>(p);
       put(param + i, rounded);
@@ -244,18 +206,16 @@ struct Weight {
   }
 };
 
-// Runs body(i, random) for the 8-element vectors of [begin, end) that lie in whole batches of
-// kBatch (so Philox blocks are whole), and `portable` over the rest: the same elements either way.
+// Runs body(i, random) for the 8-element vectors of [begin, end) that start at a multiple of 8,
+// and `portable` over the rest: the same elements and random words either way.
 template <Store S, typename Body, typename Rest>
-void batches(const RandomStream& stream, int64_t begin, int64_t end, const Body& body,
+void vectors(const RandomStream& stream, int64_t begin, int64_t end, const Body& body,
              const Rest& portable) {
-  const int64_t first = std::min(end, (begin + kBatch - 1) / kBatch * kBatch);
+  const int64_t first = std::min(end, (begin + kLanes - 1) / kLanes * kLanes);
   portable(begin, first);
   int64_t i = first;
-  __m256i random[kVectors] = {};
-  for (; i + kBatch <= end; i += kBatch) {
-    if constexpr (S == Store::kStochastic) philox_batch(stream, i / 4, random);
-    for (int v = 0; v < kVectors; ++v) body(i + v * kLanes, random[v]);
+  for (; i + kLanes <= end; i += kLanes) {
+    body(i, S == Store::kStochastic ? random_words(stream, i) : _mm256_setzero_si256());
   }
   portable(i, end);
 }
@@ -301,7 +261,7 @@ void adam_loop(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t 
     v.store(v_ptr + i);
     w.store(i, p, random);
   };
-  batches<S>(a.w.random, begin, end, body,
+  vectors<S>(a.w.random, begin, end, body,
              [&](int64_t b, int64_t e) { adam_slice_portable(rule, a, b, e); });
 }
 
@@ -328,7 +288,7 @@ void sgd_loop(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a, 
     p = at::vec::fmadd(neg_lr, g, p);
     w.store(i, p, random);
   };
-  batches<S>(a.w.random, begin, end, body,
+  vectors<S>(a.w.random, begin, end, body,
              [&](int64_t b, int64_t e) { sgd_slice_portable(rule, s, a, b, e); });
 }
 

@@ -48,8 +48,8 @@ void sgd_slice_portable(const StepRule& rule, const SgdStepScalars& s, const Sgd
                         int64_t begin, int64_t end);
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// The AVX2 loops (fp32, fp16 and bf16 params; fp64 stays portable). Elements whose Philox block
-// or vector is incomplete go through the portable loop.
+// The AVX2 loops (fp32, fp16 and bf16 params; fp64 stays portable). Elements outside whole
+// 8-element vectors go through the portable loop.
 void adam_slice_avx2(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end);
 void sgd_slice_avx2(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a,
                     int64_t begin, int64_t end);

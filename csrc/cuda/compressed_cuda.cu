@@ -4,8 +4,8 @@
 // steps it with the maths of the fused CUDA step (optim_math.h's fused_cuda::adam_element, so
 // master_weights="remainder" equals master_weights=True bit for bit on CUDA too), reduces the
 // block's new absmax across the warp and encodes the state again: no fp32 copy of the state
-// exists anywhere, not even transiently. A lane owns 4 consecutive elements (one Philox block of
-// random words) twice: elements 4 * lane + 128 * half + j.
+// exists anywhere, not even transiently. A lane owns 4 consecutive elements twice: elements
+// 4 * lane + 128 * half + j.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -114,8 +114,11 @@ struct CompressedAdamFunctor {
     const fused_cuda::AdamScalars s = fused_cuda::adam_scalars(config, lr, step);
     const auto step_id = static_cast<uint32_t>(step);
     const auto tensor_id = static_cast<uint32_t>(first_tensor + t);
-    const RandomStream weight_random{seed, step_id, tensor_id};
-    const RandomStream moment_random = moment_stream(seed, step_id, tensor_id);
+    // Their keys cost a Philox call each: made only where they are used.
+    const RandomStream weight_random =
+        W == WeightStorage::kStochastic ? RandomStream::of(seed, step_id, tensor_id) : RandomStream{};
+    const RandomStream moment_random =
+        M == MomentStorage::kBf16 ? moment_stream(seed, step_id, tensor_id) : RandomStream{};
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t blocks = (n + kQuantBlock - 1) / kQuantBlock;
     T* grad = slot_ptr<T>(meta, Slot::grad, t, start);

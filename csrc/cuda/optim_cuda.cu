@@ -25,7 +25,6 @@ namespace {
 // register cap below, more spilled or measured slower on an H100).
 constexpr int kPack = 4;
 constexpr int kUpdateIlp = 1;
-static_assert(kPack == 4, "the random words come in Philox blocks of 4 elements");
 
 // The update kernels are memory-bound: they need many resident warps to keep enough loads in
 // flight. Left alone, nvcc gives the Adam kernel 91 registers (2 blocks of 256 threads per SM), so
@@ -102,19 +101,9 @@ struct Weights {
   template <int N, typename Extra>
   __device__ void store(int64_t i, const Pack<float, N>& p32, Pack<T, N>& param, Extra& extra) const {
     if constexpr (S == Scheme::kStochastic) {
-      // Elements [start + i, start + i + N) take the words of Philox block (start + i) / 4 (on
-      // the vector path N == 4 and start + i is a multiple of 4).
-      static_assert(N == kPack || N == 1, "packs of 4 or single elements");
-      uint32_t r[4];
-      const int64_t e = start + i;
-      rs.block(e / 4, r);
-      if constexpr (N == 1) {
-        const int k = static_cast<int>(e % 4);  // selects, not a dynamically indexed local array
-        param.v[0] = round_stochastic<T>(p32.v[0], k == 0 ? r[0] : k == 1 ? r[1] : k == 2 ? r[2] : r[3]);
-      } else {
+      // Element start + i + k takes its stream's word start + i + k.
 #pragma unroll
-        for (int k = 0; k < N; ++k) param.v[k] = round_stochastic<T>(p32.v[k], r[k]);
-      }
+      for (int k = 0; k < N; ++k) param.v[k] = round_stochastic<T>(p32.v[k], rs.word(start + i + k));
     } else {
 #pragma unroll
       for (int k = 0; k < N; ++k) {
@@ -193,7 +182,9 @@ struct AdamFunctor {
       scalars_step = step;
       have_scalars = true;
     }
-    w.rs = RandomStream{w.seed, static_cast<uint32_t>(step), static_cast<uint32_t>(first_tensor + t)};
+    if constexpr (S == Scheme::kStochastic) {  // the key costs a Philox call: only when it is used
+      w.rs = RandomStream::of(w.seed, static_cast<uint32_t>(step), static_cast<uint32_t>(first_tensor + t));
+    }
     w.start = start;
     const Slot<T> grad{slot_ptr<T>(meta, Sl::grad, t, start), true, store_grads};
     const Slot<T> param{slot_ptr<T>(meta, Sl::param, t, start), S != Scheme::kMaster, true};
@@ -266,7 +257,9 @@ struct SgdFunctor {
     float* buf = slot_ptr<float>(meta, Sl::momentum, t, start);
     first = step == 1.0f;
     has_buffer = buf != nullptr;
-    w.rs = RandomStream{w.seed, static_cast<uint32_t>(step), static_cast<uint32_t>(first_tensor + t)};
+    if constexpr (S == Scheme::kStochastic) {  // the key costs a Philox call: only when it is used
+      w.rs = RandomStream::of(w.seed, static_cast<uint32_t>(step), static_cast<uint32_t>(first_tensor + t));
+    }
     w.start = start;
     for_each_pack<kPack, kUpdateIlp>(
         n, *this, Slot<T>{slot_ptr<T>(meta, Sl::grad, t, start), true, store_grads},

@@ -91,7 +91,7 @@ MIXPREC_HOST_DEVICE inline c10::BFloat16 round_moment_v(float v, uint32_t word) 
 // The stream of the moments' random words: the weight's stream (seed, step, tensor) with its
 // seed changed, so the two never share words.
 MIXPREC_HOST_DEVICE inline RandomStream moment_stream(uint64_t seed, uint32_t step, uint32_t tensor) {
-  return RandomStream{seed ^ 0x6D6F6D656E747321ull, step, tensor};
+  return RandomStream::of(seed ^ 0x6D6F6D656E747321ull, step, tensor);
 }
 
 }  // namespace mixprec

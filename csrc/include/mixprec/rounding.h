@@ -1,7 +1,7 @@
 // Rounding an fp32 result into an fp16/bf16 weight, shared by the CPU and CUDA kernels: the
-// Rounding modes, the Philox counter-based generator whose words drive stochastic rounding (the
-// random word of element i of a tensor is Philox(block i / 4)[i % 4] on every device, so CPU and
-// CUDA round the same values to the same bits), round_stochastic, and WeightIO, which reads and
+// Rounding modes, the counter-based random words that drive stochastic rounding (RandomStream:
+// the word of element i of a tensor is the same on every device, so CPU and CUDA round the same
+// values to the same bits), round_stochastic, and WeightIO, which reads and
 // writes a weight under every storage scheme (fp32; fp16/bf16 + fp32 master; fp16/bf16 alone
 // rounded to nearest, stochastically, or with a Kahan compensation).
 #pragma once
@@ -25,9 +25,8 @@ enum class Rounding : int {
   kKahan,       // nearest, and keep the rounding error in a compensation buffer
 };
 
-// Philox4x32-10 (Salmon et al., SC'11): a counter-based generator, so the random number of an
-// element is a pure function of (seed, step, tensor, element): reproducible, parallel, and
-// CUDA-graph safe (no generator state to advance).
+// Philox4x32-10 (Salmon et al., SC'11), a counter-based generator: here it makes each stream's
+// key (below), once per tensor and step.
 MIXPREC_HOST_DEVICE inline void philox4x32_10(uint32_t ctr[4], uint32_t k0, uint32_t k1) {
   for (int round = 0; round < 10; ++round) {
     const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * ctr[0];
@@ -43,17 +42,39 @@ MIXPREC_HOST_DEVICE inline void philox4x32_10(uint32_t ctr[4], uint32_t k0, uint
   }
 }
 
-// Four random words for elements [4 * block, 4 * block + 4) of one tensor at one step.
+// The random words of one tensor at one step: word(i) is a pure function of (seed, step, tensor,
+// element i), so draws are reproducible, parallel and CUDA-graph safe (no generator state to
+// advance), and CPU and CUDA round the same values to the same bits. Philox keys the stream; each
+// element's word is then a keyed bijection of its index (a multiply-add by key words) through a
+// 32-bit finalizer (Wellons' lowbias32: two multiplies, three xor-shifts). Stochastic rounding
+// needs 16 to 24 well-mixed bits per element, not a cryptographic generator: a Philox call per
+// element (or per 4) made the CPU step compute-bound at half its memory speed.
 struct RandomStream {
-  uint64_t seed;
-  uint32_t step, tensor;
+  uint32_t mul, add, high;  // the key: mul odd, so i -> i * mul + add permutes the low 32 bits
 
+  MIXPREC_HOST_DEVICE static RandomStream of(uint64_t seed, uint32_t step, uint32_t tensor) {
+    uint32_t key[4] = {0u, 0u, step, tensor};
+    philox4x32_10(key, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    return RandomStream{key[0] | 1u, key[1], key[2]};
+  }
+
+  MIXPREC_HOST_DEVICE static uint32_t finalize(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    return x;
+  }
+
+  MIXPREC_HOST_DEVICE uint32_t word(int64_t i) const {
+    const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32);
+    return finalize((static_cast<uint32_t>(i) * mul + add) ^ (hi * high));
+  }
+
+  // The words of elements [4 * block_index, 4 * block_index + 4).
   MIXPREC_HOST_DEVICE void block(int64_t block_index, uint32_t out[4]) const {
-    out[0] = static_cast<uint32_t>(block_index);
-    out[1] = static_cast<uint32_t>(static_cast<uint64_t>(block_index) >> 32);
-    out[2] = step;
-    out[3] = tensor;
-    philox4x32_10(out, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    for (int k = 0; k < 4; ++k) out[k] = word(4 * block_index + k);
   }
 };
 
