@@ -109,6 +109,16 @@ TORCH_LIBRARY(mixprec, lib) {
   // its inverse: checkpoints convert fp32 moments with these, bit for bit the step's own codes.
   m.def("quantize_blockwise(Tensor x, Tensor map) -> (Tensor, Tensor)");
   m.def("dequantize_blockwise(Tensor codes, Tensor absmax, Tensor map) -> Tensor");
+  // fp8 casts (the "fp8" autocast rule, mixprec/fp8.py). fp8_amax: max |x| as a 0-dim fp32 tensor
+  // (NaN if x holds one). fp8_cast: x * scale rounded to `dtype` (float8_e4m3fn or float8_e5m2)
+  // the way torch's (x * scale).clamp(-max, max).to(dtype) rounds it, with scale = max / amax *
+  // shrink (1 * shrink where amax is 0 or not finite), computed on the device; returns (the fp8
+  // copy, its transpose when `transpose` (2-d x; else an empty tensor), 1 / scale as a 0-dim fp32
+  // tensor). With amax_out, max(amax_out, max |x|) is written there in the same pass.
+  m.def("fp8_amax(Tensor x) -> Tensor");
+  m.def(
+      "fp8_cast(Tensor x, Tensor amax, ScalarType dtype, *, float shrink=1.0, bool transpose=False, "
+      "Tensor(a!)? amax_out=None) -> (Tensor, Tensor, Tensor)");
   // SGD: momentum_buffers empty when momentum == 0; otherwise steps say which buffers are new
   // (step 1: the buffer starts as the grad, torch's "momentum_buffer is None"). Stochastic
   // rounding needs steps (the random stream is keyed on them).

@@ -11,9 +11,11 @@ GPUs; torch's reference kernel on the CPU, torch >= 2.13). Delayed scaling (amax
 the device, TransformerEngine's recipe) is an option: use_delayed_scaling(); its state is plain
 tensors (state_dict / load_state_dict here; the model's state_dict is unchanged). Scales stay on
 the device: nothing synchronises with the host. autocast(record=True) reports each fp8 linear's
-amax, scale, saturated and flushed counts. The casts are torch ops for now (our own one-pass
-cast kernels are the issue's next part). Under current scaling each weight's fp8 copy is made
-once per version of the weight and cached (clear_weight_cache()).
+amax, scale, saturated and flushed counts. The casts are our kernels (mixprec.ops.fp8_amax and
+fp8_cast; CPU and CUDA): one read for the amax, one for the cast, which writes the fp8 copy and
+the transposed copy the backward GEMM needs, computing the scale on the device. Under current
+scaling each weight's fp8 copies are made once per version of the weight and cached
+(clear_weight_cache()).
 """
 from __future__ import annotations
 
@@ -43,26 +45,33 @@ def runs_in_fp8(m: int, k: int, n: int, on_cuda: bool) -> bool:
 def current_scale(amax: Tensor, fmt: torch.dtype) -> Tensor:
     """fp8_max / amax in fp32, on amax's device: 1 where amax is 0 (an all-zero tensor) or not
     finite (then NaN stays NaN and inf saturates at the format's largest value, e4m3 having no
-    inf; autocast(record=True) counts it as saturated)."""
+    inf; autocast(record=True) counts it as saturated). The cast kernel computes the same on the
+    device; this form is the reference the tests hold it to."""
     amax = amax.float()
     usable = torch.isfinite(amax) & (amax > 0)
-    return torch.where(usable, FP8_MAX[fmt] / torch.where(usable, amax, 1.0), 1.0)
+    # tensor / tensor: a correctly rounded division (a Python number / tensor is computed as
+    # number * reciprocal(tensor), one rounding more)
+    return torch.where(usable, torch.full_like(amax, FP8_MAX[fmt]) / torch.where(usable, amax, 1.0), 1.0)
 
 
-def cast(x: Tensor, fmt: torch.dtype, history: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(x * scale saturated to the format's range and rounded to fp8, 1 / scale). The scale is
-    x's current one, or with an amax `history` (delayed scaling) the one the history gives,
-    after which x's amax enters the history. Saturating keeps values beyond the range (a grown
-    amax under delayed scaling, or rounding) at the format's largest value."""
-    amax = x.detach().abs().amax().float()
+def cast(x: Tensor, fmt: torch.dtype, history: Tensor | None = None, *,
+         transpose: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(x * scale saturated to the format's range and rounded to fp8, its transpose (2-d x with
+    transpose=True, else an empty tensor), 1 / scale). The scale is x's current one, or with an
+    amax `history` (delayed scaling) the one the history gives, after which x's amax (reduced
+    in the same pass as the cast) enters the history. Saturating keeps values beyond the range
+    (a grown amax under delayed scaling, or rounding) at the format's largest value."""
+    from mixprec import ops
+
+    x = x.detach()
+    x = x if x.is_contiguous() else x.contiguous()
     if history is None:
-        scale = current_scale(amax, fmt)
-    else:
-        scale = _delayed.scale(history, fmt)
-        history.copy_(torch.roll(history, 1))
-        history[0] = amax
-    limit = FP8_MAX[fmt]
-    return (x.float() * scale).clamp(-limit, limit).to(fmt), scale.reciprocal()
+        return ops.fp8_cast(x, ops.fp8_amax(x), fmt, transpose=transpose)
+    amax = history.max() if _delayed.reduce == "max" else history[:1]
+    seen = torch.zeros((), dtype=torch.float32, device=x.device)
+    out = ops.fp8_cast(x, amax, fmt, shrink=2.0**-_delayed.margin, transpose=transpose, amax_out=seen)
+    history.copy_(torch.cat([seen.reshape(1), history[:-1]]))
+    return out
 
 
 class DelayedScaling:
@@ -76,10 +85,6 @@ class DelayedScaling:
         self.enabled = False
         self.history_len, self.margin, self.reduce = 16, 0, "max"
         self.histories: dict[int, dict[str, Tensor]] = {}  # id(weight) -> operand -> history
-
-    def scale(self, history: Tensor, fmt: torch.dtype) -> Tensor:
-        amax = history.max() if self.reduce == "max" else history[0]
-        return current_scale(amax, fmt) / 2.0**self.margin
 
     def history(self, weight: Tensor, operand: str) -> Tensor | None:
         if not self.enabled:
@@ -170,45 +175,42 @@ def audit_report(records: list[dict[str, Any]]) -> str:
 # The weight cache: a weight's fp8 copy, made once per version of the weight (an optimizer step
 # bumps it), so micro-batches, activation recomputation and repeated forwards reuse it. Keyed on
 # the weight's id, checked against a weak reference to it: a dropped layer drops its copy.
-_weight_cache: dict[int, tuple[weakref.ref, int, Tensor, Tensor]] = {}
+_weight_cache: dict[int, tuple[weakref.ref, int, tuple[Tensor, Tensor, Tensor]]] = {}
 
 
-def _cached(weight: Tensor) -> tuple[Tensor, Tensor] | None:
+def _cached(weight: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     entry = _weight_cache.get(id(weight))
     if entry is None or entry[0]() is not weight or entry[1] != weight._version:
         return None
-    return entry[2], entry[3]
+    return entry[2]
 
 
-def _cast_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+def _cast_weight(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(w8, w8 transposed, 1 / scale): the forward GEMM reads w8, the input-gradient GEMM its
+    transpose."""
     history = _delayed.history(weight, "weight")
     if history is None:  # current scaling: the copy depends on the weight alone
         hit = _cached(weight)
         if hit is not None:
             return hit
-    w8, w_inv = cast(weight, E4M3, history)
+    casts = cast(weight, E4M3, history, transpose=True)
     if history is None:
         key = id(weight)
         if key not in _weight_cache:
             weakref.finalize(weight, _weight_cache.pop, key, None)
-        _weight_cache[key] = (weakref.ref(weight), weight._version, w8, w_inv)
-    return w8, w_inv
+        _weight_cache[key] = (weakref.ref(weight), weight._version, casts)
+    return casts
 
 
 def cached_weight(weight: Tensor) -> Tensor | None:
     """The fp8 copy cached for this version of `weight` (None: none yet)."""
     hit = _cached(weight)
-    return None if hit is None else hit[0]
+    return None if hit is None else hit[0]  # (the transposed copy beside it: hit[1])
 
 
 def clear_weight_cache() -> None:
     """Drop every cached fp8 weight copy."""
     _weight_cache.clear()
-
-
-def _col_major(t: Tensor) -> Tensor:
-    """t with column-major strides (what _scaled_mm takes as its second matrix on CUDA)."""
-    return t.t().contiguous().t()
 
 
 def _check_device(t: Tensor) -> None:
@@ -223,36 +225,38 @@ def _check_device(t: Tensor) -> None:
 
 
 class _Fp8Linear(torch.autograd.Function):
+    # torch._scaled_mm(a, b) takes a row-major and b column-major: every GEMM below reads one fp8
+    # copy as is and the other through .t() of a transposed copy the cast kernel wrote in the
+    # same pass (x8_t, w8_t, g8_t), so no operand is copied again.
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-        _check_device(x)
         x2 = x.reshape(-1, x.shape[-1])
-        x8, x_inv = cast(x2, E4M3, _delayed.history(weight, "input"))
-        w8, w_inv = _cast_weight(weight)
+        x8, x8_t, x_inv = cast(x2, E4M3, _delayed.history(weight, "input"), transpose=ctx.needs_input_grad[1])
+        w8, w8_t, w_inv = _cast_weight(weight)
         ctx.grad_history = _delayed.history(weight, "grad")
-        out = torch._scaled_mm(x8, _col_major(w8.t()), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
+        out = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
         if bias is not None:
             out = out + bias.to(out_dtype)
         if _audit.records is not None:
             _audit.records.append({"shape": f"{x2.shape[0]} x {x2.shape[1]} x {weight.shape[0]}",
                                    "input": _cast_audit(x2, x8, x_inv, E4M3),
                                    "weight": _cast_audit(weight, w8, w_inv, E4M3)})
-        ctx.save_for_backward(x8, x_inv, w8, w_inv)
+        ctx.save_for_backward(x8_t, x_inv, w8_t, w_inv)
         ctx.shapes = (x.shape, x.dtype, weight.dtype, bias is not None, bias.dtype if bias is not None else None)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x8, x_inv, w8, w_inv = ctx.saved_tensors
+        x8_t, x_inv, w8_t, w_inv = ctx.saved_tensors
         x_shape, x_dtype, w_dtype, has_bias, b_dtype = ctx.shapes
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        g8, g_inv = cast(g2, E5M2, ctx.grad_history)
+        g8, g8_t, g_inv = cast(g2, E5M2, ctx.grad_history, transpose=ctx.needs_input_grad[1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # (M x N) @ (N x K)
-            grad_x = torch._scaled_mm(g8, _col_major(w8), scale_a=g_inv, scale_b=w_inv,
+            grad_x = torch._scaled_mm(g8, w8_t.t(), scale_a=g_inv, scale_b=w_inv,
                                       out_dtype=grad_out.dtype).reshape(x_shape).to(x_dtype)
         if ctx.needs_input_grad[1]:  # (N x M) @ (M x K)
-            grad_w = torch._scaled_mm(g8.t().contiguous(), _col_major(x8), scale_a=g_inv, scale_b=x_inv,
+            grad_w = torch._scaled_mm(g8_t, x8_t.t(), scale_a=g_inv, scale_b=x_inv,
                                       out_dtype=torch.float32).to(w_dtype)
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.float().sum(0).to(b_dtype)
@@ -264,6 +268,7 @@ _LIB.define("linear(Tensor input, Tensor weight, Tensor? bias, ScalarType out_dt
 
 
 def _linear(input: Tensor, weight: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    _check_device(input)  # the rule needs fp8 support even where the filter keeps a GEMM in out_dtype
     m = input.numel() // max(1, input.shape[-1])
     if not runs_in_fp8(m, input.shape[-1], weight.shape[0], input.is_cuda):  # the filter: stay in out_dtype
         return torch.nn.functional.linear(input.to(out_dtype), weight.to(out_dtype),

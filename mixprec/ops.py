@@ -194,6 +194,30 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, qmap: Tensor) -> Tensor:
     return library().dequantize_blockwise(codes, absmax, qmap)
 
 
+def fp8_amax(x: Tensor) -> Tensor:
+    """max |x| as a 0-dim fp32 tensor on x's device (NaN if x holds one); x contiguous."""
+    return library().fp8_amax(x)
+
+
+def fp8_cast(x: Tensor, amax: Tensor, dtype: torch.dtype, *, shrink: float = 1.0, transpose: bool = False,
+             amax_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(x * scale rounded to the fp8 `dtype` as torch rounds it, its transpose (2-d x, with
+    transpose=True; else empty), 1 / scale), scale = fp8_max / amax * shrink (1 * shrink for an
+    amax of 0, inf or NaN). amax_out, if given, becomes max(amax_out, max |x|) in the same pass."""
+    return library().fp8_cast(x, amax, dtype, shrink=shrink, transpose=transpose, amax_out=amax_out)
+
+
+@_fake("fp8_amax")
+def _fp8_amax_fake(x):
+    return x.new_empty((), dtype=torch.float32)
+
+
+@_fake("fp8_cast")
+def _fp8_cast_fake(x, amax, dtype, *, shrink=1.0, transpose=False, amax_out=None):
+    shape_t = (x.shape[1], x.shape[0]) if transpose else (0,)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(shape_t, dtype=dtype), x.new_empty((), dtype=torch.float32)
+
+
 @_fake("grad_norm")
 def _grad_norm_fake(grads, found_inf, inv_scale, norm_type) -> Tensor:
     return found_inf.new_empty(())

@@ -115,7 +115,21 @@ def _dequantize_blockwise(device):
              _maps(device)[0])]
 
 
+def _fp8_amax(device):
+    return [(torch.randn(70, 33, device=device),), (torch.randn(5, device=device, dtype=torch.bfloat16),)]
+
+
+def _fp8_cast(device):
+    x = torch.randn(70, 36, device=device, dtype=torch.bfloat16)
+    amax = x.float().abs().amax()
+    return [(x, amax, torch.float8_e4m3fn), ((x.float(), amax, torch.float8_e5m2), {"transpose": True}),
+            ((x, amax, torch.float8_e4m3fn), {"shrink": 0.5, "transpose": True,
+                                              "amax_out": torch.zeros((), device=device)})]
+
+
 SAMPLES = {
+    "fp8_amax": _fp8_amax,
+    "fp8_cast": _fp8_cast,
     "adam_step_compressed_": _adam_step_compressed,
     "quantize_blockwise": _quantize_blockwise,
     "dequantize_blockwise": _dequantize_blockwise,

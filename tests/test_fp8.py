@@ -4,11 +4,32 @@ the policy: only the named op changes, per-module opt-out, bad rules refused."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES
 from hypothesis import given
 from hypothesis import strategies as st
 
 import mixprec
-from mixprec import fp8
+from mixprec import fp8, ops
+
+CPU_SCALED_MM = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
+
+
+@pytest.fixture(params=DEVICES)
+def fp8_device(request, monkeypatch):
+    """Where the fp8 rule runs: the CPU (torch >= 2.13 has a CPU _scaled_mm) and CUDA GPUs with
+    fp8 tensor cores. On CUDA the filter is off, so that these small GEMMs take fp8 (the filter
+    has a test of its own)."""
+    if request.param == "cpu" and not CPU_SCALED_MM:
+        pytest.skip(f"torch {torch.__version__} has no CPU _scaled_mm (the CPU fp8 path needs torch >= 2.13)")
+    if request.param == "cuda":
+        if torch.cuda.get_device_capability() < fp8.FP8_CAPABILITY:
+            pytest.skip("this GPU has no fp8 tensor cores")
+        monkeypatch.setattr(fp8, "MIN_GEMM", 0)
+    return request.param
+
+
+def _bits(t):
+    return t.cpu().view(torch.uint8)
 
 
 @given(values=st.lists(st.floats(-(2.0**60), 2.0**60, width=32), min_size=1, max_size=300),
@@ -17,7 +38,7 @@ def test_cast_scales_amax_to_the_format_max_and_rounds_like_torch(values, fmt):
     """cast(x) is torch's own fp8 conversion of x * (fp8_max / amax), bit for bit: the largest
     magnitude lands on the format's largest value; an all-zero tensor keeps scale 1."""
     x = torch.tensor(values)
-    x8, inv = fp8.cast(x, fmt)
+    x8, _, inv = fp8.cast(x, fmt)
     amax = x.abs().max()
     scale = torch.tensor(1.0) if amax == 0 else fp8.FP8_MAX[fmt] / amax
     ref = (x * scale).clamp(-fp8.FP8_MAX[fmt], fp8.FP8_MAX[fmt]).to(fmt)
@@ -28,21 +49,72 @@ def test_cast_scales_amax_to_the_format_max_and_rounds_like_torch(values, fmt):
 
 
 def test_cast_without_a_finite_amax_is_unscaled_nan_stays_and_inf_saturates():
-    x8, inv = fp8.cast(torch.tensor([1.0, float("inf"), -2.0, float("nan")]), fp8.E4M3)
+    x8, _, inv = fp8.cast(torch.tensor([1.0, float("inf"), -2.0, float("nan")]), fp8.E4M3)
     assert inv.item() == 1.0  # no finite amax: unscaled
     values = x8.float()
     assert values[:3].tolist() == [1.0, 448.0, -2.0] and torch.isnan(values[3])
 
 
+SPECIALS = ["plain", "all-zero", "inf", "nan", "subnormal", "saturating"]
+
+
+@given(rows=st.integers(1, 140), cols=st.integers(1, 140), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       fmt=st.sampled_from([fp8.E4M3, fp8.E5M2]), special=st.sampled_from(SPECIALS), seed=st.integers(0, 2**16),
+       exponent=st.integers(-6, 6))
+def test_cast_kernel_is_torchs_rounding_bit_for_bit(device, rows, cols, dtype, fmt, special, seed, exponent):
+    """ops.fp8_cast against torch's own ops on the same device: (x * scale).clamp(-max, max).to(fp8)
+    with scale = current_scale(amax) * shrink, bit for bit, for any shape (tile edges at 64), input
+    dtype, an amax of 0, inf or NaN, subnormal inputs, and values beyond the range (an amax smaller
+    than the tensor's, as delayed scaling meets when values grow). The transposed copy is the copy
+    transposed, 1 / scale is torch's reciprocal, and amax_out is torch's abs().amax()."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * 2.0**exponent
+    if special == "all-zero":
+        x.zero_()
+    elif special in ("inf", "nan"):
+        x[seed % rows, seed % cols] = float(special)
+    elif special == "subnormal":
+        x = x * {torch.float32: 2.0**-140, torch.bfloat16: 2.0**-140, torch.float16: 2.0**-20}[dtype]
+    x = x.to(device=device, dtype=dtype)
+    amax = x.float().abs().amax()
+    shrink = 2.0**-(seed % 3)
+    if special == "saturating":
+        amax = amax / 8
+    seen = torch.zeros((), device=device)
+    x8, x8_t, inv = ops.fp8_cast(x, amax, fmt, shrink=shrink, transpose=True, amax_out=seen)
+    scale = fp8.current_scale(amax, fmt) * shrink
+    ref = (x.float() * scale).clamp(-fp8.FP8_MAX[fmt], fp8.FP8_MAX[fmt]).to(fmt)
+    assert x8.dtype == fmt and torch.equal(_bits(x8), _bits(ref))
+    assert torch.equal(_bits(x8_t), _bits(x8.t().contiguous()))
+    assert torch.equal(inv.cpu(), scale.reciprocal().cpu())
+    assert torch.equal(seen.cpu(), x.float().abs().amax().cpu()) or (special == "nan" and seen.isnan())
+    assert torch.equal(ops.fp8_amax(x).cpu(), x.float().abs().amax().cpu()) or (special == "nan" and ops.fp8_amax(x).isnan())
+
+
+def test_cast_kernel_refuses_bad_arguments_before_writing(device):
+    x = torch.randn(8, 16, device=device)
+    amax = x.abs().amax()
+    seen = torch.zeros((), device=device)
+    for kwargs, message in [({"dtype": torch.bfloat16}, "dtype must be"), ({"shrink": 0.0}, "shrink must be positive"),
+                            ({"x": torch.randn(2, 3, 4, device=device), "transpose": True}, "transpose needs a 2-d x"),
+                            ({"amax": torch.ones(2, device=device)}, "amax must be a one-element"),
+                            ({"x": x.t()}, "x must be contiguous"), ({"x": x.double()}, "x must be float32")]:
+        args = {"x": x, "amax": amax, "dtype": fp8.E4M3, "shrink": 1.0, "transpose": False, **kwargs}
+        with pytest.raises(RuntimeError, match=message):
+            ops.fp8_cast(args["x"], args["amax"], args["dtype"], shrink=args["shrink"], transpose=args["transpose"],
+                         amax_out=seen)
+        assert seen.item() == 0.0
+
+
 @pytest.mark.parametrize("bias", [True, False])
-def test_fp8_linear_is_within_fp8_rounding_of_bf16(bias):
+def test_fp8_linear_is_within_fp8_rounding_of_bf16(bias, fp8_device):
     """Forward and all three gradients of the fp8 linear against the same maths in fp32: within
     the relative error two fp8 roundings allow (e4m3: 2^-4 per operand, e5m2: 2^-3), measured as
     the error norm over the reference norm."""
     torch.manual_seed(0)
-    x = torch.randn(4, 32, 64, requires_grad=True)
-    w = (torch.randn(48, 64) * 0.05).requires_grad_()
-    b = torch.randn(48).requires_grad_() if bias else None
+    x = torch.randn(4, 32, 64, device=fp8_device, requires_grad=True)
+    w = (torch.randn(48, 64, device=fp8_device) * 0.05).requires_grad_()
+    b = torch.randn(48, device=fp8_device).requires_grad_() if bias else None
     out = fp8.linear(x, w, b, torch.float32)
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -57,20 +129,20 @@ def test_fp8_linear_is_within_fp8_rounding_of_bf16(bias):
         assert err < bound, (name, err)
 
 
-def _mlp():
+def _mlp(device="cpu"):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 16))
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 16)).to(device)
 
 
-def test_fp8_rule_runs_only_linear_in_fp8_and_the_model_is_unchanged():
+def test_fp8_rule_runs_only_linear_in_fp8_and_the_model_is_unchanged(fp8_device):
     """Under the rule, each linear gives the fp8 linear's result (bit for bit), other ops keep the
     region's rules, the module and its state_dict keys are untouched, and backward reaches every
     weight; set_policy(module, default) keeps one layer in bf16."""
-    model = _mlp()
+    model = _mlp(fp8_device)
     keys = list(model.state_dict())
-    x = torch.randn(8, 64)
-    policy = mixprec.default_policy("cpu").override({F.linear: "fp8"})
-    with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy):
+    x = torch.randn(8, 64, device=fp8_device)
+    policy = mixprec.default_policy(fp8_device).override({F.linear: "fp8"})
+    with mixprec.autocast(fp8_device, dtype=torch.bfloat16, policy=policy):
         out = model(x)
     h = F.gelu(fp8.linear(x, model[0].weight, model[0].bias, torch.bfloat16))
     expect = fp8.linear(h, model[2].weight, model[2].bias, torch.bfloat16)
@@ -78,10 +150,10 @@ def test_fp8_rule_runs_only_linear_in_fp8_and_the_model_is_unchanged():
     out.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert list(model.state_dict()) == keys and all(type(m) is not fp8._Fp8Linear for m in model)
-    mixprec.set_policy(model[2], mixprec.default_policy("cpu"))  # opt the last layer out
-    with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy):
+    mixprec.set_policy(model[2], mixprec.default_policy(fp8_device))  # opt the last layer out
+    with mixprec.autocast(fp8_device, dtype=torch.bfloat16, policy=policy):
         opted = model(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(fp8_device, dtype=torch.bfloat16):
         last = model[2](h)
     assert torch.equal(opted, last)
 
@@ -93,19 +165,20 @@ def test_fp8_rule_is_refused_on_other_ops():
 
 @pytest.mark.parametrize("name,dtype,scaled", [("fp8-mixed", torch.bfloat16, False), ("transformer-engine", torch.bfloat16, False),
                                                ("transformer-engine-float16", torch.float16, True)])
-def test_precision_fp8_mixed_runs_linears_in_fp8(name, dtype, scaled):
+def test_precision_fp8_mixed_runs_linears_in_fp8(name, dtype, scaled, fp8_device):
     """Precision("fp8-mixed") (and Fabric's TransformerEngine strings) set up a model whose
     linears run the fp8 rule and everything else the region's dtype; the 16 variant has a scaler."""
-    prec = mixprec.Precision(name, device="cpu")
+    prec = mixprec.Precision(name, device=fp8_device)
     assert prec.mode.fp8 and prec.dtype is dtype and (prec.scaler is not None) == scaled
-    model = prec.setup(_mlp())
-    x = torch.randn(8, 64)
+    model = prec.setup(_mlp(fp8_device))
+    x = torch.randn(8, 64, device=fp8_device)
     with prec.autocast():
         out = model(x)
     h = F.gelu(fp8.linear(x, model[0].weight, model[0].bias, dtype))
     assert torch.equal(out, fp8.linear(h, model[2].weight, model[2].bias, dtype))
 
 
+@pytest.mark.skipif(not CPU_SCALED_MM, reason="the fp8 rule on the CPU needs torch >= 2.13 (_scaled_mm)")
 def test_the_filter_keeps_small_or_odd_gemms_in_the_region_dtype(monkeypatch):
     """K or N not a multiple of 16 (what _scaled_mm needs), or on CUDA a GEMM below MIN_GEMM:
     the linear runs in the region's dtype, exactly F.linear on cast operands."""
@@ -161,14 +234,14 @@ def test_fp8_rule_names_the_requirement_on_gpus_without_fp8(monkeypatch):
         fp8.linear(torch.randn(16, 16, device="cuda"), torch.randn(16, 16, device="cuda"))
 
 
-def test_record_reports_each_fp8_linear_with_amax_scale_and_flushes():
+def test_record_reports_each_fp8_linear_with_amax_scale_and_flushes(fp8_device):
     """autocast(record=True) lists every linear that ran in fp8 with its operands' amax and scale
     (scale * amax = 448, e4m3's largest) and the values flushed to zero (counted exactly)."""
-    model = _mlp()
-    x = torch.randn(8, 64)
+    model = _mlp(fp8_device)
+    x = torch.randn(8, 64, device=fp8_device)
     x[0, 0] = 1e-9  # far below the smallest e4m3 subnormal once scaled: flushed to zero
-    policy = mixprec.default_policy("cpu").override({F.linear: "fp8"})
-    with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy, record=True) as region:
+    policy = mixprec.default_policy(fp8_device).override({F.linear: "fp8"})
+    with mixprec.autocast(fp8_device, dtype=torch.bfloat16, policy=policy, record=True) as region:
         model(x)
     entries = region.records["fp8"]
     assert [e["shape"] for e in entries] == ["8 x 64 x 128", "8 x 128 x 16"]
@@ -179,27 +252,27 @@ def test_record_reports_each_fp8_linear_with_amax_scale_and_flushes():
     assert "fp8 linear" in region.report() and "8 x 64 x 128" in region.report()
 
 
-def test_delayed_scaling_follows_a_python_model_of_the_amax_history():
+def test_delayed_scaling_follows_a_python_model_of_the_amax_history(fp8_device):
     """Each call scales by fp8_max / max(history) / 2^margin (1 while the history is empty),
     then pushes this call's amax; the state is plain tensors that reload into a fresh run."""
-    layer = torch.nn.Linear(64, 32)
-    xs = [torch.randn(16, 64) * s for s in (1.0, 4.0, 0.5, 2.0)]
+    layer = torch.nn.Linear(64, 32, device=fp8_device)
+    xs = [torch.randn(16, 64, device=fp8_device) * s for s in (1.0, 4.0, 0.5, 2.0)]
     fp8.use_delayed_scaling(history_len=3, margin=1, reduce="max")
     try:
         history: list[float] = []
         for x in xs:
             scale = 1.0 if not history or max(history) == 0 else 448.0 / max(history)
             scale /= 2.0
-            with mixprec.autocast("cpu", dtype=torch.bfloat16,
-                                  policy=mixprec.default_policy("cpu").override({F.linear: "fp8"}),
+            with mixprec.autocast(fp8_device, dtype=torch.bfloat16,
+                                  policy=mixprec.default_policy(fp8_device).override({F.linear: "fp8"}),
                                   record=True) as region:
                 layer(x)
             got = region.records["fp8"][0]["input"]["scale"].item()
             assert got == pytest.approx(scale, rel=1e-6), (got, scale)
             history = ([x.abs().max().item()] + history)[:3]
         saved = fp8.state_dict(torch.nn.Sequential(layer))
-        assert torch.allclose(saved["0.weight"]["input"], torch.tensor(history))
-        fresh = torch.nn.Sequential(torch.nn.Linear(64, 32))
+        assert torch.allclose(saved["0.weight"]["input"].cpu(), torch.tensor(history))
+        fresh = torch.nn.Sequential(torch.nn.Linear(64, 32, device=fp8_device))
         fp8.load_state_dict(fresh, saved)
         assert torch.equal(fp8.state_dict(fresh)["0.weight"]["input"], saved["0.weight"]["input"])
         with pytest.raises(KeyError):
@@ -208,12 +281,12 @@ def test_delayed_scaling_follows_a_python_model_of_the_amax_history():
         fp8.use_current_scaling()
 
 
-def test_weights_are_cast_once_per_version():
+def test_weights_are_cast_once_per_version(fp8_device):
     """Two forwards reuse the weight's fp8 copy; an in-place update (an optimizer step bumps the
     version) makes a new one, equal to a fresh cast."""
     fp8.clear_weight_cache()
-    w = torch.randn(32, 64)
-    x = torch.randn(8, 64)
+    w = torch.randn(32, 64, device=fp8_device)
+    x = torch.randn(8, 64, device=fp8_device)
     assert fp8.cached_weight(w) is None
     fp8.linear(x, w, None, torch.bfloat16)
     first = fp8.cached_weight(w)
@@ -227,16 +300,16 @@ def test_weights_are_cast_once_per_version():
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_fp8_rule_traces_into_one_graph_under_torch_compile(backend):
+def test_fp8_rule_traces_into_one_graph_under_torch_compile(backend, fp8_device):
     """A compiled step entering a region with the fp8 rule traces with fullgraph=True and gives
     the eager result bit for bit."""
     torch._dynamo.reset()
-    model = _mlp()
-    policy = mixprec.default_policy("cpu").override({F.linear: "fp8"})
+    model = _mlp(fp8_device)
+    policy = mixprec.default_policy(fp8_device).override({F.linear: "fp8"})
 
     def step(x):
-        with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy):
+        with mixprec.autocast(fp8_device, dtype=torch.bfloat16, policy=policy):
             return model(x)
 
-    x = torch.randn(8, 64)
+    x = torch.randn(8, 64, device=fp8_device)
     assert torch.equal(torch.compile(step, backend=backend, fullgraph=True)(x), step(x))

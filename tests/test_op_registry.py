@@ -56,7 +56,9 @@ def test_written_arguments_bump_their_versions(name):
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"mixprec::{name}", "ADInplaceOrView")
     assert has_kernel == bool(written)
     for args, kwargs in map(_args_kwargs, SAMPLES[name]("cpu")):
-        tensors = [t for i in written for t in (args[i] if isinstance(args[i], list) else [args[i]])]
+        schema = _op(name)._schema.arguments  # written keyword-only arguments come by name
+        values = [args[i] if i < len(args) else kwargs.get(schema[i].name) for i in written]
+        tensors = [t for v in values if v is not None for t in (v if isinstance(v, list) else [v])]
         before = [t._version for t in tensors]
         _op(name)(*args, **kwargs)
         assert all(t._version > v for t, v in zip(tensors, before)), f"{name}: a written tensor kept its version"

@@ -1,0 +1,58 @@
+// The fp8 cast shared by the CPU and CUDA kernels of mixprec::fp8_amax / fp8_cast (the "fp8"
+// autocast rule): per-tensor scaling to a format's range and torch's own rounding to fp8.
+//   scale = fp8_max / amax * shrink   (1 * shrink where amax is 0 or not finite)
+//   fp8   = round_to_nearest_even(clamp(x * scale, -fp8_max, fp8_max))   (NaN stays NaN)
+// which is what `(x.float() * scale).clamp(-m, m).to(float8)` gives in torch, bit for bit: the
+// conversion is c10's own (c10::Float8_e4m3fn / Float8_e5m2 from float), on both devices.
+#pragma once
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "mixprec/host_device.h"
+
+namespace mixprec::fp8 {
+
+enum class Format { kE4M3, kE5M2 };
+
+MIXPREC_HOST_DEVICE inline float max_of(Format f) { return f == Format::kE4M3 ? 448.0f : 57344.0f; }
+
+// |x|'s bit pattern: for non-negative floats (and NaN above inf) integer order is value order,
+// so amax reduces with integer max: exact, order-free (deterministic) and NaN-sticky.
+MIXPREC_HOST_DEVICE inline uint32_t abs_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x) & 0x7FFFFFFFu;
+#else
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  return b & 0x7FFFFFFFu;
+#endif
+}
+
+MIXPREC_HOST_DEVICE inline float from_bits(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float x;
+  std::memcpy(&x, &b, sizeof(x));
+  return x;
+#endif
+}
+
+// fp8_max / amax (fp32 division, as torch's) where amax is finite and positive, else 1; times
+// shrink (delayed scaling's 2^-margin).
+MIXPREC_HOST_DEVICE inline float scale_of(float amax, Format f, float shrink) {
+  const bool usable = amax > 0.0f && amax <= 3.402823466e38f;  // false for 0, inf and NaN
+  return (usable ? max_of(f) / amax : 1.0f) * shrink;
+}
+
+MIXPREC_HOST_DEVICE inline uint8_t to_fp8(float x, float scale, Format f) {
+  const float m = max_of(f);
+  float v = x * scale;
+  v = v > m ? m : (v < -m ? -m : v);  // NaN fails both compares and stays NaN, as in torch.clamp
+  return f == Format::kE4M3 ? c10::Float8_e4m3fn(v).x : c10::Float8_e5m2(v).x;
+}
+
+}  // namespace mixprec::fp8
