@@ -1,24 +1,55 @@
 #!/usr/bin/env bash
-# The first GPU call of a session (about 6 minutes): build; the tests written but never run on a
-# GPU (fp8 rule, compressed state in the no-sync and CUDA-graph loops); memcheck; issue 16's
-# figures (benchmarks/bench_fp8.py: single linears and the GPT training step beside torchao).
-# Logs: $OUT. Wheels (torchao, bitsandbytes, expecttest) travel in .whl/ (carry it).
+# The GPU checks of a session, in stages that fit one device call each (10 minutes at most):
+#   STAGES="build tests memcheck gemms"   (default) build; the kernel tests written since the last
+#                                          GPU run; memcheck; fp8 single linears
+#   STAGES="build train"                   issue 16's GPT step beside bf16 and torchao
+#   STAGES="build optim"                   issue 15's step bench (compressed modes, bitsandbytes)
+#   STAGES="build conformance"             test_autocast_conformance.py alone
+# The build is skipped when the extension is newer than every source. Logs and JSON go to $OUT.
+# Wheels (torchao, bitsandbytes, expecttest) travel in .whl/ (carry it).
 set -uo pipefail
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
+STAGES=${STAGES:-build tests memcheck gemms}
 export PYTHONUNBUFFERED=1 PATH=/usr/local/cuda/bin:$PATH
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
 t0=$SECONDS
-PIP_NO_BUILD_ISOLATION=0 PIP_NO_INDEX=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
-  python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { grep -E "error" "$OUT/build.log" | head -30; exit 1; }
-echo "build: $((SECONDS - t0)) s"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=short tests/test_fp8.py tests/test_compressed_state.py \
-  > "$OUT/pytest_pending.log" 2>&1; echo "pending tests rc $? $(tail -1 "$OUT/pytest_pending.log") ($((SECONDS - t0)) s)"
-grep -E "^E  |FAILED|Error" "$OUT/pytest_pending.log" | head -30
-compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m scripts.sanitize_kernels > "$OUT/memcheck.log" 2>&1
-echo "memcheck exit $? $(grep -E "ERROR SUMMARY" "$OUT/memcheck.log" | tail -1) ($((SECONDS - t0)) s)"
-timeout 360 python3 -m benchmarks.bench_fp8 ${FP8_ARGS:-} --json "$OUT/h200_fp8.jsonl" > "$OUT/bench_fp8.log" 2>&1
-echo "bench_fp8 rc $?"; grep -v '^{' "$OUT/bench_fp8.log" | tail -30
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+if has build; then
+  PIP_NO_BUILD_ISOLATION=0 PIP_NO_INDEX=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+    python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { grep -E "error" "$OUT/build.log" | head -30; exit 1; }
+  echo "build: $((SECONDS - t0)) s"
+fi
+if has tests; then
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -W ignore --tb=short \
+    ${TESTS:-tests/test_fp8.py tests/test_compressed_state.py tests/test_rounding.py tests/test_op_registry.py} \
+    > "$OUT/pytest_pending.log" 2>&1; echo "tests rc $? $(tail -1 "$OUT/pytest_pending.log") ($((SECONDS - t0)) s)"
+  grep -E "^E  |FAILED|Error" "$OUT/pytest_pending.log" | head -40
+fi
+if has memcheck; then
+  compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m scripts.sanitize_kernels > "$OUT/memcheck.log" 2>&1
+  echo "memcheck exit $? $(grep -E "ERROR SUMMARY" "$OUT/memcheck.log" | tail -1) ($((SECONDS - t0)) s)"
+fi
+if has gemms; then
+  timeout 200 python3 -m benchmarks.bench_fp8 --gemms --json "$OUT/h200_fp8_gemms.jsonl" > "$OUT/bench_fp8_gemms.log" 2>&1
+  echo "gemms rc $?"; grep -v '^{' "$OUT/bench_fp8_gemms.log" | tail -30
+fi
+if has train; then
+  timeout "${TRAIN_TIMEOUT:-480}" python3 -m benchmarks.bench_fp8 --train ${TRAIN_ARGS:-} --json "$OUT/h200_fp8_train.jsonl" \
+    > "$OUT/bench_fp8_train.log" 2>&1
+  echo "train rc $?"; grep -v '^{' "$OUT/bench_fp8_train.log" | grep -v -i warn | tail -30
+fi
+if has optim; then
+  timeout 400 python3 -m benchmarks.bench_optimizer --models ${MODELS:-124M,1.5B} --repeats ${REPEATS:-6} \
+    --json "$OUT/h200_compressed.jsonl" \
+    --variants ${VARIANTS:-torch,bnb-8bit,ours-bf16-fast-norm,ours-bf16-stochastic-fast-norm,ours-bf16-remainder-fast-norm,ours-bf16-remainder-bf16m-fast-norm,ours-bf16-8bit-fast-norm,ours-bf16-remainder-8bit-fast-norm,ours-bf16-stochastic-8bit-fast-norm} \
+    2>&1 | grep -v "^{" | tail -25
+fi
+if has conformance; then
+  timeout 500 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=short -x tests/test_autocast_conformance.py \
+    > "$OUT/pytest_conformance.log" 2>&1; echo "conformance rc $? $(tail -1 "$OUT/pytest_conformance.log")"
+  grep -E "^E  |FAILED" "$OUT/pytest_conformance.log" | head -20
+fi
 echo "total: $((SECONDS - t0)) s"

@@ -107,6 +107,92 @@ def test_quantize_refuses_inf_nan_and_negative_second_moments():
         quant.quantize(torch.tensor([-1.0]), signed=False)
 
 
+# Both devices for the nearest-code tests, the CUDA one skipped (only it) where there is no GPU.
+_QUANT_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="no CUDA device"))]
+
+
+def _nearest_codes(x, qmap):
+    """The plain reference of quantize_blockwise: per block y = x / absmax (0 where absmax is 0;
+    NaN does not count toward absmax), then the entry with the least fp32 distance |entry - y|,
+    the lower code on ties (argmin's first); a NaN y has NaN distances, so argmin gives code 0."""
+    flat = x.reshape(-1)
+    blocks = torch.arange(flat.numel()) // quant.QUANT_BLOCK
+    magnitude = torch.where(flat.isnan(), 0.0, flat.abs())
+    absmax = torch.zeros(int(blocks[-1]) + 1).scatter_reduce(0, blocks, magnitude, "amax")
+    scale = absmax[blocks]
+    y = torch.where(scale > 0, flat / scale, torch.zeros_like(flat))
+    codes = torch.cat([(qmap - part[:, None]).abs().argmin(dim=1) for part in y.split(4096)])
+    return codes.to(torch.uint8).reshape(x.shape), absmax
+
+
+def _assert_nearest(x, signed, device):
+    qmap = quant.signed_map() if signed else quant.unsigned_map()
+    codes, absmax = ops.quantize_blockwise(x.to(device), qmap.to(device))
+    expect_codes, expect_absmax = _nearest_codes(x, qmap)
+    assert_bitwise_equal(absmax, expect_absmax, "absmax")
+    wrong = (codes.cpu() != expect_codes).nonzero()
+    assert wrong.numel() == 0, f"{wrong.numel()} codes differ, first at {x.view(-1)[wrong[0]].item()!r}"
+
+
+def _exactly(values):
+    """values (all |v| <= 1) laid out so that each block's absmax is exactly 1: y is the value."""
+    v = torch.cat([values.reshape(-1), torch.zeros((-values.numel()) % 255)]).reshape(-1, 255)
+    return torch.cat([torch.ones(v.shape[0], 1), v], dim=1).reshape(-1)
+
+
+def _special_values(qmap):
+    """Every entry, every neighbour midpoint (rounded to fp32, where the fp32 distances tie or
+    nearly do), 2 fp32 steps either side of both, and the floor of every bucket of the kernel's
+    index (exponent and top 6 mantissa bits of |y|, from 2^-23 to 1) with its fp32 neighbours;
+    zeros, the subnormal and normal edges; both signs of all."""
+    mids = ((qmap[1:].double() + qmap[:-1].double()) / 2).float()
+    floors = torch.arange((127 - 23) << 6, (127 << 6) + 1, dtype=torch.int32).bitwise_left_shift(17).view(torch.float32)
+    tiny = torch.tensor([0.0, 1e-45, 2e-45, 1e-40, 1.1754942e-38, 1.1754944e-38, 1.5e-38, 2.0**-22])
+    v = torch.cat([qmap, mids, floors, tiny])
+    for _ in range(2):
+        v = torch.cat([v, torch.nextafter(v, torch.tensor(2.0)), torch.nextafter(v, torch.tensor(-2.0))])
+    v = torch.cat([v, -v]).unique()
+    return v[v.abs() <= 1]
+
+
+@pytest.mark.parametrize("device", _QUANT_DEVICES)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_quantize_blockwise_gives_the_nearest_code_at_entries_ties_and_bucket_edges(device, signed):
+    """The kernel's indexed search (a bucket of y's bits, then a short walk) gives the nearest
+    entry, ties to the lower code, at every place it could slip: entries, midpoints, the index's
+    bucket edges, +-0, +-1, subnormals (negative values too for the unsigned map: code 0)."""
+    qmap = quant.signed_map() if signed else quant.unsigned_map()
+    _assert_nearest(_exactly(_special_values(qmap)), signed, device)
+
+
+@pytest.mark.parametrize("device", _QUANT_DEVICES)
+def test_quantize_blockwise_nan_inf_and_all_zero_blocks(device):
+    """A NaN (not part of absmax) gets code 0; an inf block's absmax is inf, so its finite values
+    give y = +-0 and the infs y = NaN (code 0); an all-zero block (-0, or zeros and NaN) gives
+    every element the code of 0. |y| > 1 cannot occur: absmax is the block's largest |x|."""
+    nan, inf = float("nan"), float("inf")
+    blocks = [[0.5, nan, -0.25, 1e-40], [inf, -inf, 3.0, -0.0, 1e-45], [-0.0, 0.0, -0.0], [nan, 0.0, -0.0]]
+    x = torch.cat([torch.tensor(b + [0.0] * (quant.QUANT_BLOCK - len(b))) for b in blocks])
+    for signed in (True, False):
+        _assert_nearest(x, signed, device)
+
+
+@pytest.mark.parametrize("device", _QUANT_DEVICES)
+@given(values=st.lists(st.floats(width=32, allow_nan=True, allow_infinity=False), min_size=1, max_size=700),
+       scale=st.sampled_from([1.0, 2.0**-126, 2.0**-140, 1e30]), signed=st.booleans())
+def test_quantize_blockwise_gives_the_nearest_code_for_any_values(device, values, scale, signed):
+    """Random fp32 values (subnormals, beyond 1, NaN; scaled into the subnormal range or up),
+    and the same values as y exactly (blocks whose absmax is 1): codes and absmax equal the
+    reference's on both maps."""
+    x = torch.tensor(values, dtype=torch.float32) * scale
+    _assert_nearest(x, signed, device)
+    y = torch.tensor(values, dtype=torch.float32)
+    y = y[y.abs() <= 1]
+    if y.numel():
+        _assert_nearest(_exactly(y), signed, device)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares CPU and CUDA kernels")
 @given(n=st.integers(1, 2000), scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e30]), seed=st.integers(0, 2**16))
 def test_quantize_blockwise_cpu_and_cuda_agree_bit_for_bit(n, scale, seed):

@@ -90,6 +90,8 @@ struct CompressedAdamFunctor {
   GradTransform transform;
   const float* smap;  // the maps in shared memory (8-bit only)
   const float* umap;
+  const uint8_t* sindex;  // their quantize_index, in shared memory too
+  const uint8_t* uindex;
 
   __device__ void init() {
     skip = found_inf != nullptr && *found_inf != 0.0f;
@@ -97,12 +99,20 @@ struct CompressedAdamFunctor {
     transform = GradTransform{inv_scale ? *inv_scale : 1.0f, clip_coef ? *clip_coef : 1.0f, maximize};
     if constexpr (M == MomentStorage::kInt8) {
       __shared__ float maps[2 * 256];
+      __shared__ uint8_t index[2 * kQuantIndexSize];
       for (int i = threadIdx.x; i < 512; i += blockDim.x) {
         maps[i] = i < 256 ? signed_map_global[i] : unsigned_map_global[i - 256];
       }
       __syncthreads();
+      // Built here from the maps (a few dozen shared loads a thread): each thread one run.
+      const int run = (kQuantIndexSize + blockDim.x - 1) / blockDim.x;
+      quantize_index(maps, index, threadIdx.x * run, run);
+      quantize_index(maps + 256, index + kQuantIndexSize, threadIdx.x * run, run);
+      __syncthreads();
       smap = maps;
       umap = maps + 256;
+      sindex = index;
+      uindex = index + kQuantIndexSize;
     }
   }
 
@@ -235,8 +245,8 @@ struct CompressedAdamFunctor {
           if (first >= n) continue;
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            mq[4 * half + j] = quantize_value(m[4 * half + j], m_max, smap);
-            vq[4 * half + j] = quantize_value(v[4 * half + j], v_max, umap);
+            mq[4 * half + j] = quantize_value(m[4 * half + j], m_max, smap, sindex);
+            vq[4 * half + j] = quantize_value(v[4 * half + j], v_max, umap, uindex);
           }
           store4(exp_avg, first, n, *reinterpret_cast<MomentT(*)[4]>(mq + 4 * half));
           store4(exp_avg_sq, first, n, *reinterpret_cast<MomentT(*)[4]>(vq + 4 * half));
@@ -342,7 +352,11 @@ void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::
 
 __global__ void quantize_kernel(const float* x, int64_t n, const float* map_global, uint8_t* codes, float* absmax) {
   __shared__ float map[256];
+  __shared__ uint8_t index[kQuantIndexSize];
   for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = map_global[i];
+  __syncthreads();
+  const int run = (kQuantIndexSize + blockDim.x - 1) / blockDim.x;
+  quantize_index(map, index, threadIdx.x * run, run);
   __syncthreads();
   const int lane = threadIdx.x % 32;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -360,7 +374,7 @@ __global__ void quantize_kernel(const float* x, int64_t n, const float* map_glob
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
     const int64_t i = b * kQuantBlock + lane + 32 * k;
-    if (i < n) codes[i] = quantize_value(vals[k], mx, map);
+    if (i < n) codes[i] = quantize_value(vals[k], mx, map, index);
   }
 }
 
