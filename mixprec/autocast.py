@@ -304,7 +304,17 @@ def _dynamo_setup() -> None:
     _dynamo_ready = True
 
 
+def _module_table_for_trace(policy_id: int) -> int:
+    """Dynamo calls this while it traces a set_policy module's hook: the table its policy
+    activates (by id(), as _table_for_trace). In a trace the module's switch becomes the same
+    graph nodes as a region's, so a per-module policy costs no graph break."""
+    _dynamo_setup()
+    policy = ctypes.cast(policy_id, ctypes.py_object).value  # alive: the hook's closure holds it
+    return policy.state(weight_cache=False)
+
+
 _table_for_trace._dynamo_marked_constant = True  # what torch._dynamo.assume_constant_result sets
+_module_table_for_trace._dynamo_marked_constant = True
 
 
 @contextlib.contextmanager
@@ -376,6 +386,10 @@ def set_policy(module: torch.nn.Module, policy: Policy | None) -> torch.nn.Modul
     saved = _PerThread()  # the module may run in several threads at once
 
     def enter(mod, args):
+        if torch.compiler.is_compiling():  # the same switch, as graph nodes (see torch.compile below)
+            if torch.is_autocast_enabled(device_type):
+                _enter_policy(device_type, _module_table_for_trace(id(policy)))
+            return
         if torch.is_autocast_enabled(device_type):
             weight_cache = _extension.load().autocast_active(device_type)[1]
             saved.stack.append(_swap(device_type, policy.state(weight_cache=weight_cache)))
@@ -383,6 +397,10 @@ def set_policy(module: torch.nn.Module, policy: Policy | None) -> torch.nn.Modul
             saved.stack.append(None)
 
     def leave(mod, args, output):
+        if torch.compiler.is_compiling():  # a region entered in the forward has exited by now
+            if torch.is_autocast_enabled(device_type):
+                _exit_policy()
+            return
         previous = saved.stack.pop()
         if previous is not None:
             _swap(device_type, previous)

@@ -71,6 +71,7 @@ def cast(x: Tensor, fmt: torch.dtype, history: Tensor | None = None, *,
     seen = torch.zeros((), dtype=torch.float32, device=x.device)
     out = ops.fp8_cast(x, amax, fmt, shrink=2.0**-_delayed.margin, transpose=transpose, amax_out=seen)
     history.copy_(torch.cat([seen.reshape(1), history[:-1]]))
+    _delayed.count_overflow(seen, out[2], fmt)
     return out
 
 
@@ -85,6 +86,15 @@ class DelayedScaling:
         self.enabled = False
         self.history_len, self.margin, self.reduce = 16, 0, "max"
         self.histories: dict[int, dict[str, Tensor]] = {}  # id(weight) -> operand -> history
+        self.overflows: dict[torch.device, Tensor] = {}  # device -> count of overflowing casts
+
+    def count_overflow(self, seen: Tensor, inv_scale: Tensor, fmt: torch.dtype) -> None:
+        """A scale overflow: the tensor's amax `seen` was beyond what the history's scale
+        represents (its largest values saturated), or not finite. Counted on the device."""
+        counter = self.overflows.get(seen.device)
+        if counter is None:
+            counter = self.overflows[seen.device] = torch.zeros((), dtype=torch.int64, device=seen.device)
+        counter.add_(~(seen <= inv_scale * FP8_MAX[fmt]))  # NaN compares False: counted
 
     def history(self, weight: Tensor, operand: str) -> Tensor | None:
         if not self.enabled:
@@ -104,6 +114,18 @@ def use_delayed_scaling(history_len: int = 16, margin: int = 0, reduce: str = "m
         raise ValueError("use_delayed_scaling: history_len >= 1, margin >= 0 and reduce 'max' or "
                          f"'most_recent', got {history_len}, {margin}, {reduce!r}")
     _delayed.enabled, _delayed.history_len, _delayed.margin, _delayed.reduce = True, history_len, margin, reduce
+
+
+def overflows() -> int:
+    """How many delayed-scaling casts overflowed their scale (saturated; see
+    DelayedScaling.count_overflow) since the last reset_overflows(). Synchronises: for logging.
+    Current scaling never overflows (each tensor's scale comes from its own amax)."""
+    return sum(int(c) for c in _delayed.overflows.values())
+
+
+def reset_overflows() -> None:
+    for counter in _delayed.overflows.values():
+        counter.zero_()
 
 
 def use_current_scaling() -> None:

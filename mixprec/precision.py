@@ -627,7 +627,7 @@ class Precision:
         """precision, scale, skipped_steps (= overflows: every overflow skips its step),
         scale_at_floor and nonfinite_since_step (see GradScaler.stats) and overflow_params: the params whose grads overflowed in the last overflowing step (with
         track_overflow_names=True), or, when `model` is given, those whose current grads hold
-        inf/NaN. Synchronises: for logging."""
+        inf/NaN; in fp8 modes fp8_overflows (mixprec.fp8.overflows()). Synchronises: for logging."""
         if not self._scaling():
             scaler = {}
         elif isinstance(self._scaler, GradScaler):
@@ -636,12 +636,16 @@ class Precision:
             scaler = {"scale": self._scaler.get_scale()}
         names = nonfinite_grad_names(model.named_parameters()) if model is not None else list(self._overflow_names)
         skipped = int(scaler.get("skipped_steps", 0))
+        fp8_overflows = {}
+        if self.mode.fp8:
+            from mixprec import fp8  # loaded on first use, as the policy's fp8 rule loads it
+            fp8_overflows = {"fp8_overflows": fp8.overflows()}
         # scale_at_floor / nonfinite_since_step: every step since that one was non-finite and the
         # scale backed off to its floor (GradScaler warns once); False / None otherwise.
         return {"precision": self.precision, "scale": float(scaler.get("scale", 1.0)),
                 "skipped_steps": skipped, "overflows": skipped, "overflow_params": names,
                 "scale_at_floor": bool(scaler.get("scale_at_floor", False)),
-                "nonfinite_since_step": scaler.get("nonfinite_since_step")}
+                "nonfinite_since_step": scaler.get("nonfinite_since_step"), **fp8_overflows}
 
     def state_dict(self) -> dict[str, Any]:
         """The loss-scaler state (16-mixed; torch.amp.GradScaler's format), else {}."""

@@ -258,11 +258,16 @@ def test_delayed_scaling_follows_a_python_model_of_the_amax_history(fp8_device):
     layer = torch.nn.Linear(64, 32, device=fp8_device)
     xs = [torch.randn(16, 64, device=fp8_device) * s for s in (1.0, 4.0, 0.5, 2.0)]
     fp8.use_delayed_scaling(history_len=3, margin=1, reduce="max")
+    fp8.reset_overflows()
     try:
         history: list[float] = []
+        overflows = 0
         for x in xs:
             scale = 1.0 if not history or max(history) == 0 else 448.0 / max(history)
             scale /= 2.0
+            # the input's cast overflows where its amax exceeds what the scale represents (x * 4
+            # after x); the weight's amax does not change
+            overflows += int(x.abs().max().item() * scale > 448.0)
             with mixprec.autocast(fp8_device, dtype=torch.bfloat16,
                                   policy=mixprec.default_policy(fp8_device).override({F.linear: "fp8"}),
                                   record=True) as region:
@@ -270,6 +275,10 @@ def test_delayed_scaling_follows_a_python_model_of_the_amax_history(fp8_device):
             got = region.records["fp8"][0]["input"]["scale"].item()
             assert got == pytest.approx(scale, rel=1e-6), (got, scale)
             history = ([x.abs().max().item()] + history)[:3]
+        assert overflows == 1 and fp8.overflows() == overflows
+        assert mixprec.Precision("fp8-mixed", device=fp8_device).stats()["fp8_overflows"] == overflows
+        fp8.reset_overflows()
+        assert fp8.overflows() == 0
         saved = fp8.state_dict(torch.nn.Sequential(layer))
         assert torch.allclose(saved["0.weight"]["input"].cpu(), torch.tensor(history))
         fresh = torch.nn.Sequential(torch.nn.Linear(64, 32, device=fp8_device))
