@@ -7,7 +7,7 @@ The recipe: e4m3 activations and weights in forward, e5m2 output grads in backwa
 recipe of TransformerEngine and torchao), per-tensor "current" scaling: each tensor is scaled by
 fp8_max / amax(tensor) before the cast, so its largest value lands on the format's largest, and
 the matrix products run through ``torch._scaled_mm`` with the inverse scales (cuBLASLt on Hopper
-GPUs; torch's reference kernel on the CPU, torch >= 2.13). Delayed scaling (amax histories on
+GPUs; on the CPU the same product of the same fp8 values in fp32, see scaled_mm). Delayed scaling (amax histories on
 the device, TransformerEngine's recipe) is an option: use_delayed_scaling(); its state is plain
 tensors (state_dict / load_state_dict here; the model's state_dict is unchanged). Scales stay on
 the device: nothing synchronises with the host. autocast(record=True) reports each fp8 linear's
@@ -29,17 +29,21 @@ from torch import Tensor
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8_MAX = {E4M3: torch.finfo(E4M3).max, E5M2: torch.finfo(E5M2).max}  # 448, 57344
 FP8_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (sm_89) and Hopper (sm_90) on
-# The filter: on CUDA a linear whose GEMM (M * K * N) is smaller than this stays in the region's
-# dtype, where the casts cost more than the faster product saves. Provisional, from torchao's
-# H100 figures (0.80x at 1024 x 2048 x 1024 = 2^31, 1.39x at 4096 x 8192 x 16384 = 2^39); not yet
-# measured on the H200. _scaled_mm also needs K and N to be multiples of 16.
-MIN_GEMM = 2**34
+# The filter: on CUDA a linear whose GEMM (M * K * N) is smaller than MIN_GEMM stays in the
+# region's dtype, where the casts cost more than the faster product saves. Measured
+# (benchmarks/bench_fp8.py --gemms: forward + backward of one linear, the weight recast each call,
+# H100, torch 2.11, 2026-12-07): fp8 / bf16 speed 0.51 at 2^31, 0.79 at 2^34, 0.96-0.98 at 2^36,
+# 1.09-1.13 at 2^37-2^37.6, 1.17 at 2^38, 1.21 at 2^39 (torchao's H100 figures: 0.80 at 2^31,
+# 1.39 at 2^39). torch._scaled_mm needs each operand's dimensions in multiples of 16: K and N
+# (forward and input grad) and, on CUDA, M too (the weight grad's product contracts over M); the
+# CPU product (scaled_mm) has no such limit.
+MIN_GEMM = 2**37
 
 
 def runs_in_fp8(m: int, k: int, n: int, on_cuda: bool) -> bool:
     """Whether a linear of these GEMM sizes takes fp8 (else the region's dtype): K and N
-    multiples of 16 everywhere, and on CUDA a product of at least MIN_GEMM."""
-    return k % 16 == 0 and n % 16 == 0 and (not on_cuda or m * k * n >= MIN_GEMM)
+    multiples of 16 everywhere, and on CUDA M too and a product of at least MIN_GEMM."""
+    return k % 16 == 0 and n % 16 == 0 and (not on_cuda or (m % 16 == 0 and m * k * n >= MIN_GEMM))
 
 
 def current_scale(amax: Tensor, fmt: torch.dtype) -> Tensor:
@@ -241,9 +245,16 @@ def _check_device(t: Tensor) -> None:
         raise RuntimeError(f"mixprec fp8 rule: {name} has no fp8 tensor cores; fp8 matrix products need "
                            f"compute capability {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} or newer "
                            "(Ada, Hopper); keep linear at 'lower' on this GPU")
-    if not t.is_cuda and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13):
-        raise RuntimeError(f"mixprec fp8 rule: torch {torch.__version__} has no CPU _scaled_mm; the CPU "
-                           "reference path needs torch >= 2.13")
+
+
+def scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """(a @ b) * scale_a * scale_b in out_dtype, a and b fp8: torch._scaled_mm on CUDA. On the
+    CPU the fp8 values are widened to fp32 (exactly) and multiplied by torch.mm, since torch's CPU
+    _scaled_mm (2.13+) is a scalar reference loop, some 10^3 times slower (88 ms for a 512 x 64 x
+    256 product): it equals _scaled_mm up to fp32 summation order (tests/test_fp8.py)."""
+    if a.is_cuda:
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    return (torch.mm(a.float(), b.float()) * (scale_a * scale_b)).to(out_dtype)
 
 
 class _Fp8Linear(torch.autograd.Function):
@@ -256,7 +267,7 @@ class _Fp8Linear(torch.autograd.Function):
         x8, x8_t, x_inv = cast(x2, E4M3, _delayed.history(weight, "input"), transpose=ctx.needs_input_grad[1])
         w8, w8_t, w_inv = _cast_weight(weight)
         ctx.grad_history = _delayed.history(weight, "grad")
-        out = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
+        out = scaled_mm(x8, w8.t(), x_inv, w_inv, out_dtype)
         if bias is not None:
             out = out + bias.to(out_dtype)
         if _audit.records is not None:
@@ -275,11 +286,9 @@ class _Fp8Linear(torch.autograd.Function):
         g8, g8_t, g_inv = cast(g2, E5M2, ctx.grad_history, transpose=ctx.needs_input_grad[1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # (M x N) @ (N x K)
-            grad_x = torch._scaled_mm(g8, w8_t.t(), scale_a=g_inv, scale_b=w_inv,
-                                      out_dtype=grad_out.dtype).reshape(x_shape).to(x_dtype)
+            grad_x = scaled_mm(g8, w8_t.t(), g_inv, w_inv, grad_out.dtype).reshape(x_shape).to(x_dtype)
         if ctx.needs_input_grad[1]:  # (N x M) @ (M x K)
-            grad_w = torch._scaled_mm(g8_t, x8_t.t(), scale_a=g_inv, scale_b=x_inv,
-                                      out_dtype=torch.float32).to(w_dtype)
+            grad_w = scaled_mm(g8_t, x8_t.t(), g_inv, x_inv, torch.float32).to(w_dtype)
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.float().sum(0).to(b_dtype)
         return grad_x, grad_w, grad_b, None

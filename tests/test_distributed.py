@@ -197,8 +197,6 @@ def fp8_worker(rank, port, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13),
-                    reason="the fp8 rule on the CPU needs torch >= 2.13 (_scaled_mm)")
 def test_fp8_rule_under_fsdp2_casts_the_gathered_weight(tmp_path):
     import torch.nn.functional as F
 

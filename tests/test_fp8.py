@@ -11,16 +11,13 @@ from hypothesis import strategies as st
 import mixprec
 from mixprec import fp8, ops
 
-CPU_SCALED_MM = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
+CPU_SCALED_MM = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)  # torch's CPU reference
 
 
 @pytest.fixture(params=DEVICES)
 def fp8_device(request, monkeypatch):
-    """Where the fp8 rule runs: the CPU (torch >= 2.13 has a CPU _scaled_mm) and CUDA GPUs with
-    fp8 tensor cores. On CUDA the filter is off, so that these small GEMMs take fp8 (the filter
-    has a test of its own)."""
-    if request.param == "cpu" and not CPU_SCALED_MM:
-        pytest.skip(f"torch {torch.__version__} has no CPU _scaled_mm (the CPU fp8 path needs torch >= 2.13)")
+    """Where the fp8 rule runs: the CPU and CUDA GPUs with fp8 tensor cores. On CUDA the filter
+    is off, so that these small GEMMs take fp8 (the filter has a test of its own)."""
     if request.param == "cuda":
         if torch.cuda.get_device_capability() < fp8.FP8_CAPABILITY:
             pytest.skip("this GPU has no fp8 tensor cores")
@@ -140,7 +137,7 @@ def test_fp8_rule_runs_only_linear_in_fp8_and_the_model_is_unchanged(fp8_device)
     weight; set_policy(module, default) keeps one layer in bf16."""
     model = _mlp(fp8_device)
     keys = list(model.state_dict())
-    x = torch.randn(8, 64, device=fp8_device)
+    x = torch.randn(16, 64, device=fp8_device)
     policy = mixprec.default_policy(fp8_device).override({F.linear: "fp8"})
     with mixprec.autocast(fp8_device, dtype=torch.bfloat16, policy=policy):
         out = model(x)
@@ -171,22 +168,41 @@ def test_precision_fp8_mixed_runs_linears_in_fp8(name, dtype, scaled, fp8_device
     prec = mixprec.Precision(name, device=fp8_device)
     assert prec.mode.fp8 and prec.dtype is dtype and (prec.scaler is not None) == scaled
     model = prec.setup(_mlp(fp8_device))
-    x = torch.randn(8, 64, device=fp8_device)
+    x = torch.randn(16, 64, device=fp8_device)
     with prec.autocast():
         out = model(x)
     h = F.gelu(fp8.linear(x, model[0].weight, model[0].bias, dtype))
     assert torch.equal(out, fp8.linear(h, model[2].weight, model[2].bias, dtype))
 
 
-@pytest.mark.skipif(not CPU_SCALED_MM, reason="the fp8 rule on the CPU needs torch >= 2.13 (_scaled_mm)")
 def test_the_filter_keeps_small_or_odd_gemms_in_the_region_dtype(monkeypatch):
     """K or N not a multiple of 16 (what _scaled_mm needs), or on CUDA a GEMM below MIN_GEMM:
     the linear runs in the region's dtype, exactly F.linear on cast operands."""
     assert not fp8.runs_in_fp8(8, 60, 16, on_cuda=False) and fp8.runs_in_fp8(8, 64, 16, on_cuda=False)
     assert not fp8.runs_in_fp8(1024, 2048, 1024, on_cuda=True) and fp8.runs_in_fp8(4096, 8192, 16384, on_cuda=True)
+    assert not fp8.runs_in_fp8(4104, 8192, 16384, on_cuda=True)  # M: the weight grad's contraction
     x, w = torch.randn(4, 60), torch.randn(16, 60)
     out = fp8.linear(x, w, None, torch.bfloat16)
     assert torch.equal(out, F.linear(x.bfloat16(), w.bfloat16()))
+
+
+@pytest.mark.skipif(not CPU_SCALED_MM, reason="torch < 2.13 has no CPU _scaled_mm to compare with")
+@given(m=st.integers(1, 40), k=st.sampled_from([16, 32, 64]), n=st.sampled_from([16, 48]),
+       fmts=st.sampled_from([(fp8.E4M3, fp8.E4M3), (fp8.E5M2, fp8.E4M3)]),
+       out_dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_cpu_scaled_mm_is_torchs_up_to_summation_order(m, k, n, fmts, out_dtype, seed):
+    """The CPU product (fp8 widened to fp32, torch.mm, then both scales) against torch's own CPU
+    _scaled_mm: fp32 outputs within 1e-5 relative to the product's scale (summation order), bf16
+    outputs within one bf16 rounding of that."""
+    gen = torch.Generator().manual_seed(seed)
+    a = (torch.randn(m, k, generator=gen) * 50).to(fmts[0])
+    b = (torch.randn(n, k, generator=gen) * 50).to(fmts[1]).t()  # column-major, as _scaled_mm wants
+    sa, sb = torch.rand((), generator=gen) + 0.01, torch.rand((), generator=gen) + 0.01
+    ours = fp8.scaled_mm(a, b, sa, sb, out_dtype).float()
+    torchs = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=out_dtype).float()
+    size = (a.float().abs() @ b.float().abs()) * sa * sb + 1e-30
+    tol = 1e-5 if out_dtype == torch.float32 else 2.0**-7
+    assert ((ours - torchs).abs() <= tol * size).all()
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
@@ -238,18 +254,18 @@ def test_record_reports_each_fp8_linear_with_amax_scale_and_flushes(fp8_device):
     """autocast(record=True) lists every linear that ran in fp8 with its operands' amax and scale
     (scale * amax = 448, e4m3's largest) and the values flushed to zero (counted exactly)."""
     model = _mlp(fp8_device)
-    x = torch.randn(8, 64, device=fp8_device)
+    x = torch.randn(16, 64, device=fp8_device)
     x[0, 0] = 1e-9  # far below the smallest e4m3 subnormal once scaled: flushed to zero
     policy = mixprec.default_policy(fp8_device).override({F.linear: "fp8"})
     with mixprec.autocast(fp8_device, dtype=torch.bfloat16, policy=policy, record=True) as region:
         model(x)
     entries = region.records["fp8"]
-    assert [e["shape"] for e in entries] == ["8 x 64 x 128", "8 x 128 x 16"]
+    assert [e["shape"] for e in entries] == ["16 x 64 x 128", "16 x 128 x 16"]
     first = entries[0]["input"]
     assert first["amax"].item() == x.abs().max().item()
     assert (first["scale"] * first["amax"]).item() == pytest.approx(448.0, rel=1e-6)
     assert int(first["flushed"]) >= 1 and int(first["saturated"]) == 0
-    assert "fp8 linear" in region.report() and "8 x 64 x 128" in region.report()
+    assert "fp8 linear" in region.report() and "16 x 64 x 128" in region.report()
 
 
 def test_delayed_scaling_follows_a_python_model_of_the_amax_history(fp8_device):
@@ -295,7 +311,7 @@ def test_weights_are_cast_once_per_version(fp8_device):
     version) makes a new one, equal to a fresh cast."""
     fp8.clear_weight_cache()
     w = torch.randn(32, 64, device=fp8_device)
-    x = torch.randn(8, 64, device=fp8_device)
+    x = torch.randn(16, 64, device=fp8_device)
     assert fp8.cached_weight(w) is None
     fp8.linear(x, w, None, torch.bfloat16)
     first = fp8.cached_weight(w)
@@ -320,5 +336,5 @@ def test_fp8_rule_traces_into_one_graph_under_torch_compile(backend, fp8_device)
         with mixprec.autocast(fp8_device, dtype=torch.bfloat16, policy=policy):
             return model(x)
 
-    x = torch.randn(8, 64, device=fp8_device)
+    x = torch.randn(16, 64, device=fp8_device)
     assert torch.equal(torch.compile(step, backend=backend, fullgraph=True)(x), step(x))

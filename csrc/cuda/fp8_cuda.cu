@@ -1,15 +1,17 @@
 // CUDA kernels of mixprec::fp8_amax and mixprec::fp8_cast (the "fp8" autocast rule's casts).
-// fp8_amax: one read, a block max of |x|'s bit patterns (integer max: exact, order-free, so the
-// result is deterministic; NaN is sticky), one atomicMax per block. fp8_cast: one read of x in
-// 64 x 64 tiles; each tile is scaled, rounded (fp8_cast.h: c10's conversion, so the bits equal
-// torch's `(x * scale).clamp(..).to(float8)`) and written row-major, and through shared memory
-// transposed, so the copy a backward GEMM needs costs no second read; with amax_out, x's own amax
-// is reduced in the same pass (delayed scaling). The scale is computed on the device from the
-// amax tensor, and 1 / scale is written there too: no host sync, capturable in a CUDA graph.
+// fp8_amax: one read in 16-byte packs (vector_io.cuh), a block max of |x|'s bit patterns
+// (integer max: exact, order-free, so the result is deterministic; NaN is sticky), one atomicMax
+// per block. fp8_cast: one read of x in 64 x 64 tiles; each tile is scaled, rounded (the bits of
+// torch's `(x * scale).clamp(..).to(float8)`: the hardware conversion on sm_89+, c10's elsewhere
+// and for NaN) and written row-major, and through shared memory transposed, so the copy a
+// backward GEMM needs costs no second read; with amax_out, x's own amax is reduced in the same
+// pass (delayed scaling). The scale is computed on the device from the amax tensor, and 1 / scale
+// is written there too: no host sync, capturable in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_fp8.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,15 +20,19 @@
 #include "mixprec/fp8_cast.h"
 #include "mixprec/fp8_checks.h"
 #include "launch_shape.cuh"
+#include "vector_io.cuh"
 
 namespace mixprec::cuda {
 namespace {
 
 using fp8::abs_bits;
+using fp8::Format;
 
 constexpr int kThreads = 256;
-constexpr int kTile = 64;           // a block casts 64 x 64 elements
+constexpr int kAmaxIlp = 4;         // 16-byte loads in flight per thread in fp8_amax
+constexpr int kTile = 64;           // a cast block takes 64 x 64 elements at a time
 constexpr int kRowsPerPass = 16;    // 256 threads: 16 rows of 16 threads, each 4 columns
+constexpr int kPasses = kTile / kRowsPerPass;
 
 __device__ __forceinline__ uint32_t block_max(uint32_t v) {
   __shared__ uint32_t warps[kThreads / 32];
@@ -40,70 +46,106 @@ __device__ __forceinline__ uint32_t block_max(uint32_t v) {
   return v;  // valid in thread 0
 }
 
+// Two values to fp8, low byte first: on sm_89+ the hardware's cvt.rn.satfinite from fp32 (the
+// same round-to-nearest-even of the same product as c10's conversion of the clamped value, and
+// the same saturation, inf included), except that a NaN takes c10's path, which keeps its sign.
+template <Format F>
+__device__ __forceinline__ uint32_t to_fp8x2(float a, float b, float scale) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  const float va = a * scale, vb = b * scale;
+  if (!isnan(va) && !isnan(vb)) {
+    return __nv_cvt_float2_to_fp8x2(make_float2(va, vb), __NV_SATFINITE, F == Format::kE4M3 ? __NV_E4M3 : __NV_E5M2);
+  }
+#endif
+  return fp8::to_fp8(a, scale, F) | (static_cast<uint32_t>(fp8::to_fp8(b, scale, F)) << 8);
+}
+
+// |x|'s amax as bit patterns (see fp8_cast.h), over one chunk at a time.
+template <typename T>
+struct AmaxOp {
+  uint32_t m = 0;
+  template <int M>
+  __device__ __forceinline__ void operator()(int64_t, const Pack<T, M>& v) {
+#pragma unroll
+    for (int k = 0; k < M; ++k) m = max(m, abs_bits(static_cast<float>(v.v[k])));
+  }
+};
+
 template <typename T>
 __global__ void amax_kernel(const T* __restrict__ x, int64_t n, uint32_t* out) {
-  uint32_t m = 0;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    m = max(m, abs_bits(static_cast<float>(x[i])));
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kAmaxIlp * kVec;  // one round of loads
+  AmaxOp<T> op;
+  for (int64_t start = blockIdx.x * kChunk; start < n; start += static_cast<int64_t>(gridDim.x) * kChunk) {
+    for_each_pack<kVec, kAmaxIlp>(min(kChunk, n - start), op, reads(x + start));
   }
-  m = block_max(m);
+  const uint32_t m = block_max(op.m);
   if (threadIdx.x == 0 && m != 0u) atomicMax(out, m);
 }
 
-template <typename T>
-__global__ void cast_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, const float* amax,
-                            fp8::Format format, float shrink, uint8_t* __restrict__ out,
-                            uint8_t* __restrict__ out_t, float* inv_out, uint32_t* amax_out) {
-  __shared__ uint8_t tile[kTile][kTile + 4];
-  const float scale = fp8::scale_of(*amax, format, shrink);
+// One 64 x 64 tile: all 16 loads of a thread in flight first (4 columns at once where `Vec`:
+// cols % 4 == 0 and x 4-element aligned), then the casts, the row-major stores (4 bytes), and
+// through shared memory the transposed stores.
+template <typename T, Format F, bool Vec>
+__global__ void __launch_bounds__(kThreads) cast_kernel(
+    const T* __restrict__ x, int64_t rows, int64_t cols, const float* amax, float shrink,
+    uint8_t* __restrict__ out, uint8_t* __restrict__ out_t, float* inv_out, uint32_t* amax_out) {
+  __shared__ uint32_t tile[kTile][kTile / 4 + 1];  // 4 fp8 bytes a word; +1: transposed reads spread over banks
+  const float scale = fp8::scale_of(*amax, F, shrink);
   if (blockIdx.x == 0 && threadIdx.x == 0) *inv_out = 1.0f / scale;
   const int64_t tiles_c = (cols + kTile - 1) / kTile;
   const int64_t tiles = tiles_c * ((rows + kTile - 1) / kTile);
-  const int tr = threadIdx.x / 16, tc = 4 * (threadIdx.x % 16);
-  const bool packed = cols % 4 == 0, packed_t = rows % 4 == 0;  // whole 4-byte words to store
+  const int tr = threadIdx.x / 16, tw = threadIdx.x % 16, tc = 4 * tw;
+  const bool packed_t = rows % 4 == 0;  // whole 4-byte words to store in the transposed copy
   uint32_t m = 0;
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t r0 = (t / tiles_c) * kTile, c0 = (t % tiles_c) * kTile;
-    for (int pass = 0; pass < kTile / kRowsPerPass; ++pass) {
-      const int r = tr + kRowsPerPass * pass;
-      const int64_t gr = r0 + r;
-      uint8_t q[4] = {0, 0, 0, 0};
+    const int64_t gc = c0 + tc;
+    float v[kPasses][4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int64_t gc = c0 + tc + k;
-        if (gr < rows && gc < cols) {
-          const float v = static_cast<float>(x[gr * cols + gc]);
-          m = max(m, abs_bits(v));
-          q[k] = fp8::to_fp8(v, scale, format);
-        }
-        tile[r][tc + k] = q[k];
+    for (int p = 0; p < kPasses; ++p) {
+      const int64_t gr = r0 + tr + kRowsPerPass * p;
+      if (Vec && gr < rows && gc + 4 <= cols) {
+        const Pack<T, 4> pack = *reinterpret_cast<const Pack<T, 4>*>(x + gr * cols + gc);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) v[p][k] = static_cast<float>(pack.v[k]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) v[p][k] = gr < rows && gc + k < cols ? static_cast<float>(x[gr * cols + gc + k]) : 0.0f;
       }
+    }
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int r = tr + kRowsPerPass * p;
+      const int64_t gr = r0 + r;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) m = max(m, abs_bits(v[p][k]));  // padding zeros change no max
+      const uint32_t q = to_fp8x2<F>(v[p][0], v[p][1], scale) | (to_fp8x2<F>(v[p][2], v[p][3], scale) << 16);
+      tile[r][tw] = q;
       if (gr < rows) {
-        if (packed && c0 + tc + 4 <= cols) {
-          *reinterpret_cast<uint32_t*>(out + gr * cols + c0 + tc) =
-              q[0] | (q[1] << 8) | (q[2] << 16) | (static_cast<uint32_t>(q[3]) << 24);
+        if (Vec && gc + 4 <= cols) {
+          *reinterpret_cast<uint32_t*>(out + gr * cols + gc) = q;
         } else {
-          for (int k = 0; k < 4 && c0 + tc + k < cols; ++k) out[gr * cols + c0 + tc + k] = q[k];
+          for (int k = 0; k < 4 && gc + k < cols; ++k) out[gr * cols + gc + k] = static_cast<uint8_t>(q >> (8 * k));
         }
       }
     }
     if (out_t != nullptr) {
       __syncthreads();
-      // Row c of the transposed tile is column c of this one: thread writes 4 of its bytes.
-      for (int pass = 0; pass < kTile / kRowsPerPass; ++pass) {
-        const int c = tr + kRowsPerPass * pass;
-        const int64_t gc = c0 + c;
-        if (gc < cols) {
-          uint8_t q[4];
+      // Row c of the transposed tile is column c of this one: a thread writes 4 of its bytes.
 #pragma unroll
-          for (int k = 0; k < 4; ++k) q[k] = tile[tc + k][c];
-          uint8_t* dst = out_t + gc * rows + r0 + tc;
+      for (int p = 0; p < kPasses; ++p) {
+        const int c = tr + kRowsPerPass * p;
+        const int64_t gct = c0 + c;
+        if (gct < cols) {
+          uint32_t q = 0;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) q |= ((tile[tc + k][c / 4] >> (8 * (c % 4))) & 0xFFu) << (8 * k);
+          uint8_t* dst = out_t + gct * rows + r0 + tc;
           if (packed_t && r0 + tc + 4 <= rows) {
-            *reinterpret_cast<uint32_t*>(dst) =
-                q[0] | (q[1] << 8) | (q[2] << 16) | (static_cast<uint32_t>(q[3]) << 24);
+            *reinterpret_cast<uint32_t*>(dst) = q;
           } else {
-            for (int k = 0; k < 4 && r0 + tc + k < rows; ++k) dst[k] = q[k];
+            for (int k = 0; k < 4 && r0 + tc + k < rows; ++k) dst[k] = static_cast<uint8_t>(q >> (8 * k));
           }
         }
       }
@@ -116,9 +158,9 @@ __global__ void cast_kernel(const T* __restrict__ x, int64_t rows, int64_t cols,
   }
 }
 
-int grid_for(int64_t blocks, const at::Tensor& x) {
+int grid_for(int64_t blocks, const at::Tensor& x, int per_sm) {
   const int sms = launch_shape(x.device().index()).sm_count;  // cached per device
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 16LL * sms)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, static_cast<int64_t>(per_sm) * sms)));
 }
 
 at::Tensor fp8_amax_cuda(const at::Tensor& x) {
@@ -128,8 +170,8 @@ at::Tensor fp8_amax_cuda(const at::Tensor& x) {
   const int64_t n = x.numel();
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fp8_amax", [&] {
-    amax_kernel<scalar_t><<<grid_for((n + kThreads - 1) / kThreads, x), kThreads, 0,
-                            c10::cuda::getCurrentCUDAStream()>>>(
+    const int64_t chunk = static_cast<int64_t>(kThreads) * kAmaxIlp * (16 / sizeof(scalar_t));
+    amax_kernel<scalar_t><<<grid_for((n + chunk - 1) / chunk, x, 8), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), n, reinterpret_cast<uint32_t*>(out.data_ptr<float>()));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -148,12 +190,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_cast_cuda(const at::Tensor& x
   const int64_t tiles = ((a.rows + kTile - 1) / kTile) * ((a.cols + kTile - 1) / kTile);
   uint32_t* acc = amax_out.has_value() ? reinterpret_cast<uint32_t*>(amax_out->data_ptr<float>()) : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fp8_cast", [&] {
-    // At least one block: it writes 1 / scale even for an empty x.
-    cast_kernel<scalar_t><<<grid_for(std::max<int64_t>(tiles, 1), x), kThreads, 0,
-                            c10::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), a.rows, a.cols, amax.data_ptr<float>(), a.format, static_cast<float>(shrink),
-        static_cast<uint8_t*>(out.data_ptr()), transpose ? static_cast<uint8_t*>(out_t.data_ptr()) : nullptr,
-        inv.data_ptr<float>(), acc);
+    const bool vec = a.cols % 4 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % (4 * sizeof(scalar_t)) == 0;
+    auto launch = [&](auto kernel) {  // at least one block: it writes 1 / scale even for an empty x
+      kernel<<<grid_for(std::max<int64_t>(tiles, 1), x, 16), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          x.data_ptr<scalar_t>(), a.rows, a.cols, amax.data_ptr<float>(), static_cast<float>(shrink),
+          static_cast<uint8_t*>(out.data_ptr()), transpose ? static_cast<uint8_t*>(out_t.data_ptr()) : nullptr,
+          inv.data_ptr<float>(), acc);
+    };
+    if (a.format == Format::kE4M3) {
+      vec ? launch(cast_kernel<scalar_t, Format::kE4M3, true>) : launch(cast_kernel<scalar_t, Format::kE4M3, false>);
+    } else {
+      vec ? launch(cast_kernel<scalar_t, Format::kE5M2, true>) : launch(cast_kernel<scalar_t, Format::kE5M2, false>);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, out_t, inv};
