@@ -77,8 +77,8 @@ TORCH_LIBRARY(mixprec, lib) {
   // optional); store_grads writes that back into grads (torch's fused kernels leave p.grad
   // unscaled). A nonzero found_inf skips everything (params, state, steps, grads). fp16/bf16 params are updated through
   // their fp32 master_params (written back rounded to nearest), or, with no master_params,
-  // directly, by `rounding` (keyword-only, by name): "nearest", "stochastic" (Philox stream of
-  // seed, step, tensor, element), or "kahan" (weight = param + compensation, both in the params'
+  // directly, by `rounding` (keyword-only, by name): "nearest", "stochastic" (random stream of
+  // seed, step, tensor, element; rounding.h), or "kahan" (weight = param + compensation, both in the params'
   // dtype); the names are parsed once, in C++ (rounding.h). fp32 params take
   // neither. steps (fp32, one per param) are incremented first, as in torch. lr_tensor, when
   // given, replaces lr (schedulers may keep lr on the device).

@@ -126,7 +126,7 @@ def adam_step_(
 ) -> None:
     """One fused Adam/AdamW step over params of one dtype on one device (see csrc/ops.cpp).
     fp16/bf16 params without master_params are rounded by `rounding` ("nearest", "stochastic"
-    with the Philox stream of `seed`, or "kahan" with one compensation tensor per param).
+    with the random stream of `seed`, see rounding.h, or "kahan" with one compensation tensor per param).
     store_grads: write grad * inv_scale * clip_coef back into grads."""
     lr_float, lr_tensor = (0.0, lr) if isinstance(lr, Tensor) else (float(lr), None)
     library().adam_step_(

@@ -17,8 +17,9 @@ torch.optim. What is different:
 - master_weights=False keeps no fp32 copy of fp16/bf16 params (4 bytes per param less): the update
   is computed in fp32 and written straight to the param, rounded by `rounding`:
   "nearest" (updates below half an ulp of the weight are lost: training stalls at small lr),
-  "stochastic" (unbiased: rounds up with probability proportional to the distance, from a Philox
-  stream of (seed, step, tensor, element), so runs repeat exactly and CUDA graphs capture it), or
+  "stochastic" (unbiased: rounds up with probability proportional to the distance, from a random
+  stream of (seed, step, tensor, element), Philox-keyed, so runs repeat exactly and CUDA graphs
+  capture it), or
   "kahan" (the rounding error is kept in a compensation buffer of the param's dtype, 2 bytes per
   param, and added back on the next step).
 - Compressed state (Adam/AdamW), for fitting bigger models (`mixprec bench --fit` measures it):
