@@ -284,3 +284,18 @@ def test_per_module_policy_is_traced_without_a_graph_break(backend, region_polic
     # in a compiled model, so only the forward is compared then.
     assert_identical(compiled[:1] if region_outside and backend == "aot_eager" else compiled,
                      eager[:1] if region_outside and backend == "aot_eager" else eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_compiled_model_recompiles_for_a_region_of_another_policy(backend):
+    """One compiled model called inside regions of two policies (the regions around it, as in a
+    training loop): each call gives that policy's eager result, not the graph of the other."""
+    model = _fresh_model()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        for policy in (None, POLICY, None, POLICY):
+            with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy):
+                out, eager = compiled(x), model(x)
+            assert out.dtype == (torch.float16 if policy is POLICY else torch.bfloat16)
+            assert_identical([out], [eager])
