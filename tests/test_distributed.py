@@ -4,6 +4,7 @@ the step on every rank, clipping must use the global norm, and the result must e
 process training on the whole batch."""
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
@@ -45,59 +46,66 @@ def train(model, opt, scaler, batches, rank, world, inject):
 
 
 def worker(rank, port, mode, backend, out, options=None):
-    options = options or {}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=WORLD)
     try:
-        model, batches = model_and_batches()
-        model = model.to(device)
-        batches = [(x.to(device), y.to(device)) for x, y in batches]
-        if mode == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-            mesh = init_device_mesh(torch.device(device).type, (WORLD,))
-            for layer in (model[0], model[2]):
-                fully_shard(layer, mesh=mesh)
-            wrapped = fully_shard(model, mesh=mesh)
-        opt = mixprec.optim.AdamW(wrapped.parameters(), lr=1e-2, weight_decay=0.1, **options)
-        scaler = mixprec.GradScaler(torch.device(device).type, init_scale=2.0**10)
-
-        def inject(step, m, x, where):
-            if step != OVERFLOW_STEP or rank != 1:
-                return x
-            if where == "input" and mode == "ddp":  # DDP's all-reduce spreads it to every rank
-                x[-1, 0] = math.inf
-            if where == "grad" and mode == "fsdp2":  # lands in rank 1's shard only
-                from mixprec.distributed import local
-                local(next(iter(m.parameters())).grad).view(-1)[0] = math.inf
-            return x
-
-        norms = train(wrapped, opt, scaler, batches, rank, WORLD, inject)
-        # The optimizer's checkpoint (DTensor state under FSDP2) loads into a fresh optimizer.
-        reloaded = mixprec.optim.AdamW(wrapped.parameters(), lr=1e-2, weight_decay=0.1, **options)
-        reloaded.load_state_dict(opt.state_dict())
-        for p in wrapped.parameters():
-            for key, value in opt.state[p].items():
-                assert type(reloaded.state[p][key]) is type(value), key
-                assert torch.equal(mixprec.distributed.local(reloaded.state[p][key]),
-                                   mixprec.distributed.local(value)), key
-        params = [(p.full_tensor() if hasattr(p, "full_tensor") else p.detach()).cpu() for p in wrapped.parameters()]
-        state = scaler.state_dict()
-        shared = [state]
-        dist.broadcast_object_list(shared, src=0)  # "save on rank 0, load everywhere"
-        fresh = mixprec.GradScaler(torch.device(device).type)
-        fresh.load_state_dict(shared[0])
-        absmax = [(mixprec.distributed.local(p).numel(), opt.state[p]["exp_avg_absmax"].numel())
-                  for p in wrapped.parameters() if "exp_avg_absmax" in opt.state[p]]
-        torch.save({"norms": norms, "params": [p.clone() for p in params], "state": state, "absmax": absmax,
-                    "loaded": fresh.state_dict(), "stats": scaler.stats()}, os.path.join(out, f"{rank}.pt"))
+        _train_and_save(rank, mode, backend, out, options or {})
     finally:
+        # DDP's reducer dies with _train_and_save's frame, before its process group: destroyed
+        # the other way round, a gloo rank now and then aborted at exit ("terminate called
+        # without an active exception", after its results were saved).
+        gc.collect()
         dist.destroy_process_group()
+
+
+def _train_and_save(rank, mode, backend, out, options):
+    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+    model, batches = model_and_batches()
+    model = model.to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    if mode == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(torch.device(device).type, (WORLD,))
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        wrapped = fully_shard(model, mesh=mesh)
+    opt = mixprec.optim.AdamW(wrapped.parameters(), lr=1e-2, weight_decay=0.1, **options)
+    scaler = mixprec.GradScaler(torch.device(device).type, init_scale=2.0**10)
+
+    def inject(step, m, x, where):
+        if step != OVERFLOW_STEP or rank != 1:
+            return x
+        if where == "input" and mode == "ddp":  # DDP's all-reduce spreads it to every rank
+            x[-1, 0] = math.inf
+        if where == "grad" and mode == "fsdp2":  # lands in rank 1's shard only
+            from mixprec.distributed import local
+            local(next(iter(m.parameters())).grad).view(-1)[0] = math.inf
+        return x
+
+    norms = train(wrapped, opt, scaler, batches, rank, WORLD, inject)
+    # The optimizer's checkpoint (DTensor state under FSDP2) loads into a fresh optimizer.
+    reloaded = mixprec.optim.AdamW(wrapped.parameters(), lr=1e-2, weight_decay=0.1, **options)
+    reloaded.load_state_dict(opt.state_dict())
+    for p in wrapped.parameters():
+        for key, value in opt.state[p].items():
+            assert type(reloaded.state[p][key]) is type(value), key
+            assert torch.equal(mixprec.distributed.local(reloaded.state[p][key]),
+                               mixprec.distributed.local(value)), key
+    params = [(p.full_tensor() if hasattr(p, "full_tensor") else p.detach()).cpu() for p in wrapped.parameters()]
+    state = scaler.state_dict()
+    shared = [state]
+    dist.broadcast_object_list(shared, src=0)  # "save on rank 0, load everywhere"
+    fresh = mixprec.GradScaler(torch.device(device).type)
+    fresh.load_state_dict(shared[0])
+    absmax = [(mixprec.distributed.local(p).numel(), opt.state[p]["exp_avg_absmax"].numel())
+              for p in wrapped.parameters() if "exp_avg_absmax" in opt.state[p]]
+    torch.save({"norms": norms, "params": [p.clone() for p in params], "state": state, "absmax": absmax,
+                "loaded": fresh.state_dict(), "stats": scaler.stats()}, os.path.join(out, f"{rank}.pt"))
 
 
 def reference(mode, options=None):
