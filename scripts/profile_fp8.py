@@ -5,28 +5,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 from mixprec import fp8
-
-
-def kernel_table(fn, calls: int) -> None:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    events = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
-    totals: dict[str, list[float]] = {}
-    for e in events:
-        totals.setdefault(e.name[:100], []).append(e.time_range.elapsed_us())
-    for name, ts in sorted(totals.items(), key=lambda kv: -sum(kv[1])):
-        print(f"{sum(ts) / calls:9.1f} us/call  x{len(ts) / calls:4.1f}  {name}")
-    span = (events[-1].time_range.end - events[0].time_range.start) / calls
-    busy = sum(e.time_range.elapsed_us() for e in events) / calls
-    print(f"span {span:.1f} us/call, kernels busy {busy:.1f} us/call, gaps {span - busy:.1f} us/call\n")
+from scripts.profile_step import kernel_table
 
 
 def main() -> None:
