@@ -27,8 +27,8 @@ inline Fp8CastArgs check_fp8_cast(const at::Tensor& x, const at::Tensor& amax, a
               ": dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got ", dtype);
   TORCH_CHECK(amax.scalar_type() == at::kFloat && amax.numel() == 1 && amax.device() == x.device(), op,
               ": amax must be a one-element float32 tensor on x's device");
-  // Numbers reach the messages as strings: formatting a double or an int64 through TORCH_CHECK's
-  // stream crashed (SIGSEGV) in this header's checks under torch 2.11 on the GPU host, not here.
+  // Numbers reach the messages as strings (as in checks.h): streaming a double or an int64
+  // through c10::str crashed (SIGSEGV) with torch 2.11's prebuilt c10 on the GPU machine.
   TORCH_CHECK(shrink > 0.0, op, ": shrink must be positive, got ", std::to_string(shrink));
   TORCH_CHECK(!transpose || x.dim() == 2, op, ": transpose needs a 2-d x, got ", std::to_string(x.dim()),
               " dimensions");
