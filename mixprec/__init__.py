@@ -23,7 +23,7 @@ from mixprec.autocast import (
 )
 
 _LAZY = {  # public name -> the module that defines it
-    "ops": "mixprec.ops", "optim": "mixprec.optim",
+    "ops": "mixprec.ops", "optim": "mixprec.optim", "fp8": "mixprec.fp8",
     "GradScaler": "mixprec.grad_scaler", "OptState": "mixprec.grad_scaler",
     "DynamicLossScaler": "mixprec.loss_scaler", "MinScaleOverflowError": "mixprec.loss_scaler",
     "Policy": "mixprec.policy", "default_policy": "mixprec.policy",
@@ -48,7 +48,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "DynamicLossScaler", "GradScaler", "MinScaleOverflowError", "OptState", "Policy", "Precision", "autocast",
-    "clear_weight_cache", "custom_bwd", "custom_fwd", "default_policy", "keep_fp32", "ops", "optim",
+    "clear_weight_cache", "custom_bwd", "custom_fwd", "default_policy", "fp8", "keep_fp32", "ops", "optim",
     "set_policy", "weight_cache_info",
 ]
 __version__ = "0.1.0"
