@@ -7,10 +7,12 @@ The recipe: e4m3 activations and weights in forward, e5m2 output grads in backwa
 recipe of TransformerEngine and torchao), per-tensor "current" scaling: each tensor is scaled by
 fp8_max / amax(tensor) before the cast, so its largest value lands on the format's largest, and
 the matrix products run through ``torch._scaled_mm`` with the inverse scales (cuBLASLt on Hopper
-GPUs; on the CPU the same product of the same fp8 values in fp32, see scaled_mm). Delayed scaling (amax histories on
-the device, TransformerEngine's recipe) is an option: use_delayed_scaling(); its state is plain
-tensors (state_dict / load_state_dict here; the model's state_dict is unchanged). Scales stay on
-the device: nothing synchronises with the host. autocast(record=True) reports each fp8 linear's
+GPUs; on the CPU the same product of the same fp8 values in fp32, see scaled_mm). Delayed
+scaling (amax histories on the device, TransformerEngine's recipe) is an option:
+use_delayed_scaling(); its state is plain tensors (state_dict / load_state_dict here; the
+model's state_dict is unchanged), and the casts that overflowed their scale are counted
+(overflows(), in Precision.stats()). Scales stay on the device: nothing synchronises with the
+host. autocast(record=True) reports each fp8 linear's
 amax, scale, saturated and flushed counts. The casts are our kernels (mixprec.ops.fp8_amax and
 fp8_cast; CPU and CUDA): one read for the amax, one for the cast, which writes the fp8 copy and
 the transposed copy the backward GEMM needs, computing the scale on the device. Under current
@@ -128,6 +130,7 @@ def overflows() -> int:
 
 
 def reset_overflows() -> None:
+    """Start overflows() from 0 again."""
     for counter in _delayed.overflows.values():
         counter.zero_()
 
