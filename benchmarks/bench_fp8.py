@@ -6,14 +6,15 @@ float8 training, on single linears (the filter's threshold) and on a GPT trainin
 --gemms: forward + backward of one linear, bf16 vs our fp8 linear (forced past the filter), over a
 ladder of (M, K, N); the ratio says where fp8 starts to pay (mixprec.fp8.MIN_GEMM).
 --train: issue 16's configuration (GPT d=2048, 16 layers, 16 heads, vocab 32768, bias-free, batch
-8 x 2048, torch AdamW(fused)) as bf16 autocast eager / compiled, mixprec fp8 eager / compiled and
-torchao float8 tensorwise / rowwise compiled, interleaved in one process; CUDA-event medians and
-spreads, and each variant's peak memory from a step of its own. Variants whose package is missing
-or which fail report the error instead of a time.
+8 x 2048, torch AdamW(fused)) as bf16 autocast eager / compiled, mixprec fp8 eager (current and
+delayed scaling) / compiled and torchao float8 tensorwise / rowwise compiled, interleaved in one
+process; CUDA-event medians and spreads, and each variant's peak memory from a step of its own.
+Variants whose package is missing or which fail report the error instead of a time.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 
 import torch
@@ -84,7 +85,7 @@ def _variants(base, names: list[str]) -> dict:
             fwd = torch.compile(model) if "compile" in name or name.startswith("torchao") else model
             if name.startswith("mixprec-fp8"):
                 policy = mixprec.default_policy("cuda").override({"aten::linear": "fp8"})
-                region = (lambda p=policy: mixprec.autocast("cuda", dtype=torch.bfloat16, policy=p))
+                region = (lambda p=policy, d="delayed" in name: _fp8_region(p, d))
             else:
                 region = (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
 
@@ -100,6 +101,22 @@ def _variants(base, names: list[str]) -> dict:
         except Exception as e:  # noqa: BLE001 -- a missing package or an unsupported combination: say so
             out[name] = f"{type(e).__name__}: {e}"[:200]
     return out
+
+
+@contextlib.contextmanager
+def _fp8_region(policy, delayed: bool):
+    """The fp8 rule's region; "delayed" variants scale from amax histories (the amax is reduced in
+    the cast's own pass) while their forward runs, and their backward follows the forward's choice."""
+    import mixprec
+    from mixprec import fp8
+
+    if delayed:
+        fp8.use_delayed_scaling()
+    try:
+        with mixprec.autocast("cuda", dtype=torch.bfloat16, policy=policy):
+            yield
+    finally:
+        fp8.use_current_scaling()
 
 
 def bench_train(names: list[str], steps: int, rounds: int) -> list[dict]:
@@ -146,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gemms", action="store_true")
     ap.add_argument("--train", action="store_true")
-    ap.add_argument("--variants", default="bf16-eager,mixprec-fp8-eager,bf16-compile,mixprec-fp8-compile,"
-                                          "torchao-tensorwise-compile,torchao-rowwise-compile")
+    ap.add_argument("--variants", default="bf16-eager,mixprec-fp8-eager,mixprec-fp8-delayed-eager,bf16-compile,"
+                                          "mixprec-fp8-compile,torchao-tensorwise-compile,torchao-rowwise-compile")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=5)
@@ -163,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.train or not args.gemms:
         train_rows = bench_train(args.variants.split(","), args.steps, args.rounds)
         emit(train_rows, None, ["variant", "step_ms", "spread", "vs_bf16_eager", "vs_bf16_compile", "peak_GiB",
-                                "loss_after_4", "error"])
+                                "loss", "error"])
         rows += [{"part": "train", **r} for r in train_rows]
     info = {"part": "info", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     try:
