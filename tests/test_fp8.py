@@ -176,8 +176,9 @@ def test_precision_fp8_mixed_runs_linears_in_fp8(name, dtype, scaled, fp8_device
 
 
 def test_the_filter_keeps_small_or_odd_gemms_in_the_region_dtype(monkeypatch):
-    """K or N not a multiple of 16 (what _scaled_mm needs), or on CUDA a GEMM below MIN_GEMM:
-    the linear runs in the region's dtype, exactly F.linear on cast operands."""
+    """K or N not a multiple of 16 (what _scaled_mm needs), or on CUDA M not a multiple of 16 or
+    a GEMM below MIN_GEMM: the linear runs in the region's dtype, exactly F.linear on cast
+    operands."""
     assert not fp8.runs_in_fp8(8, 60, 16, on_cuda=False) and fp8.runs_in_fp8(8, 64, 16, on_cuda=False)
     assert not fp8.runs_in_fp8(1024, 2048, 1024, on_cuda=True) and fp8.runs_in_fp8(4096, 8192, 16384, on_cuda=True)
     assert not fp8.runs_in_fp8(4104, 8192, 16384, on_cuda=True)  # M: the weight grad's contraction
