@@ -288,8 +288,8 @@ class _Fp8Linear(torch.autograd.Function):
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         g8, g8_t, g_inv = cast(g2, E5M2, ctx.grad_history, transpose=ctx.needs_input_grad[1])
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:  # (M x N) @ (N x K)
-            grad_x = scaled_mm(g8, w8_t.t(), g_inv, w_inv, grad_out.dtype).reshape(x_shape).to(x_dtype)
+        if ctx.needs_input_grad[0]:  # (M x N) @ (N x K), straight into x's dtype (fp32 under a LayerNorm)
+            grad_x = scaled_mm(g8, w8_t.t(), g_inv, w_inv, x_dtype).reshape(x_shape)
         if ctx.needs_input_grad[1]:  # (N x M) @ (M x K)
             grad_w = scaled_mm(g8_t, x8_t.t(), g_inv, x_inv, torch.float32).to(w_dtype)
         if has_bias and ctx.needs_input_grad[2]:
