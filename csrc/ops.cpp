@@ -114,11 +114,16 @@ TORCH_LIBRARY(mixprec, lib) {
   // the way torch's (x * scale).clamp(-max, max).to(dtype) rounds it, with scale = max / amax *
   // shrink (1 * shrink where amax is 0 or not finite), computed on the device; returns (the fp8
   // copy, its transpose when `transpose` (2-d x; else an empty tensor), 1 / scale as a 0-dim fp32
-  // tensor). With amax_out, max(amax_out, max |x|) is written there in the same pass.
+  // tensor). fp8_cast_delayed: the same cast with amax = max(history) (reduce "max") or
+  // history[0] ("most_recent"), in one pass that also reduces max |x|, after which history becomes
+  // [max |x|, history[:-1]] and `overflows` (int64) counts 1 if max |x| > max / scale or is NaN.
   m.def("fp8_amax(Tensor x) -> Tensor");
   m.def(
-      "fp8_cast(Tensor x, Tensor amax, ScalarType dtype, *, float shrink=1.0, bool transpose=False, "
-      "Tensor(a!)? amax_out=None) -> (Tensor, Tensor, Tensor)");
+      "fp8_cast(Tensor x, Tensor amax, ScalarType dtype, *, float shrink=1.0, bool transpose=False) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "fp8_cast_delayed(Tensor x, Tensor(a!) history, Tensor(b!) overflows, ScalarType dtype, *, "
+      "float shrink=1.0, str reduce=\"max\", bool transpose=False) -> (Tensor, Tensor, Tensor)");
   // SGD: momentum_buffers empty when momentum == 0; otherwise steps say which buffers are new
   // (step 1: the buffer starts as the grad, torch's "momentum_buffer is None"). Stochastic
   // rounding needs steps (the random stream is keyed on them).

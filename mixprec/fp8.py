@@ -12,12 +12,12 @@ scaling (amax histories on the device, TransformerEngine's recipe) is an option:
 use_delayed_scaling(); its state is plain tensors (state_dict / load_state_dict here; the
 model's state_dict is unchanged), and the casts that overflowed their scale are counted
 (overflows(), in Precision.stats()). Scales stay on the device: nothing synchronises with the
-host. autocast(record=True) reports each fp8 linear's
-amax, scale, saturated and flushed counts. The casts are our kernels (mixprec.ops.fp8_amax and
-fp8_cast; CPU and CUDA): one read for the amax, one for the cast, which writes the fp8 copy and
-the transposed copy the backward GEMM needs, computing the scale on the device. Under current
-scaling each weight's fp8 copies are made once per version of the weight and cached
-(clear_weight_cache()).
+host. autocast(record=True) reports each fp8 linear's amax, scale, saturated and flushed counts.
+The casts are our kernels (mixprec.ops.fp8_amax, fp8_cast and fp8_cast_delayed; CPU and CUDA):
+under current scaling one read for the amax and one for the cast, which writes the fp8 copy and
+the transposed copy the backward GEMM needs, computing the scale on the device; under delayed
+scaling one read in all, the amax reduced in the cast's own pass. Under current scaling each
+weight's fp8 copies are made once per version of the weight and cached (clear_weight_cache()).
 """
 from __future__ import annotations
 
@@ -65,20 +65,17 @@ def cast(x: Tensor, fmt: torch.dtype, history: Tensor | None = None, *,
     """(x * scale saturated to the format's range and rounded to fp8, its transpose (2-d x with
     transpose=True, else an empty tensor), 1 / scale). The scale is x's current one, or with an
     amax `history` (delayed scaling) the one the history gives, after which x's amax (reduced
-    in the same pass as the cast) enters the history. Saturating keeps values beyond the range
-    (a grown amax under delayed scaling, or rounding) at the format's largest value."""
+    in the same pass as the cast, one kernel) enters the history and an overflow is counted.
+    Saturating keeps values beyond the range (a grown amax under delayed scaling, or rounding)
+    at the format's largest value."""
     from mixprec import ops
 
     x = x.detach()
     x = x if x.is_contiguous() else x.contiguous()
     if history is None:
         return ops.fp8_cast(x, ops.fp8_amax(x), fmt, transpose=transpose)
-    amax = history.max() if _delayed.reduce == "max" else history[:1]
-    seen = torch.zeros((), dtype=torch.float32, device=x.device)
-    out = ops.fp8_cast(x, amax, fmt, shrink=2.0**-_delayed.margin, transpose=transpose, amax_out=seen)
-    history.copy_(torch.cat([seen.reshape(1), history[:-1]]))
-    _delayed.count_overflow(seen, out[2], fmt)
-    return out
+    return ops.fp8_cast_delayed(x, history, _delayed.overflow_counter(x.device), fmt, shrink=2.0**-_delayed.margin,
+                                reduce=_delayed.reduce, transpose=transpose)
 
 
 class DelayedScaling:
@@ -94,17 +91,22 @@ class DelayedScaling:
         self.histories: dict[int, dict[str, Tensor]] = {}  # id(weight) -> operand -> history
         self.overflows: dict[torch.device, Tensor] = {}  # device -> count of overflowing casts
 
-    def count_overflow(self, seen: Tensor, inv_scale: Tensor, fmt: torch.dtype) -> None:
-        """A scale overflow: the tensor's amax `seen` was beyond what the history's scale
-        represents (its largest values saturated), or not finite. Counted on the device."""
-        counter = self.overflows.get(seen.device)
+    def overflow_counter(self, device: torch.device) -> Tensor:
+        """The device's count of scale overflows: casts whose amax was beyond what the history's
+        scale represents (their largest values saturated), or not finite. The cast adds to it."""
+        counter = self.overflows.get(device)
         if counter is None:
-            counter = self.overflows[seen.device] = torch.zeros((), dtype=torch.int64, device=seen.device)
-        counter.add_(~(seen <= inv_scale * FP8_MAX[fmt]))  # NaN compares False: counted
+            counter = self.overflows[device] = torch.zeros((), dtype=torch.int64, device=device)
+        return counter
 
     def history(self, weight: Tensor, operand: str) -> Tensor | None:
         if not self.enabled:
             return None
+        if torch.compiler.is_compiling():
+            # The histories are state beside the model, which a traced graph would capture as
+            # constants (or fake tensors): refuse rather than train on a frozen scale.
+            raise RuntimeError("mixprec fp8: delayed scaling runs in eager mode only; under torch.compile "
+                               "use current scaling (mixprec.fp8.use_current_scaling(), the default)")
         per_layer = self.histories.setdefault(id(weight), {})
         if operand not in per_layer:
             per_layer[operand] = torch.zeros(self.history_len, dtype=torch.float32, device=weight.device)
@@ -124,7 +126,7 @@ def use_delayed_scaling(history_len: int = 16, margin: int = 0, reduce: str = "m
 
 def overflows() -> int:
     """How many delayed-scaling casts overflowed their scale (saturated; see
-    DelayedScaling.count_overflow) since the last reset_overflows(). Synchronises: for logging.
+    DelayedScaling.overflow_counter) since the last reset_overflows(). Synchronises: for logging.
     Current scaling never overflows (each tensor's scale comes from its own amax)."""
     return sum(int(c) for c in _delayed.overflows.values())
 

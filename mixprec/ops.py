@@ -199,12 +199,21 @@ def fp8_amax(x: Tensor) -> Tensor:
     return library().fp8_amax(x)
 
 
-def fp8_cast(x: Tensor, amax: Tensor, dtype: torch.dtype, *, shrink: float = 1.0, transpose: bool = False,
-             amax_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def fp8_cast(x: Tensor, amax: Tensor, dtype: torch.dtype, *, shrink: float = 1.0,
+             transpose: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(x * scale rounded to the fp8 `dtype` as torch rounds it, its transpose (2-d x, with
     transpose=True; else empty), 1 / scale), scale = fp8_max / amax * shrink (1 * shrink for an
-    amax of 0, inf or NaN). amax_out, if given, becomes max(amax_out, max |x|) in the same pass."""
-    return library().fp8_cast(x, amax, dtype, shrink=shrink, transpose=transpose, amax_out=amax_out)
+    amax of 0, inf or NaN)."""
+    return library().fp8_cast(x, amax, dtype, shrink=shrink, transpose=transpose)
+
+
+def fp8_cast_delayed(x: Tensor, history: Tensor, overflows: Tensor, dtype: torch.dtype, *, shrink: float = 1.0,
+                     reduce: str = "max", transpose: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """fp8_cast with amax = history.max() (reduce "max") or history[0] ("most_recent"), in one
+    pass that also reduces max |x|; then, in place, history = [max |x|, *history[:-1]] and
+    overflows (int64) += 1 where max |x| > fp8_max / scale or is NaN (values saturated)."""
+    return library().fp8_cast_delayed(x, history, overflows, dtype, shrink=shrink, reduce=reduce,
+                                      transpose=transpose)
 
 
 @_fake("fp8_amax")
@@ -212,10 +221,19 @@ def _fp8_amax_fake(x):
     return x.new_empty((), dtype=torch.float32)
 
 
-@_fake("fp8_cast")
-def _fp8_cast_fake(x, amax, dtype, *, shrink=1.0, transpose=False, amax_out=None):
+def _fp8_cast_outputs(x, dtype, transpose):
     shape_t = (x.shape[1], x.shape[0]) if transpose else (0,)
     return x.new_empty(x.shape, dtype=dtype), x.new_empty(shape_t, dtype=dtype), x.new_empty((), dtype=torch.float32)
+
+
+@_fake("fp8_cast")
+def _fp8_cast_fake(x, amax, dtype, *, shrink=1.0, transpose=False):
+    return _fp8_cast_outputs(x, dtype, transpose)
+
+
+@_fake("fp8_cast_delayed")
+def _fp8_cast_delayed_fake(x, history, overflows, dtype, *, shrink=1.0, reduce="max", transpose=False):
+    return _fp8_cast_outputs(x, dtype, transpose)
 
 
 @_fake("grad_norm")

@@ -111,14 +111,15 @@ for n in (0, 1, 255, 256, 257, 100_003):
     codes, absmax = quant.quantize(torch.randn(n, device=dev), signed=True)
     quant.dequantize(codes, absmax, signed=True)
 # fp8 casts: shapes around the 64 x 64 tile and the 4-byte packed stores, every input dtype, with
-# and without the transposed copy and the fused amax.
+# and without the transposed copy, current and delayed scaling.
 from mixprec import ops
 
 for rows, cols in ((1, 1), (3, 5), (64, 64), (65, 63), (130, 4), (4, 130), (1000, 17)):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(rows, cols, device=dev).to(dtype)
-        seen = torch.zeros((), device=dev)
-        ops.fp8_cast(x, ops.fp8_amax(x), torch.float8_e4m3fn, transpose=True, amax_out=seen)
+        ops.fp8_cast(x, ops.fp8_amax(x), torch.float8_e4m3fn, transpose=True)
+        ops.fp8_cast_delayed(x, torch.ones(3, device=dev), torch.zeros((), dtype=torch.int64, device=dev),
+                             torch.float8_e5m2, transpose=True)
         ops.fp8_cast(x, ops.fp8_amax(x), torch.float8_e5m2)
 ops.fp8_cast(torch.empty(0, 8, device=dev), torch.ones((), device=dev), torch.float8_e4m3fn, transpose=True)
 torch.cuda.synchronize()

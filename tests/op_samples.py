@@ -123,13 +123,21 @@ def _fp8_cast(device):
     x = torch.randn(70, 36, device=device, dtype=torch.bfloat16)
     amax = x.float().abs().amax()
     return [(x, amax, torch.float8_e4m3fn), ((x.float(), amax, torch.float8_e5m2), {"transpose": True}),
-            ((x, amax, torch.float8_e4m3fn), {"shrink": 0.5, "transpose": True,
-                                              "amax_out": torch.zeros((), device=device)})]
+            ((x, amax, torch.float8_e4m3fn), {"shrink": 0.5, "transpose": True})]
+
+
+def _fp8_cast_delayed(device):
+    x = torch.randn(70, 36, device=device, dtype=torch.bfloat16)
+    history = torch.tensor([2.0, 0.5, 4.0], device=device)
+    overflows = torch.zeros((), dtype=torch.int64, device=device)
+    return [(x, history, overflows, torch.float8_e4m3fn),
+            ((x.float(), history, overflows, torch.float8_e5m2), {"reduce": "most_recent", "transpose": True})]
 
 
 SAMPLES = {
     "fp8_amax": _fp8_amax,
     "fp8_cast": _fp8_cast,
+    "fp8_cast_delayed": _fp8_cast_delayed,
     "adam_step_compressed_": _adam_step_compressed,
     "quantize_blockwise": _quantize_blockwise,
     "dequantize_blockwise": _dequantize_blockwise,

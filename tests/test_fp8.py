@@ -63,7 +63,7 @@ def test_cast_kernel_is_torchs_rounding_bit_for_bit(device, rows, cols, dtype, f
     with scale = current_scale(amax) * shrink, bit for bit, for any shape (tile edges at 64), input
     dtype, an amax of 0, inf or NaN, subnormal inputs, and values beyond the range (an amax smaller
     than the tensor's, as delayed scaling meets when values grow). The transposed copy is the copy
-    transposed, 1 / scale is torch's reciprocal, and amax_out is torch's abs().amax()."""
+    transposed, and 1 / scale is torch's reciprocal."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, cols, generator=g) * 2.0**exponent
     if special == "all-zero":
@@ -77,30 +77,71 @@ def test_cast_kernel_is_torchs_rounding_bit_for_bit(device, rows, cols, dtype, f
     shrink = 2.0**-(seed % 3)
     if special == "saturating":
         amax = amax / 8
-    seen = torch.zeros((), device=device)
-    x8, x8_t, inv = ops.fp8_cast(x, amax, fmt, shrink=shrink, transpose=True, amax_out=seen)
+    x8, x8_t, inv = ops.fp8_cast(x, amax, fmt, shrink=shrink, transpose=True)
     scale = fp8.current_scale(amax, fmt) * shrink
     ref = (x.float() * scale).clamp(-fp8.FP8_MAX[fmt], fp8.FP8_MAX[fmt]).to(fmt)
     assert x8.dtype == fmt and torch.equal(_bits(x8), _bits(ref))
     assert torch.equal(_bits(x8_t), _bits(x8.t().contiguous()))
     assert torch.equal(inv.cpu(), scale.reciprocal().cpu())
-    assert torch.equal(seen.cpu(), x.float().abs().amax().cpu()) or (special == "nan" and seen.isnan())
     assert torch.equal(ops.fp8_amax(x).cpu(), x.float().abs().amax().cpu()) or (special == "nan" and ops.fp8_amax(x).isnan())
 
 
-def test_cast_kernel_refuses_bad_arguments_before_writing(device):
+@given(rows=st.integers(1, 140), cols=st.integers(1, 140), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       fmt=st.sampled_from([fp8.E4M3, fp8.E5M2]), reduce=st.sampled_from(["max", "most_recent"]),
+       history=st.lists(st.sampled_from([0.0, 0.5, 3.0, 1e3, float("inf"), float("nan")]), min_size=1, max_size=5),
+       margin=st.integers(0, 2), special=st.sampled_from(["plain", "nan", "all-zero"]), seed=st.integers(0, 2**16))
+def test_delayed_cast_kernel_scales_from_the_history_rolls_it_and_counts_overflows(
+        device, rows, cols, dtype, fmt, reduce, history, margin, special, seed):
+    """ops.fp8_cast_delayed is fp8_cast with the amax the history gives (torch's max(), NaN
+    included, or its first entry), bit for bit; in the same call the history becomes [max |x|,
+    *history[:-1]] and the overflow count grows by one where max |x| exceeds fp8_max / scale or is
+    NaN: a Python model of each."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, cols, generator=g) * 10).to(device=device, dtype=dtype)
+    if special == "nan":
+        x[seed % rows, seed % cols] = float("nan")
+    elif special == "all-zero":
+        x.zero_()
+    h = torch.tensor(history, device=device)
+    overflows = torch.full((), 5, dtype=torch.int64, device=device)
+    shrink = 2.0**-margin
+    amax = h.max() if reduce == "max" else h[0]
+    want = ops.fp8_cast(x, amax.clone(), fmt, shrink=shrink, transpose=True)
+    seen = x.float().abs().amax()
+    overflowed = not (seen <= want[2] * fp8.FP8_MAX[fmt]).item()
+    want_history = torch.cat([seen.reshape(1), h[:-1]])
+    got = ops.fp8_cast_delayed(x, h, overflows, fmt, shrink=shrink, reduce=reduce, transpose=True)
+    for a, b in zip(got[:2], want[:2]):
+        assert torch.equal(_bits(a), _bits(b))
+    assert torch.equal(got[2].cpu(), want[2].cpu())
+    torch.testing.assert_close(h.cpu(), want_history.cpu(), rtol=0, atol=0, equal_nan=True)
+    assert overflows.item() == 5 + overflowed
+
+
+def test_cast_kernels_refuse_bad_arguments_before_writing(device):
     x = torch.randn(8, 16, device=device)
     amax = x.abs().amax()
-    seen = torch.zeros((), device=device)
     for kwargs, message in [({"dtype": torch.bfloat16}, "dtype must be"), ({"shrink": 0.0}, "shrink must be positive"),
                             ({"x": torch.randn(2, 3, 4, device=device), "transpose": True}, "transpose needs a 2-d x"),
                             ({"amax": torch.ones(2, device=device)}, "amax must be a one-element"),
                             ({"x": x.t()}, "x must be contiguous"), ({"x": x.double()}, "x must be float32")]:
         args = {"x": x, "amax": amax, "dtype": fp8.E4M3, "shrink": 1.0, "transpose": False, **kwargs}
         with pytest.raises(RuntimeError, match=message):
-            ops.fp8_cast(args["x"], args["amax"], args["dtype"], shrink=args["shrink"], transpose=args["transpose"],
-                         amax_out=seen)
-        assert seen.item() == 0.0
+            ops.fp8_cast(args["x"], args["amax"], args["dtype"], shrink=args["shrink"], transpose=args["transpose"])
+    history = torch.ones(4, device=device)
+    overflows = torch.zeros((), dtype=torch.int64, device=device)
+    for kwargs, message in [({"dtype": torch.bfloat16}, "dtype must be"), ({"shrink": -1.0}, "shrink must be positive"),
+                            ({"reduce": "mean"}, "reduce must be 'max' or 'most_recent'"),
+                            ({"history": torch.ones(0, device=device)}, "history must be a non-empty"),
+                            ({"history": torch.ones(2, 2, device=device)}, "history must be a non-empty"),
+                            ({"overflows": torch.zeros((), device=device)}, "overflows must be a one-element int64"),
+                            ({"x": x.t()}, "x must be contiguous")]:
+        args = {"x": x, "history": history, "overflows": overflows, "dtype": fp8.E4M3, "shrink": 1.0,
+                "reduce": "max", **kwargs}
+        with pytest.raises(RuntimeError, match=message):
+            ops.fp8_cast_delayed(args["x"], args["history"], args["overflows"], args["dtype"], shrink=args["shrink"],
+                                 reduce=args["reduce"], transpose=True)
+        assert history.tolist() == [1.0] * 4 and overflows.item() == 0
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -303,6 +344,20 @@ def test_delayed_scaling_follows_a_python_model_of_the_amax_history(fp8_device):
         assert torch.equal(fp8.state_dict(fresh)["0.weight"]["input"], saved["0.weight"]["input"])
         with pytest.raises(KeyError):
             fp8.load_state_dict(fresh, {"nope": {}})
+    finally:
+        fp8.use_current_scaling()
+
+
+def test_delayed_scaling_under_torch_compile_is_refused_with_a_clear_error():
+    """A traced graph would capture the amax histories (state beside the model) as constants and
+    train on a frozen scale: compiling under delayed scaling raises, naming the way out."""
+    layer = torch.nn.Linear(64, 32, bias=False)
+    policy = mixprec.default_policy("cpu").override({F.linear: "fp8"})
+    fp8.use_delayed_scaling()
+    try:
+        with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy), \
+                pytest.raises(Exception, match="delayed scaling runs in eager mode only"):
+            torch.compile(layer, fullgraph=True)(torch.randn(16, 64))
     finally:
         fp8.use_current_scaling()
 

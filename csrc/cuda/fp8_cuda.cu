@@ -1,12 +1,14 @@
-// CUDA kernels of mixprec::fp8_amax and mixprec::fp8_cast (the "fp8" autocast rule's casts).
-// fp8_amax: one read in 16-byte packs (vector_io.cuh), a block max of |x|'s bit patterns
+// CUDA kernels of mixprec::fp8_amax, fp8_cast and fp8_cast_delayed (the "fp8" autocast rule's
+// casts). fp8_amax: one read in 16-byte packs (vector_io.cuh), a block max of |x|'s bit patterns
 // (integer max: exact, order-free, so the result is deterministic; NaN is sticky), one atomicMax
 // per block. fp8_cast: one read of x in 64 x 64 tiles; each tile is scaled, rounded (the bits of
 // torch's `(x * scale).clamp(..).to(float8)`: the hardware conversion on sm_89+, c10's elsewhere
 // and for NaN) and written row-major, and through shared memory transposed, so the copy a
-// backward GEMM needs costs no second read; with amax_out, x's own amax is reduced in the same
-// pass (delayed scaling). The scale is computed on the device from the amax tensor, and 1 / scale
-// is written there too: no host sync, capturable in a CUDA graph.
+// backward GEMM needs costs no second read. fp8_cast_delayed is the same kernel with the scale
+// taken from an amax history: x's own amax is reduced in the same pass, and the last block to
+// finish rolls the history and counts an overflow, so delayed scaling is one launch (after an
+// 8-byte memset). Scales are computed on the device and 1 / scale is written there too: no host
+// sync, capturable in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -83,15 +85,24 @@ __global__ void amax_kernel(const T* __restrict__ x, int64_t n, uint32_t* out) {
   if (threadIdx.x == 0 && m != 0u) atomicMax(out, m);
 }
 
+// Where a cast's scale comes from, and (delayed scaling) where its amax goes.
+struct ScaleSource {
+  float* amax;          // current scaling: the amax (1 value); delayed: the history, rolled at the end
+  int64_t len;          // 1 for current scaling
+  bool most_recent;     // delayed: the scale from history[0] (else from its max)
+  int64_t* overflows;   // delayed only (else nullptr): the overflow count
+  uint32_t* work;       // delayed only: [x's amax bits, blocks done], zero on entry
+};
+
 // One 64 x 64 tile: all 16 loads of a thread in flight first (4 columns at once where `Vec`:
 // cols % 4 == 0 and x 4-element aligned), then the casts, the row-major stores (4 bytes), and
 // through shared memory the transposed stores.
 template <typename T, Format F, bool Vec>
 __global__ void __launch_bounds__(kThreads) cast_kernel(
-    const T* __restrict__ x, int64_t rows, int64_t cols, const float* amax, float shrink,
-    uint8_t* __restrict__ out, uint8_t* __restrict__ out_t, float* inv_out, uint32_t* amax_out) {
+    const T* __restrict__ x, int64_t rows, int64_t cols, ScaleSource src, float shrink,
+    uint8_t* __restrict__ out, uint8_t* __restrict__ out_t, float* inv_out) {
   __shared__ uint32_t tile[kTile][kTile / 4 + 1];  // 4 fp8 bytes a word; +1: transposed reads spread over banks
-  const float scale = fp8::scale_of(*amax, F, shrink);
+  const float scale = fp8::scale_of(fp8::history_amax(src.amax, src.len, src.most_recent), F, shrink);
   if (blockIdx.x == 0 && threadIdx.x == 0) *inv_out = 1.0f / scale;
   const int64_t tiles_c = (cols + kTile - 1) / kTile;
   const int64_t tiles = tiles_c * ((rows + kTile - 1) / kTile);
@@ -152,9 +163,18 @@ __global__ void __launch_bounds__(kThreads) cast_kernel(
     }
     __syncthreads();  // the tile is reused by the next iteration
   }
-  if (amax_out != nullptr) {
+  if (src.work != nullptr) {
     m = block_max(m);
-    if (threadIdx.x == 0 && m != 0u) atomicMax(amax_out, m);
+    if (threadIdx.x == 0) {
+      if (m != 0u) atomicMax(&src.work[0], m);
+      __threadfence();  // this block's amax is visible before its count
+      if (atomicAdd(&src.work[1], 1u) == gridDim.x - 1) {
+        // The last block: every block has read the history (before counting) and added its amax.
+        __threadfence();
+        const float seen = fp8::from_bits(*reinterpret_cast<volatile uint32_t*>(&src.work[0]));
+        fp8::roll_history(src.amax, src.len, seen, scale, F, src.overflows);
+      }
+    }
   }
 }
 
@@ -178,24 +198,22 @@ at::Tensor fp8_amax_cuda(const at::Tensor& x) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_cast_cuda(const at::Tensor& x, const at::Tensor& amax,
-                                                             at::ScalarType dtype, double shrink, bool transpose,
-                                                             const c10::optional<at::Tensor>& amax_out) {
-  const Fp8CastArgs a = check_fp8_cast(x, amax, dtype, shrink, transpose, amax_out, "mixprec.fp8_cast");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_cast(const at::Tensor& x, const Fp8CastArgs& a,
+                                                            at::ScalarType dtype, bool transpose, ScaleSource src,
+                                                            double shrink) {
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
   at::Tensor out_t = at::empty(transpose ? at::IntArrayRef{a.cols, a.rows} : at::IntArrayRef{0},
                                x.options().dtype(dtype));
   at::Tensor inv = at::empty({}, x.options().dtype(at::kFloat));
   const int64_t tiles = ((a.rows + kTile - 1) / kTile) * ((a.cols + kTile - 1) / kTile);
-  uint32_t* acc = amax_out.has_value() ? reinterpret_cast<uint32_t*>(amax_out->data_ptr<float>()) : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fp8_cast", [&] {
     const bool vec = a.cols % 4 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % (4 * sizeof(scalar_t)) == 0;
     auto launch = [&](auto kernel) {  // at least one block: it writes 1 / scale even for an empty x
       kernel<<<grid_for(std::max<int64_t>(tiles, 1), x, 16), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          x.data_ptr<scalar_t>(), a.rows, a.cols, amax.data_ptr<float>(), static_cast<float>(shrink),
+          x.data_ptr<scalar_t>(), a.rows, a.cols, src, static_cast<float>(shrink),
           static_cast<uint8_t*>(out.data_ptr()), transpose ? static_cast<uint8_t*>(out_t.data_ptr()) : nullptr,
-          inv.data_ptr<float>(), acc);
+          inv.data_ptr<float>());
     };
     if (a.format == Format::kE4M3) {
       vec ? launch(cast_kernel<scalar_t, Format::kE4M3, true>) : launch(cast_kernel<scalar_t, Format::kE4M3, false>);
@@ -207,10 +225,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_cast_cuda(const at::Tensor& x
   return {out, out_t, inv};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_cast_cuda(const at::Tensor& x, const at::Tensor& amax,
+                                                             at::ScalarType dtype, double shrink, bool transpose) {
+  const Fp8CastArgs a = check_fp8_cast(x, amax, dtype, shrink, transpose, "mixprec.fp8_cast");
+  // (the kernel only reads the amax of current scaling)
+  return launch_cast(x, a, dtype, transpose, {const_cast<float*>(amax.data_ptr<float>()), 1, true, nullptr, nullptr},
+                     shrink);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_cast_delayed_cuda(const at::Tensor& x, at::Tensor& history,
+                                                                     at::Tensor& overflows, at::ScalarType dtype,
+                                                                     double shrink, c10::string_view reduce,
+                                                                     bool transpose) {
+  const char* op = "mixprec.fp8_cast_delayed";
+  const Fp8CastArgs a = check_fp8_cast_common(x, dtype, shrink, transpose, op);
+  const bool most_recent = check_fp8_delayed(x, history, overflows, reduce, op);
+  c10::cuda::CUDAGuard guard(x.device());
+  // The blocks' amax and their finished count.
+  at::Tensor work = at::zeros({2}, x.options().dtype(at::kInt));
+  return launch_cast(x, a, dtype, transpose,
+                     {history.data_ptr<float>(), history.numel(), most_recent, overflows.data_ptr<int64_t>(),
+                      reinterpret_cast<uint32_t*>(work.data_ptr<int>())},
+                     shrink);
+}
+
 }  // namespace
 }  // namespace mixprec::cuda
 
 TORCH_LIBRARY_IMPL(mixprec, CUDA, m) {
   m.impl("fp8_amax", &mixprec::cuda::fp8_amax_cuda);
   m.impl("fp8_cast", &mixprec::cuda::fp8_cast_cuda);
+  m.impl("fp8_cast_delayed", &mixprec::cuda::fp8_cast_delayed_cuda);
 }

@@ -48,6 +48,28 @@ MIXPREC_HOST_DEVICE inline float scale_of(float amax, Format f, float shrink) {
   return (usable ? max_of(f) / amax : 1.0f) * shrink;
 }
 
+// The amax a delayed-scaling history gives: its first entry (the most recent cast's) or its max,
+// NaN-sticky as torch's max() is (a NaN entry wins; `v > m` is false once m is NaN).
+MIXPREC_HOST_DEVICE inline float history_amax(const float* history, int64_t len, bool most_recent) {
+  float m = history[0];
+  for (int64_t i = 1; i < len && !most_recent; ++i) {
+    const float v = history[i];
+    if (v != v || v > m) m = v;
+  }
+  return m;
+}
+
+// Delayed scaling's bookkeeping after a cast that saw amax `seen` with scale `scale`: the history
+// moves down one place (the oldest entry drops) and takes `seen` first, and a scale overflow
+// (`seen` beyond what the scale represents, so the largest values saturated, or NaN) is counted.
+// 1 / scale is the same fp32 division the cast reports.
+MIXPREC_HOST_DEVICE inline void roll_history(float* history, int64_t len, float seen, float scale, Format f,
+                                             int64_t* overflows) {
+  for (int64_t i = len - 1; i > 0; --i) history[i] = history[i - 1];
+  history[0] = seen;
+  if (!(seen <= (1.0f / scale) * max_of(f))) *overflows += 1;
+}
+
 MIXPREC_HOST_DEVICE inline uint8_t to_fp8(float x, float scale, Format f) {
   const float m = max_of(f);
   float v = x * scale;
