@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8_MAX = {E4M3: torch.finfo(E4M3).max, E5M2: torch.finfo(E5M2).max}  # 448, 57344
@@ -102,9 +103,10 @@ class DelayedScaling:
     def history(self, weight: Tensor, operand: str) -> Tensor | None:
         if not self.enabled:
             return None
-        if torch.compiler.is_compiling():
-            # The histories are state beside the model, which a traced graph would capture as
-            # constants (or fake tensors): refuse rather than train on a frozen scale.
+        if torch.compiler.is_compiling() or is_fake(weight):  # (torch 2.11's dynamo runs this on fake
+            # tensors with is_compiling() False.) The histories are state beside the model, which a
+            # traced graph would capture as constants or fake tensors: refuse rather than train on a
+            # frozen scale.
             raise RuntimeError("mixprec fp8: delayed scaling runs in eager mode only; under torch.compile "
                                "use current scaling (mixprec.fp8.use_current_scaling(), the default)")
         per_layer = self.histories.setdefault(id(weight), {})
