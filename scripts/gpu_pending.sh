@@ -5,6 +5,7 @@
 #   STAGES="build train"                   issue 16's GPT step beside bf16 and torchao
 #   STAGES="build optim"                   issue 15's step bench (compressed modes, bitsandbytes)
 #   STAGES="build conformance"             test_autocast_conformance.py alone
+#   STAGES="build ncu"                     Nsight Compute reports of the fp8 casts and the 8-bit Adam step
 # The build is skipped when the extension is newer than every source. Logs and JSON go to $OUT.
 # Wheels (torchao, bitsandbytes, expecttest) travel in .whl/ (carry it).
 set -uo pipefail
@@ -51,5 +52,14 @@ if has conformance; then
   timeout 500 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=short -x tests/test_autocast_conformance.py \
     > "$OUT/pytest_conformance.log" 2>&1; echo "conformance rc $? $(tail -1 "$OUT/pytest_conformance.log")"
   grep -E "^E  |FAILED" "$OUT/pytest_conformance.log" | head -20
+fi
+if has ncu; then
+  sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis"
+  ncu --kernel-name-base demangled -k regex:cast_kernel --launch-count 4 $sections \
+    python3 -m scripts.ncu_kernels fp8 > "$OUT/ncu_fp8_cast.txt" 2>&1; echo "ncu fp8 rc $?"
+  ncu --kernel-name-base demangled -k regex:CompressedAdam --launch-skip 1 --launch-count 1 $sections \
+    python3 -m scripts.ncu_kernels compressed > "$OUT/ncu_compressed.txt" 2>&1; echo "ncu compressed rc $?"
+  grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Compute \(SM\) Throughput|Issue Slots Busy|No Eligible" \
+    "$OUT/ncu_fp8_cast.txt" "$OUT/ncu_compressed.txt" | cut -c1-200 | head -60
 fi
 echo "total: $((SECONDS - t0)) s"

@@ -1095,15 +1095,12 @@ def test_adam_equals_torch_fused_bit_for_bit(device, cls, config, data, steps, s
                    shapes, seed, steps, scaler_on)
 
 
-# CPU only. On the H200 (torch 2.11) scripts/fused_formulas.py finds torch's fused CUDA SGD
-# equal to our fma chain on every element for plain steps, weight decay, dampening and nesterov,
-# but this test still found a first-step difference (with a scaler or maximize, not isolated).
 @given(config=sgd_configs, data=st.data(), steps=st.integers(1, 6), seed=st.integers(0, 2**20),
        scaler_on=st.booleans())
-def test_sgd_equals_torch_fused_cpu_bit_for_bit(config, data, steps, seed, scaler_on):
-    run_fused_pair("cpu", lambda ps: optim.SGD(ps, **config),
-                   lambda ps: torch.optim.SGD(ps, fused=True, **config), data.draw(fused_shape_lists), seed,
-                   steps, scaler_on)
+def test_sgd_equals_torch_fused_bit_for_bit(device, config, data, steps, seed, scaler_on):
+    shapes = data.draw(fused_shape_lists_cuda if device == "cuda" else fused_shape_lists)
+    run_fused_pair(device, lambda ps: optim.SGD(ps, **config), lambda ps: torch.optim.SGD(ps, fused=True, **config),
+                   shapes, seed, steps, scaler_on)
 
 
 @pytest.mark.parametrize("cls", ["SGD", "AdamW"])
