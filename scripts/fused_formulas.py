@@ -78,3 +78,31 @@ for wd, nesterov in ((0.01, False), (0.1, False), (0.0, True)):
     ours = fmaf(-lr_f, upd, p1)
     print("SGD wd", wd, "nesterov", nesterov, "float fma chain:", round(frac(p.detach(), ours), 5),
           "buf:", round(frac(opt.state[p]["momentum_buffer"], b), 5))
+
+# SGD with maximize (momentum) and with a grad scale (no momentum): the cases
+# tests/test_optim.py::test_sgd_equals_torch_fused_bit_for_bit found on CUDA (H100, torch 2.11).
+lr_f, m_f, one = (torch.tensor(x, device=dev) for x in (1e-3, 0.9, 1.0))
+for scale in (None, 1024.0):
+    p = p0.clone()
+    gs_ = g * scale if scale else g.clone()
+    grad_scale = torch.tensor(scale, device=dev) if scale else None
+    torch._fused_sgd_([p], [gs_], [], weight_decay=0.0, momentum=0.0, lr=1e-3, dampening=0.0, nesterov=False,
+                      maximize=False, is_first_step=False, grad_scale=grad_scale, found_inf=None)
+    cands = {"fmaf(-lr,g,p)": fmaf(-lr_f, g, p0), "p - float(lr*g)": p0 - lr_f * g,
+             "double": (p0.to(d) - 1e-3 * g.to(d)).float(), "p + float(-lr*g)": p0 + (-lr_f) * g}
+    print("SGD momentum 0, grad_scale", scale, {k: round(frac(p, v), 5) for k, v in cands.items()})
+for maximize in (False, True):
+    p = p0.clone(); bufs = [torch.empty_like(p)]
+    torch._fused_sgd_([p], [g.clone()], bufs, weight_decay=0.0, momentum=0.9, lr=1e-3, dampening=0.0, nesterov=False,
+                      maximize=maximize, is_first_step=True, grad_scale=None, found_inf=None)
+    b1, p1 = bufs[0].clone(), p.clone()
+    g2 = torch.randn(n, device=dev)
+    torch._fused_sgd_([p], [g2.clone()], bufs, weight_decay=0.0, momentum=0.9, lr=1e-3, dampening=0.0,
+                      nesterov=False, maximize=maximize, is_first_step=False, grad_scale=None, found_inf=None)
+    gm = -g2 if maximize else g2
+    cands = {"fmaf(1,g,m*b)": fmaf(one, gm, m_f * b1), "fmaf(m,b,g)": fmaf(m_f, b1, gm),
+             "m*b + g": m_f * b1 + gm, "double": (0.9 * b1.to(d) + gm.to(d)).float()}
+    print("SGD buf, maximize", maximize, {k: round(frac(bufs[0], v), 5) for k, v in cands.items()})
+    cands = {"fmaf(-lr,b,p)": fmaf(-lr_f, bufs[0], p1), "p - float(lr*b)": p1 - lr_f * bufs[0],
+             "double": (p1.to(d) - 1e-3 * bufs[0].to(d)).float()}
+    print("SGD param, maximize", maximize, {k: round(frac(p, v), 5) for k, v in cands.items()})

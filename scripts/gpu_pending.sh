@@ -6,6 +6,7 @@
 #   STAGES="build optim"                   issue 15's step bench (compressed modes, bitsandbytes)
 #   STAGES="build conformance"             test_autocast_conformance.py alone
 #   STAGES="build ncu"                     Nsight Compute reports of the fp8 casts and the 8-bit Adam step
+#   STAGES="build convergence"             issue 16's d=2048 model, fp8-mixed beside bf16-mixed (CONV_STEPS)
 # The build is skipped when the extension is newer than every source. Logs and JSON go to $OUT.
 # Wheels (torchao, bitsandbytes, expecttest) travel in .whl/ (carry it).
 set -uo pipefail
@@ -52,6 +53,11 @@ if has conformance; then
   timeout 500 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=short -x tests/test_autocast_conformance.py \
     > "$OUT/pytest_conformance.log" 2>&1; echo "conformance rc $? $(tail -1 "$OUT/pytest_conformance.log")"
   grep -E "^E  |FAILED" "$OUT/pytest_conformance.log" | head -20
+fi
+if has convergence; then
+  timeout 520 python3 -m benchmarks.convergence_bf16 --device cuda --size gpt-1b --modes bf16-mixed,fp8-mixed \
+    --steps "${CONV_STEPS:-700}" --json "$OUT/h200_convergence_fp8_gpt1b.jsonl" > "$OUT/convergence.log" 2>&1
+  echo "convergence rc $?"; grep -v '^{' "$OUT/convergence.log" | tail -8
 fi
 if has ncu; then
   sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis"

@@ -807,10 +807,11 @@ def test_adamw_loading_an_adam_checkpoint_keeps_decoupled_decay(device):
         opt.step()
     for ours, same, theirs in zip(*(m.parameters() for m in models)):
         assert_bitwise_equal(ours, same)
-        # On the H200 with torch 2.11, torch's fused AdamW loaded from this checkpoint stepped
-        # differently (~7e-4 relative, about one update); not investigated: compared on the CPU.
-        if device == "cpu":
-            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+        # torch's fused CUDA AdamW from this checkpoint: 1.4e-6 of the largest weight away from
+        # ours (scripts/probe_adamw_checkpoint.py, H100, torch 2.11; torch's fused, foreach and
+        # for-loop AdamW agree with each other there). An earlier run's ~7e-4 did not recur.
+        tolerance = {"cpu": {"rtol": 1e-6, "atol": 1e-7}, "cuda": {"rtol": 1e-5, "atol": 1e-6}}[device]
+        torch.testing.assert_close(ours, theirs, **tolerance)
     # Adam keeps the checkpoint's L2 decay (torch's Adam does too).
     adam = optim.Adam(mlp(device).parameters())
     adam.load_state_dict(copy.deepcopy(saved))
