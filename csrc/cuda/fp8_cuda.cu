@@ -32,9 +32,13 @@ using fp8::Format;
 
 constexpr int kThreads = 256;
 constexpr int kAmaxIlp = 4;         // 16-byte loads in flight per thread in fp8_amax
-constexpr int kTile = 64;           // a cast block takes 64 x 64 elements at a time
+constexpr int kTileCols = 64;       // a cast block takes TileRows<T> x 64 elements at a time
 constexpr int kRowsPerPass = 16;    // 256 threads: 16 rows of 16 threads, each 4 columns
-constexpr int kPasses = kTile / kRowsPerPass;
+// Tile rows: 128 for 2-byte inputs, so that a thread has 64 bytes of loads in flight as with
+// fp32 (Nsight Compute: bf16 with 64-row tiles, 32 bytes a thread, reached 67 % of DRAM
+// bandwidth where fp32 reached 82 %).
+template <typename T>
+constexpr int TileRows = sizeof(T) == 2 ? 128 : 64;
 
 __device__ __forceinline__ uint32_t block_max(uint32_t v) {
   __shared__ uint32_t warps[kThreads / 32];
@@ -106,46 +110,55 @@ struct ScaleSource {
   uint32_t* work;       // delayed only: [x's amax bits, blocks done], zero on entry
 };
 
-// One 64 x 64 tile: all 16 loads of a thread in flight first (4 columns at once where `Vec`:
-// cols % 4 == 0 and x 4-element aligned), then the casts, the row-major stores (4 bytes), and
-// through shared memory the transposed stores. The kernel is bound by its instructions more than
-// by memory (Nsight Compute: 62 % issue-busy at 1.9 TB/s for bf16), so the common case is kept
-// short: tiles wholly inside x skip the bounds checks, a thread whose 16 values hold no NaN
-// converts them all in hardware, and the transposed words are gathered with byte permutes.
+// The shared tile's word (row r, word w): 16 words a row, the word index XORed with r / 4 so
+// that the transposed reads (rows 4i .. 4i + 3 of one word column, i across the threads) hit
+// distinct banks.
+__device__ __forceinline__ int tile_word(int r, int w) { return r * (kTileCols / 4) + (w ^ ((r >> 2) & 15)); }
+
+// One TileRows x 64 tile: all of a thread's loads in flight first (4 columns at once where `Vec`:
+// cols % 4 == 0 and x 4-element aligned), held as loaded, then the casts, the row-major stores
+// (4 bytes), and through shared memory the transposed stores. The kernel was bound by its
+// instructions as much as by memory (Nsight Compute: 62 % issue-busy at 1.9 TB/s for bf16), so
+// the common case is kept short: tiles wholly inside x skip the bounds checks, a thread's values
+// convert in hardware unless one is NaN, and transposed words are gathered with byte permutes.
 template <typename T, Format F, bool Vec>
 __global__ void __launch_bounds__(kThreads) cast_kernel(
     const T* __restrict__ x, int64_t rows, int64_t cols, ScaleSource src, float shrink,
     uint8_t* __restrict__ out, uint8_t* __restrict__ out_t, float* inv_out) {
-  __shared__ uint32_t tile[kTile][kTile / 4 + 1];  // 4 fp8 bytes a word; +1: transposed reads spread over banks
+  constexpr int kRows = TileRows<T>;
+  constexpr int kPasses = kRows / kRowsPerPass;
+  constexpr int kThreadsPerRowT = kRows / 4;                 // a transposed row: 4 bytes a thread
+  constexpr int kRowsPerPassT = kThreads / kThreadsPerRowT;
+  constexpr int kPassesT = kTileCols / kRowsPerPassT;
+  __shared__ uint32_t tile[kRows * kTileCols / 4];  // 4 fp8 bytes a word
   const float scale = fp8::scale_of(fp8::history_amax(src.amax, src.len, src.most_recent), F, shrink);
   if (blockIdx.x == 0 && threadIdx.x == 0) *inv_out = 1.0f / scale;
-  const int64_t tiles_c = (cols + kTile - 1) / kTile;
-  const int64_t tiles = tiles_c * ((rows + kTile - 1) / kTile);
+  const int64_t tiles_c = (cols + kTileCols - 1) / kTileCols;
+  const int64_t tiles = tiles_c * ((rows + kRows - 1) / kRows);
   const int tr = threadIdx.x / 16, tw = threadIdx.x % 16, tc = 4 * tw;
+  const int trt = threadIdx.x / kThreadsPerRowT, twt = threadIdx.x % kThreadsPerRowT;  // transposed phase
   const bool packed_t = rows % 4 == 0;  // whole 4-byte words to store in the transposed copy
   uint32_t m = 0;
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const int64_t r0 = (t / tiles_c) * kTile, c0 = (t % tiles_c) * kTile;
+    const int64_t r0 = (t / tiles_c) * kRows, c0 = (t % tiles_c) * kTileCols;
     const int64_t gc = c0 + tc;
-    const bool full = Vec && r0 + kTile <= rows && c0 + kTile <= cols;  // no bounds to check
-    float v[kPasses][4];
+    const bool full = Vec && r0 + kRows <= rows && c0 + kTileCols <= cols;  // no bounds to check
+    Pack<T, 4> raw[kPasses];
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
       const int64_t gr = r0 + tr + kRowsPerPass * p;
       if (full || (Vec && gr < rows && gc + 4 <= cols)) {
-        const Pack<T, 4> pack = *reinterpret_cast<const Pack<T, 4>*>(x + gr * cols + gc);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) v[p][k] = static_cast<float>(pack.v[k]);
+        raw[p] = *reinterpret_cast<const Pack<T, 4>*>(x + gr * cols + gc);
       } else {
 #pragma unroll
-        for (int k = 0; k < 4; ++k) v[p][k] = gr < rows && gc + k < cols ? static_cast<float>(x[gr * cols + gc + k]) : 0.0f;
+        for (int k = 0; k < 4; ++k) raw[p].v[k] = gr < rows && gc + k < cols ? x[gr * cols + gc + k] : T(0.0f);
       }
     }
     uint32_t tm = 0;  // padding zeros change no max
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) tm = max(tm, abs_bits(v[p][k]));
+      for (int k = 0; k < 4; ++k) tm = max(tm, abs_bits(static_cast<float>(raw[p].v[k])));
     }
     m = max(m, tm);
     const bool nan_free = tm <= 0x7F800000u;  // NaN's patterns lie above inf's
@@ -153,8 +166,11 @@ __global__ void __launch_bounds__(kThreads) cast_kernel(
     for (int p = 0; p < kPasses; ++p) {
       const int r = tr + kRowsPerPass * p;
       const int64_t gr = r0 + r;
-      const uint32_t q = pack4<F>(v[p], scale, nan_free);
-      if (out_t != nullptr) tile[r][tw] = q;
+      float v[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[k] = static_cast<float>(raw[p].v[k]);
+      const uint32_t q = pack4<F>(v, scale, nan_free);
+      if (out_t != nullptr) tile[tile_word(r, tw)] = q;
       if (full || (Vec && gr < rows && gc + 4 <= cols)) {
         *reinterpret_cast<uint32_t*>(out + gr * cols + gc) = q;
       } else if (gr < rows) {
@@ -163,18 +179,19 @@ __global__ void __launch_bounds__(kThreads) cast_kernel(
     }
     if (out_t != nullptr) {
       __syncthreads();
-      // Row c of the transposed tile is column c of this one: a thread writes 4 of its bytes.
+      // Row c of the transposed tile is column c of this one: a thread writes 4 of its bytes,
+      // those of rows 4 * twt .. 4 * twt + 3.
 #pragma unroll
-      for (int p = 0; p < kPasses; ++p) {
-        const int c = tr + kRowsPerPass * p;
+      for (int p = 0; p < kPassesT; ++p) {
+        const int c = trt + kRowsPerPassT * p, rt = 4 * twt;
         const int64_t gct = c0 + c;
-        const uint32_t q = gather_byte(tile[tc][c / 4], tile[tc + 1][c / 4], tile[tc + 2][c / 4], tile[tc + 3][c / 4],
-                                       c % 4);
-        uint8_t* dst = out_t + gct * rows + r0 + tc;
-        if ((full && packed_t) || (gct < cols && packed_t && r0 + tc + 4 <= rows)) {
+        const uint32_t q = gather_byte(tile[tile_word(rt, c / 4)], tile[tile_word(rt + 1, c / 4)],
+                                       tile[tile_word(rt + 2, c / 4)], tile[tile_word(rt + 3, c / 4)], c % 4);
+        uint8_t* dst = out_t + gct * rows + r0 + rt;
+        if ((full && packed_t) || (gct < cols && packed_t && r0 + rt + 4 <= rows)) {
           *reinterpret_cast<uint32_t*>(dst) = q;
         } else if (gct < cols) {
-          for (int k = 0; k < 4 && r0 + tc + k < rows; ++k) dst[k] = static_cast<uint8_t>(q >> (8 * k));
+          for (int k = 0; k < 4 && r0 + rt + k < rows; ++k) dst[k] = static_cast<uint8_t>(q >> (8 * k));
         }
       }
       __syncthreads();  // the tile is reused by the next iteration
@@ -223,8 +240,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_cast(const at::Tensor& x, 
   at::Tensor out_t = at::empty(transpose ? at::IntArrayRef{a.cols, a.rows} : at::IntArrayRef{0},
                                x.options().dtype(dtype));
   at::Tensor inv = at::empty({}, x.options().dtype(at::kFloat));
-  const int64_t tiles = ((a.rows + kTile - 1) / kTile) * ((a.cols + kTile - 1) / kTile);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fp8_cast", [&] {
+    constexpr int kRows = TileRows<scalar_t>;
+    const int64_t tiles = ((a.rows + kRows - 1) / kRows) * ((a.cols + kTileCols - 1) / kTileCols);
     const bool vec = a.cols % 4 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % (4 * sizeof(scalar_t)) == 0;
     auto launch = [&](auto kernel) {  // at least one block: it writes 1 / scale even for an empty x
       kernel<<<grid_for(std::max<int64_t>(tiles, 1), x, 16), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
