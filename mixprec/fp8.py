@@ -103,12 +103,6 @@ class DelayedScaling:
     def history(self, weight: Tensor, operand: str) -> Tensor | None:
         if not self.enabled:
             return None
-        if torch.compiler.is_compiling() or is_fake(weight):  # (torch 2.11's dynamo runs this on fake
-            # tensors with is_compiling() False.) The histories are state beside the model, which a
-            # traced graph would capture as constants or fake tensors: refuse rather than train on a
-            # frozen scale.
-            raise RuntimeError("mixprec fp8: delayed scaling runs in eager mode only; under torch.compile "
-                               "use current scaling (mixprec.fp8.use_current_scaling(), the default)")
         per_layer = self.histories.setdefault(id(weight), {})
         if operand not in per_layer:
             per_layer[operand] = torch.zeros(self.history_len, dtype=torch.float32, device=weight.device)
@@ -264,45 +258,106 @@ def scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype:
     return (torch.mm(a.float(), b.float()) * (scale_a * scale_b)).to(out_dtype)
 
 
+# The fp8 linear's forward and backward, written once. torch._scaled_mm(a, b) takes a row-major
+# and b column-major: every GEMM reads one fp8 copy as is and the other through .t() of a
+# transposed copy the cast kernel wrote in the same pass (x8_t, w8_t, g8_t), so no operand is
+# copied again. Eager mode calls them through _Fp8Linear; a traced graph (torch.compile) through
+# the custom ops below, opaque to the tracer, so that the weight cache, the amax histories and
+# the audit are read and written when the graph runs, on the real tensors.
+def _forward(x2: Tensor, weight: Tensor, out_dtype: torch.dtype,
+             weight_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(x2 @ weight.t() in out_dtype, and for the backward x8_t (empty unless weight_grad),
+    x_inv, w8_t, w_inv)."""
+    x8, x8_t, x_inv = cast(x2, E4M3, _delayed.history(weight, "input"), transpose=weight_grad)
+    w8, w8_t, w_inv = _cast_weight(weight)
+    out = scaled_mm(x8, w8.t(), x_inv, w_inv, out_dtype)
+    if _audit.records is not None:
+        _audit.records.append({"shape": f"{x2.shape[0]} x {x2.shape[1]} x {weight.shape[0]}",
+                               "input": _cast_audit(x2, x8, x_inv, E4M3),
+                               "weight": _cast_audit(weight, w8, w_inv, E4M3)})
+    return out, x8_t, x_inv, w8_t, w_inv
+
+
+def _backward(g2: Tensor, x8_t: Tensor, x_inv: Tensor, w8_t: Tensor, w_inv: Tensor, weight: Tensor,
+              x_dtype: torch.dtype, input_grad: bool, weight_grad: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(grad of x2 in x_dtype, grad of weight in its dtype), each None where not needed."""
+    g8, g8_t, g_inv = cast(g2, E5M2, _delayed.history(weight, "grad"), transpose=weight_grad)
+    grad_x = grad_w = None
+    if input_grad:  # (M x N) @ (N x K), straight into x's dtype (fp32 under a LayerNorm)
+        grad_x = scaled_mm(g8, w8_t.t(), g_inv, w_inv, x_dtype)
+    if weight_grad:  # (N x M) @ (M x K)
+        grad_w = scaled_mm(g8_t, x8_t.t(), g_inv, x_inv, torch.float32).to(weight.dtype)
+    return grad_x, grad_w
+
+
 class _Fp8Linear(torch.autograd.Function):
-    # torch._scaled_mm(a, b) takes a row-major and b column-major: every GEMM below reads one fp8
-    # copy as is and the other through .t() of a transposed copy the cast kernel wrote in the
-    # same pass (x8_t, w8_t, g8_t), so no operand is copied again.
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, out_dtype: torch.dtype) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        x8, x8_t, x_inv = cast(x2, E4M3, _delayed.history(weight, "input"), transpose=ctx.needs_input_grad[1])
-        w8, w8_t, w_inv = _cast_weight(weight)
-        ctx.grad_history = _delayed.history(weight, "grad")
-        out = scaled_mm(x8, w8.t(), x_inv, w_inv, out_dtype)
-        if bias is not None:
-            out = out + bias.to(out_dtype)
-        if _audit.records is not None:
-            _audit.records.append({"shape": f"{x2.shape[0]} x {x2.shape[1]} x {weight.shape[0]}",
-                                   "input": _cast_audit(x2, x8, x_inv, E4M3),
-                                   "weight": _cast_audit(weight, w8, w_inv, E4M3)})
-        ctx.save_for_backward(x8_t, x_inv, w8_t, w_inv)
-        ctx.shapes = (x.shape, x.dtype, weight.dtype, bias is not None, bias.dtype if bias is not None else None)
+        out, *saved = _forward(x2, weight, out_dtype, ctx.needs_input_grad[1])
+        ctx.save_for_backward(*saved, weight)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x8_t, x_inv, w8_t, w_inv = ctx.saved_tensors
-        x_shape, x_dtype, w_dtype, has_bias, b_dtype = ctx.shapes
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        g8, g8_t, g_inv = cast(g2, E5M2, ctx.grad_history, transpose=ctx.needs_input_grad[1])
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:  # (M x N) @ (N x K), straight into x's dtype (fp32 under a LayerNorm)
-            grad_x = scaled_mm(g8, w8_t.t(), g_inv, w_inv, x_dtype).reshape(x_shape)
-        if ctx.needs_input_grad[1]:  # (N x M) @ (M x K)
-            grad_w = scaled_mm(g8_t, x8_t.t(), g_inv, x_inv, torch.float32).to(w_dtype)
-        if has_bias and ctx.needs_input_grad[2]:
-            grad_b = g2.float().sum(0).to(b_dtype)
-        return grad_x, grad_w, grad_b, None
+        grad_x, grad_w = _backward(grad_out.reshape(-1, grad_out.shape[-1]), *ctx.saved_tensors, ctx.x_dtype,
+                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return None if grad_x is None else grad_x.reshape(ctx.x_shape), grad_w, None
 
 
 _LIB = torch.library.Library("mixprec_fp8", "DEF")
 _LIB.define("linear(Tensor input, Tensor weight, Tensor? bias, ScalarType out_dtype) -> Tensor")
+
+
+@torch.library.custom_op("mixprec_fp8::forward", mutates_args=())
+def _forward_op(x2: Tensor, weight: Tensor, out_dtype: torch.dtype,
+                weight_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out, x8_t, x_inv, w8_t, w_inv = _forward(x2, weight, out_dtype, weight_grad)
+    return out, x8_t, x_inv, w8_t.clone(), w_inv.clone()  # (the cached weight copy: an op's outputs are its own)
+
+
+@_forward_op.register_fake
+def _forward_fake(x2, weight, out_dtype, weight_grad):
+    (m, k), n = x2.shape, weight.shape[0]
+    return (x2.new_empty((m, n), dtype=out_dtype), x2.new_empty((k, m) if weight_grad else (0,), dtype=E4M3),
+            x2.new_empty((), dtype=torch.float32), weight.new_empty((k, n), dtype=E4M3),
+            weight.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("mixprec_fp8::backward", mutates_args=())
+def _backward_op(g2: Tensor, x8_t: Tensor, x_inv: Tensor, w8_t: Tensor, w_inv: Tensor, weight: Tensor,
+                 x_dtype: torch.dtype, input_grad: bool, weight_grad: bool) -> tuple[Tensor, Tensor]:
+    grad_x, grad_w = _backward(g2, x8_t, x_inv, w8_t, w_inv, weight, x_dtype, input_grad, weight_grad)
+    return (g2.new_empty(0, dtype=x_dtype) if grad_x is None else grad_x,
+            weight.new_empty(0) if grad_w is None else grad_w)
+
+
+@_backward_op.register_fake
+def _backward_fake(g2, x8_t, x_inv, w8_t, w_inv, weight, x_dtype, input_grad, weight_grad):
+    m, k = g2.shape[0], weight.shape[1]
+    return (g2.new_empty((m, k) if input_grad else (0,), dtype=x_dtype),
+            weight.new_empty(weight.shape if weight_grad else (0,)))
+
+
+def _forward_setup(ctx, inputs, output) -> None:
+    x2, weight, _, weight_grad = inputs
+    ctx.save_for_backward(*output[1:], weight)
+    ctx.x_dtype, ctx.weight_grad = x2.dtype, weight_grad
+
+
+def _forward_grad(ctx, grad_out, *_):
+    grad_x, grad_w = torch.ops.mixprec_fp8.backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.x_dtype,
+                                                    ctx.needs_input_grad[0], ctx.weight_grad)
+    return (grad_x if ctx.needs_input_grad[0] else None, grad_w if ctx.weight_grad else None, None, None)
+
+
+_forward_op.register_autograd(_forward_grad, setup_context=_forward_setup)
+
+
+def _traced_linear(x: Tensor, weight: Tensor, out_dtype: torch.dtype) -> Tensor:
+    out = torch.ops.mixprec_fp8.forward(x.reshape(-1, x.shape[-1]), weight, out_dtype, weight.requires_grad)[0]
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _linear(input: Tensor, weight: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
@@ -311,7 +366,11 @@ def _linear(input: Tensor, weight: Tensor, bias: Tensor | None, out_dtype: torch
     if not runs_in_fp8(m, input.shape[-1], weight.shape[0], input.is_cuda):  # the filter: stay in out_dtype
         return torch.nn.functional.linear(input.to(out_dtype), weight.to(out_dtype),
                                           None if bias is None else bias.to(out_dtype))
-    return _Fp8Linear.apply(input, weight, bias, out_dtype)
+    traced = torch.compiler.is_compiling() or is_fake(input)  # (torch 2.11's dynamo runs this on fake
+    # tensors with is_compiling() False)
+    out = _traced_linear(input, weight, out_dtype) if traced else _Fp8Linear.apply(input, weight, out_dtype)
+    # the bias outside the fp8 product, added in out_dtype as autocast's linear adds it
+    return out if bias is None else out + bias.to(out_dtype)
 
 
 _LIB.impl("linear", _linear, "CompositeImplicitAutograd")

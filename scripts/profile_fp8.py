@@ -28,7 +28,7 @@ def main() -> None:
     def ours():
         with torch.no_grad():
             w.add_(0.0)  # a new version of the weight, as after an optimizer step
-        fp8._Fp8Linear.apply(x, w, None, torch.bfloat16).backward(g)
+        fp8._Fp8Linear.apply(x, w, torch.bfloat16).backward(g)
 
     print(f"M, K, N = {m}, {k}, {n}; input {dtype}, weight fp32 (bf16 autocast's case)\n-- bf16")
     kernel_table(bf16, a.calls)

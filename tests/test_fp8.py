@@ -348,18 +348,38 @@ def test_delayed_scaling_follows_a_python_model_of_the_amax_history(fp8_device):
         fp8.use_current_scaling()
 
 
-def test_delayed_scaling_under_torch_compile_is_refused_with_a_clear_error():
-    """A traced graph would capture the amax histories (state beside the model) as constants and
-    train on a frozen scale: compiling under delayed scaling raises, naming the way out."""
-    layer = torch.nn.Linear(64, 32, bias=False)
+def test_delayed_scaling_under_torch_compile_equals_eager():
+    """A compiled graph runs the fp8 linear as opaque ops that read the amax histories when the
+    graph runs: three steps of a compiled linear under delayed scaling give eager's outputs,
+    gradients and histories bit for bit, and the histories stay live (no scale frozen at trace
+    time). One bias-free linear: inductor's fusions elsewhere (a GELU, a bias add kept in fp32)
+    round differently from eager, which would move the amaxes."""
     policy = mixprec.default_policy("cpu").override({F.linear: "fp8"})
-    fp8.use_delayed_scaling()
+    x = torch.randn(32, 64)
+    results = []
+    fp8.use_delayed_scaling(history_len=4)
     try:
-        with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy), \
-                pytest.raises(Exception, match="delayed scaling runs in eager mode only"):
-            torch.compile(layer, fullgraph=True)(torch.randn(16, 64))
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            layer = torch.nn.Linear(64, 48, bias=False)
+            fp8._delayed.histories.clear()
+            run = torch.compile(layer, fullgraph=True) if compiled else layer
+            outs = []
+            for step in range(3):
+                with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy):
+                    y = run(x * (step + 1))
+                y.float().square().mean().backward()
+                outs.append(y.detach())
+            results.append((outs, layer.weight.grad.clone(), fp8.state_dict(torch.nn.Sequential(layer))["0.weight"]))
     finally:
         fp8.use_current_scaling()
+    (eager_outs, eager_grad, eager_state), (outs, grad, state) = results
+    assert all(torch.equal(a, b) for a, b in zip(eager_outs, outs))
+    assert torch.equal(eager_grad, grad)
+    for operand in ("input", "weight", "grad"):
+        assert torch.equal(state[operand], eager_state[operand]), operand
+        assert state[operand][2] > 0 and state[operand][3] == 0  # three casts entered the history
+    assert state["input"][0] == 3 * state["input"][2]  # this step's input is 3x the first's
 
 
 def test_weights_are_cast_once_per_version(fp8_device):
