@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gemms", action="store_true")
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--variants", default="bf16-eager,mixprec-fp8-eager,mixprec-fp8-delayed-eager,bf16-compile,"
-                                          "mixprec-fp8-compile,torchao-tensorwise-compile,torchao-rowwise-compile")
+                                          "mixprec-fp8-compile,mixprec-fp8-delayed-compile,"
+                                          "torchao-tensorwise-compile,torchao-rowwise-compile")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=5)
