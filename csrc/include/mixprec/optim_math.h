@@ -12,7 +12,9 @@
 //   no compiler choice changes our bits. Adam's L2 decay is the exception (1 ulp on < 3 % of
 //   elements, see adam_element below);
 // - CUDA SGD (sgd_element): the fma chain scripts/fused_formulas.py finds in torch's fused CUDA
-//   SGD (H200, torch 2.11); tests/test_optim.py still saw a first-step difference there.
+//   SGD (torch 2.11), whose momentum update is contracted the other way under maximize. With a
+//   grad scale torch's kernel matches none of the candidates on every element (99.8-99.9 %):
+//   tests/test_optim.py compares CUDA SGD bit for bit without one.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -125,13 +127,18 @@ MIXPREC_HOST_DEVICE inline SgdStepScalars sgd_step_scalars(const SgdConfig& c, d
                         static_cast<float>(c.weight_decay), static_cast<float>(-lr), c.nesterov};
 }
 
-// One element of SGD on the CPU (torch's fused CPU kernel). `first`: the momentum buffer is new (torch's
-// "momentum_buffer is None"), so it starts as a copy of the gradient.
+// One element of SGD (torch's fused CPU kernel, and its fused CUDA kernel's fma chain). `first`:
+// the momentum buffer is new (torch's "momentum_buffer is None"), so it starts as a copy of the
+// gradient. `momentum_fma`: the buffer's update fuses the momentum product instead of the
+// gradient's, as torch 2.11's CUDA kernel is compiled to do under maximize
+// (scripts/fused_formulas.py on an H100: 100 % of elements that way, 72 % the other).
 MIXPREC_HOST_DEVICE inline void sgd_element(const SgdStepScalars& s, float g, float& p,
-                                            float* buf, bool first) {
+                                            float* buf, bool first, bool momentum_fma = false) {
   if (s.weight_decay != 0.0f) g = fmaf(s.weight_decay, p, g);
   if (buf != nullptr) {
-    const float b = first ? g : fmaf(s.one_minus_dampening, g, *buf * s.momentum);
+    const float b = first          ? g
+                    : momentum_fma ? fmaf(s.momentum, *buf, s.one_minus_dampening * g)
+                                   : fmaf(s.one_minus_dampening, g, *buf * s.momentum);
     *buf = b;
     g = s.nesterov ? fmaf(s.momentum, b, g) : b;
   }
