@@ -178,30 +178,36 @@ def test_8bit_moments_under_ddp_and_fsdp2(mode, backend, tmp_path):
                 torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
 
 
-def fp8_worker(rank, port, out):
-    """FSDP2 over two ranks, forward and backward under the fp8 rule: the rule casts the gathered
-    (whole) weight, so each rank's output equals one process's on its rows."""
+def _fp8_forward_backward_and_save(rank, out):
     import torch.nn.functional as F
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 16))
+    x = torch.randn(8, 64)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    policy = mixprec.default_policy("cpu").override({F.linear: "fp8"})
+    with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy):
+        y = model(x)
+    y.float().sum().backward()
+    grads = [p.grad.full_tensor() for p in model.parameters()]
+    torch.save({"y": y.detach(), "grads": grads}, os.path.join(out, f"fp8_{rank}.pt"))
+
+
+def fp8_worker(rank, port, out):
+    """FSDP2 over two ranks, forward and backward under the fp8 rule: the rule casts the gathered
+    (whole) weight, so each rank's output equals one process's on its rows."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 16))
-        x = torch.randn(8, 64)
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for layer in (model[0], model[2]):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        policy = mixprec.default_policy("cpu").override({F.linear: "fp8"})
-        with mixprec.autocast("cpu", dtype=torch.bfloat16, policy=policy):
-            y = model(x)
-        y.float().sum().backward()
-        grads = [p.grad.full_tensor() for p in model.parameters()]
-        torch.save({"y": y.detach(), "grads": grads}, os.path.join(out, f"fp8_{rank}.pt"))
+        _fp8_forward_backward_and_save(rank, out)
     finally:
+        # the sharded model dies with the helper's frame, before its process group (see worker)
+        gc.collect()
         dist.destroy_process_group()
 
 
