@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 from collections.abc import Callable
 
 import torch
@@ -206,8 +207,27 @@ def bench_group(model: str, group: int, names: list[str], device: str, repeats: 
     return rows
 
 
+def cpu_step_bytes(name: str) -> int:
+    """STEP_BYTES of a --cpu-step variant; "<variant>-avx2" is <variant> with our loops capped at
+    their AVX2 build (MIXPREC_CPU_VECTOR=avx2), to compare it with the AVX-512 build in one run."""
+    return STEP_BYTES[name.removesuffix("-avx2") if name.startswith("ours-") else name]
+
+
 def make_cpu_step(name: str, shapes: list[tuple[int, ...]]) -> Callable[[], None]:
     """Params with grads and an optimizer for one --cpu-step variant; returns its step."""
+    if name.startswith("ours-") and name.endswith("-avx2"):
+        inner = make_cpu_step(name.removesuffix("-avx2"), shapes)
+
+        def capped() -> None:
+            previous = os.environ.pop("MIXPREC_CPU_VECTOR", None)
+            os.environ["MIXPREC_CPU_VECTOR"] = "avx2"
+            try:
+                inner()
+            finally:
+                del os.environ["MIXPREC_CPU_VECTOR"]
+                if previous is not None:
+                    os.environ["MIXPREC_CPU_VECTOR"] = previous
+        return capped
     dtype = torch.bfloat16 if "bf16" in name else torch.float16 if "fp16" in name else torch.float32
     params = [(torch.randn(s, dtype=dtype) * 0.02).requires_grad_() for s in shapes]
     for p in params:
@@ -237,10 +257,10 @@ def bench_cpu_step(repeats: int, variants: list[str]) -> list[dict]:
     rows = []
     for name in variants:
         ms = stats[name]["median"]
-        gbps = STEP_BYTES[name] * n / ms / 1e6
+        gbps = cpu_step_bytes(name) * n / ms / 1e6
         rows.append({"variant": name, "ms": ms, "spread": stats[name]["spread"], "gbps": gbps,
                      "pct_torch": 100 * gbps / torch_gbps, "x_torch": ms / torch_ms,
-                     "B_per_param": STEP_BYTES[name], "params": n, "n_tensors": len(shapes),
+                     "B_per_param": cpu_step_bytes(name), "params": n, "n_tensors": len(shapes),
                      "min_ms": stats[name]["min"], "max_ms": stats[name]["max"], "repeats": repeats,
                      "device": "cpu", "threads": torch.get_num_threads(), "torch_version": torch.__version__,
                      "mixprec_version": getattr(mixprec, "__version__", None)})
@@ -264,7 +284,7 @@ def main() -> None:
         if torch.device(args.device).type != "cpu":
             p.error("--cpu-step measures the CPU kernels: pass --device cpu")
         variants = list(STEP_BYTES) if args.variants == ",".join(VARIANTS) else args.variants.split(",")
-        unknown = [v for v in variants if v not in STEP_BYTES]
+        unknown = [v for v in variants if v.removesuffix("-avx2") not in STEP_BYTES]
         if unknown or "torch-fused" not in variants:
             p.error(f"--cpu-step variants are {list(STEP_BYTES)} (torch-fused included); unknown: {unknown}")
         rows = bench_cpu_step(args.repeats or 11, variants)

@@ -1,7 +1,10 @@
-"""The CPU optimizer kernels' vector loops (AVX2, csrc/cpu/optim_cpu_avx2.cpp) give the same bits
-as the per-element reference loop (csrc/cpu/optim_cpu.cpp, forced by MIXPREC_CPU_VECTOR=0) in every
-mode, for lengths that exercise the vector body, the Philox batches, the head and the tail, with
-inf/NaN/subnormal/huge values mixed in. (On a CPU without AVX2 both runs take the reference loop.)"""
+"""The CPU optimizer kernels' vector loops (csrc/cpu/optim_vector_loops.h, built for AVX2 and
+AVX-512) give the same bits as the per-element reference loop (csrc/cpu/optim_cpu.cpp, forced by
+MIXPREC_CPU_VECTOR=0) in every mode, for lengths that exercise the vector body, the random words,
+the head and the tail, with inf/NaN/subnormal/huge values mixed in. Each build is compared:
+MIXPREC_CPU_VECTOR=avx2 caps the loops at AVX2, unset they take the widest the processor has (on
+a CPU without AVX-512 both runs are AVX2; without AVX2 every run takes the reference loop)."""
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -28,12 +31,20 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
 
 
-def run_both(monkeypatch, make_state, step):
-    """Steps two identical states, one with the vector loops and one with the reference loop,
-    and returns both states' tensors."""
+VECTOR_BUILDS = ["avx2", "widest"]  # MIXPREC_CPU_VECTOR values; "widest" leaves it unset
+
+
+def run_both(monkeypatch, make_state, step, build="widest"):
+    """Steps two identical states, one with the vector loops of `build` and one with the
+    reference loop, and returns both states' tensors."""
     vec, ref = make_state(), make_state()
     for _ in range(2):
-        step(vec)
+        with monkeypatch.context() as m:
+            if build == "widest":
+                m.delenv("MIXPREC_CPU_VECTOR", raising=False)
+            else:
+                m.setenv("MIXPREC_CPU_VECTOR", build)
+            step(vec)
         with monkeypatch.context() as m:
             m.setenv("MIXPREC_CPU_VECTOR", "0")
             step(ref)
@@ -80,8 +91,9 @@ def transform_args(scaled):
     return {"inv_scale": torch.tensor(1.0 / 1024), "clip_coef": torch.tensor(0.75), "store_grads": True}
 
 
+@pytest.mark.parametrize("build", VECTOR_BUILDS)
 @given(**common, amsgrad=st.booleans(), decoupled=st.booleans(), beta1=st.sampled_from([0.9, 0.3]))
-def test_adam_vector_loop_equals_reference_bit_for_bit(monkeypatch, lengths, seed, specials, dtype, store,
+def test_adam_vector_loop_equals_reference_bit_for_bit(monkeypatch, build, lengths, seed, specials, dtype, store,
                                                        maximize, weight_decay, scaled, amsgrad, decoupled,
                                                        beta1):
     def make_state():
@@ -99,12 +111,13 @@ def test_adam_vector_loop_equals_reference_bit_for_bit(monkeypatch, lengths, see
                        decoupled_weight_decay=decoupled, maximize=maximize, compensations=s["comps"],
                        rounding=rounding_of(dtype, store), seed=seed, **transform_args(scaled))
 
-    assert_same(*run_both(monkeypatch, make_state, step))
+    assert_same(*run_both(monkeypatch, make_state, step, build))
 
 
+@pytest.mark.parametrize("build", VECTOR_BUILDS)
 @given(**common, momentum=st.sampled_from([0.0, 0.9]), dampening=st.sampled_from([0.0, 0.25]),
        nesterov=st.booleans())
-def test_sgd_vector_loop_equals_reference_bit_for_bit(monkeypatch, lengths, seed, specials, dtype, store,
+def test_sgd_vector_loop_equals_reference_bit_for_bit(monkeypatch, build, lengths, seed, specials, dtype, store,
                                                       maximize, weight_decay, scaled, momentum, dampening,
                                                       nesterov):
     nesterov = nesterov and momentum > 0 and dampening == 0
@@ -122,10 +135,11 @@ def test_sgd_vector_loop_equals_reference_bit_for_bit(monkeypatch, lengths, seed
                       compensations=s["comps"], rounding=rounding_of(dtype, store), seed=seed,
                       **transform_args(scaled))
 
-    assert_same(*run_both(monkeypatch, make_state, step))
+    assert_same(*run_both(monkeypatch, make_state, step, build))
 
 
-def test_threads_split_tensors_mid_batch(monkeypatch):
+@pytest.mark.parametrize("build", VECTOR_BUILDS)
+def test_threads_split_tensors_mid_batch(monkeypatch, build):
     """Lengths large enough for at::parallel_for to split inside a tensor away from a 32-element
     batch boundary, so each thread's head and tail run the reference loop mid-tensor."""
     lengths = [70_001, 33, 65_571]
@@ -146,4 +160,4 @@ def test_threads_split_tensors_mid_batch(monkeypatch):
                            maximize=False, compensations=s["comps"], rounding=rounding_of(dtype, store),
                            seed=123)
 
-        assert_same(*run_both(monkeypatch, make_state, step))
+        assert_same(*run_both(monkeypatch, make_state, step, build))

@@ -1,7 +1,7 @@
 // CPU kernels of mixprec::adam_step_ and mixprec::sgd_step_: one at::parallel_for over every
 // element of every tensor, the per-element maths from optim_math.h (shared with CUDA). The
-// per-element loops here are the reference; the AVX2 loops (optim_cpu_avx2.cpp) run the same
-// operations eight elements at a time and give the same bits. A set found_inf skips the whole
+// per-element loops here are the reference; the vector loops (optim_vector_loops.h, built for
+// AVX2 and AVX-512) run the same operations 8 or 16 elements at a time and give the same bits. A set found_inf skips the whole
 // update (params, state and step counts untouched).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -170,13 +170,14 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     scalars.push_back(adam_step_scalars(config, in.lr, *f32(s)));
   }
   const StepRule rule{params[0].scalar_type(), in.transform, rounding, store_grads};
-  const bool vector = use_avx2() && rule.dtype != at::kDouble;
+  const CpuVector vector = rule.dtype == at::kDouble ? CpuVector::kPortable : cpu_vector();
   Concatenation(numels_of(params)).parallel_walk(kGrain, [&](size_t t, int64_t begin, int64_t end) {
     const AdamSlice slice{
         weight_slice(params, grads, master_params, compensations, steps, seed, t),
         f32(exp_avgs[t]), f32(exp_avg_sqs[t]), ptr_or_null<float>(max_exp_avg_sqs, t), scalars[t]};
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (vector) return adam_slice_avx2(rule, slice, begin, end);
+    if (vector == CpuVector::kAvx512) return adam_slice_avx512(rule, slice, begin, end);
+    if (vector == CpuVector::kAvx2) return adam_slice_avx2(rule, slice, begin, end);
 #endif
     adam_slice_portable(rule, slice, begin, end);
   });
@@ -208,12 +209,13 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     first[t] = *f32(steps[t]) == 1.0f;  // the momentum buffer starts as a copy of the grad
   }
   const StepRule rule{params[0].scalar_type(), in.transform, rounding, store_grads};
-  const bool vector = use_avx2() && rule.dtype != at::kDouble;
+  const CpuVector vector = rule.dtype == at::kDouble ? CpuVector::kPortable : cpu_vector();
   Concatenation(numels_of(params)).parallel_walk(kGrain, [&](size_t t, int64_t begin, int64_t end) {
     const SgdSlice slice{weight_slice(params, grads, master_params, compensations, steps, seed, t),
                          ptr_or_null<float>(momentum_buffers, t), first[t] != 0};
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (vector) return sgd_slice_avx2(rule, scalars, slice, begin, end);
+    if (vector == CpuVector::kAvx512) return sgd_slice_avx512(rule, scalars, slice, begin, end);
+    if (vector == CpuVector::kAvx2) return sgd_slice_avx2(rule, scalars, slice, begin, end);
 #endif
     sgd_slice_portable(rule, scalars, slice, begin, end);
   });

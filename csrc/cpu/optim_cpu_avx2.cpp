@@ -1,11 +1,11 @@
-// The AVX2 build of the CPU Adam/AdamW and SGD loops, chosen at run time (cpu_isa.h). Eight
-// elements at a time, the same operations in the same order as the per-element reference in
-// optim_cpu.cpp (optim_math.h's CPU order): fmadd where it calls fmaf (both are one exact fused
-// multiply-add), separate roundings elsewhere, and sqrt and division correctly rounded in both,
-// so every mode gives the same bits. Conversions to fp16/bf16 are done on the bit patterns to
-// match c10's exactly, NaNs included (c10 writes 0x7FC0 for a bf16 NaN; ATen's vector
-// conversion would write 0xFFFF). Stochastic rounding draws the same random words
-// (RandomStream::word), eight at a time.
+// The AVX2 build of the CPU Adam/AdamW and SGD loops (optim_vector_loops.h), chosen at run time
+// (cpu_isa.h): the lane operations for eight elements at a time. Every build performs the same
+// operations in the same order as the per-element reference in optim_cpu.cpp (optim_math.h's CPU
+// order): fmadd where it calls fmaf (both are one exact fused multiply-add), separate roundings
+// elsewhere, and sqrt and division correctly rounded in both, so every mode gives the same bits.
+// Conversions to fp16/bf16 are done on the bit patterns to match c10's exactly, NaNs included
+// (c10 writes 0x7FC0 for a bf16 NaN; ATen's vector conversion would write 0xFFFF). Stochastic
+// rounding draws the same random words (RandomStream::word), eight at a time.
 #if defined(__x86_64__) && defined(__GNUC__)
 #include "avx2_target.h"  // first: the rest of this file compiles for AVX2
 #include <ATen/cpu/vec/vec.h>
@@ -23,9 +23,8 @@ namespace {
 using fVec = at::vec::Vectorized<float>;
 static_assert(fVec::size() == 8, "this file is the AVX2 build: 8 floats a vector");
 constexpr int64_t kLanes = 8;
-
-// How the fp32 result reaches memory (optim_math.h's WeightIO, one case each).
-enum class Store { kFloat, kMaster, kNearest, kStochastic, kKahan };
+using IntVec = __m256i;   // 8 int32 lanes
+using HalfVec = __m128i;  // 8 16-bit lanes
 
 // -- fp16/bf16 bit patterns, 8 lanes --------------------------------------------------------------
 
@@ -52,6 +51,11 @@ fVec widen(__m128i h) {
 }
 
 template <typename T>
+void store_half(T* at, HalfVec h) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(at), h);
+}
+
+template <typename T>
 fVec load_float(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return fVec::loadu(p);
@@ -70,6 +74,9 @@ __m256i bf16_nearest32(fVec x) {
       _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
   return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), bits(is_nan(x)));
 }
+
+// The bf16 values of bf16_nearest32's patterns, as fp32.
+fVec bf16_value(__m256i rounded) { return fVec(_mm256_castsi256_ps(_mm256_slli_epi32(rounded, 16))); }
 
 // fp16 round to nearest even: F16C is IEEE's rounding, as c10's portable conversion is; c10
 // writes a NaN as its sign | 0x7E00, where F16C would keep payload bits.
@@ -147,185 +154,7 @@ __m256i random_words(const RandomStream& stream, int64_t i) {
   return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
 
-// -- The weight, read and written per storage scheme --------------------------------------------
-
-template <typename T, Store S>
-struct Weight {
-  T* param;
-  T* grad;
-  float* master;
-  T* comp;
-
-  explicit Weight(const WeightSlice& w)
-      : param(static_cast<T*>(w.param)), grad(static_cast<T*>(w.grad)), master(w.master),
-        comp(static_cast<T*>(w.compensation)) {}
-
-  // GradTransform's gradient for the update, 8 lanes; with store_grads the unscaled, clipped
-  // gradient is written back (rounded to nearest in the grads' dtype). The loops pass local
-  // copies of the rule's fields: read through the rule, they would be reloaded after every store.
-  fVec take_grad(int64_t i, const GradTransform& t, bool store_grads) const {
-    fVec u = load_float(grad + i) * fVec(t.inv_scale);
-    u = u * fVec(t.clip_coef);
-    if (store_grads) {
-      if constexpr (std::is_same_v<T, float>) {
-        u.store(grad + i);
-      } else {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(grad + i), round_nearest<T>(u));
-      }
-    }
-    return t.maximize ? u.neg() : u;
-  }
-
-  fVec load(int64_t i) const {
-    if constexpr (S == Store::kMaster) return fVec::loadu(master + i);
-    if constexpr (S == Store::kKahan) return load_float(param + i) + load_float(comp + i);
-    return load_float(param + i);
-  }
-
-  void store(int64_t i, fVec p, __m256i random) const {
-    auto put = [](T* at, __m128i h) { _mm_storeu_si128(reinterpret_cast<__m128i*>(at), h); };
-    if constexpr (S == Store::kFloat) {
-      p.store(param + i);
-    } else if constexpr (S == Store::kMaster) {
-      p.store(master + i);
-      put(param + i, round_nearest<T>(p));
-    } else if constexpr (S == Store::kNearest) {
-      put(param + i, round_nearest<T>(p));
-    } else if constexpr (S == Store::kStochastic) {
-      put(param + i, round_stochastic<T>(p, random));
-    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      // The rounded weight as fp32 straight from its int32 lanes (no narrow and widen).
-      const __m256i rounded = bf16_nearest32(p);
-      put(param + i, narrow(rounded));
-      put(comp + i, round_nearest<T>(p - fVec(_mm256_castsi256_ps(_mm256_slli_epi32(rounded, 16)))));
-    } else {
-      const __m128i rounded = round_nearest<T>(p);
-      put(param + i, rounded);
-      put(comp + i, round_nearest<T>(p - widen<T>(rounded)));
-    }
-  }
-};
-
-// Runs body(i, random) for the 8-element vectors of [begin, end) that start at a multiple of 8,
-// and `portable` over the rest: the same elements and random words either way.
-template <Store S, typename Body, typename Rest>
-void vectors(const RandomStream& stream, int64_t begin, int64_t end, const Body& body,
-             const Rest& portable) {
-  const int64_t first = std::min(end, (begin + kLanes - 1) / kLanes * kLanes);
-  portable(begin, first);
-  int64_t i = first;
-  for (; i + kLanes <= end; i += kLanes) {
-    body(i, S == Store::kStochastic ? random_words(stream, i) : _mm256_setzero_si256());
-  }
-  portable(i, end);
-}
-
-template <typename T, Store S>
-void adam_loop(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end) {
-  const Weight<T, S> w(a.w);
-  const GradTransform transform = rule.transform;
-  const bool store_grads = rule.store_grads;
-  const AdamStepScalars& s = a.scalars;
-  const bool decay = s.weight_decay != 0.0f;
-  const bool low_weight = s.one_minus_beta1 < 0.5f;  // torch.lerp's branch, the same for all
-  const fVec weight_decay(s.weight_decay), decay_factor(s.decay);
-  const fVec lerp_weight(low_weight ? s.one_minus_beta1 : s.one_minus_beta1 - 1.0f);
-  const fVec beta2(s.beta2), one_minus_beta2(s.one_minus_beta2);
-  const fVec bias_correction2_sqrt(s.bias_correction2_sqrt), eps(s.eps), neg_step(s.neg_step_size);
-  float* m_ptr = a.exp_avg;
-  float* v_ptr = a.exp_avg_sq;
-  float* vmax_ptr = a.max_exp_avg_sq;
-  auto body = [&](int64_t i, __m256i random) {
-    fVec g = w.take_grad(i, transform, store_grads);
-    fVec p = w.load(i);
-    if (decay) {
-      if (s.decoupled) {
-        p = p * decay_factor;
-      } else {
-        g = at::vec::fmadd(weight_decay, p, g);
-      }
-    }
-    fVec m = fVec::loadu(m_ptr + i);
-    const fVec diff = g - m;
-    m = at::vec::fmadd(lerp_weight, diff, low_weight ? m : g);
-    fVec v = at::vec::fmadd(one_minus_beta2 * g, g, fVec::loadu(v_ptr + i) * beta2);
-    fVec second = v;
-    if (vmax_ptr != nullptr) {
-      const fVec vm = fVec::loadu(vmax_ptr + i);
-      second = fVec::blendv(v, vm, is_nan(vm) | fVec(_mm256_cmp_ps(vm, v, _CMP_GT_OQ)));
-      second.store(vmax_ptr + i);
-    }
-    const fVec denom = second.sqrt() / bias_correction2_sqrt + eps;
-    p = p + (neg_step * m) / denom;
-    m.store(m_ptr + i);
-    v.store(v_ptr + i);
-    w.store(i, p, random);
-  };
-  vectors<S>(a.w.random, begin, end, body,
-             [&](int64_t b, int64_t e) { adam_slice_portable(rule, a, b, e); });
-}
-
-template <typename T, Store S>
-void sgd_loop(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a, int64_t begin,
-              int64_t end) {
-  const Weight<T, S> w(a.w);
-  const GradTransform transform = rule.transform;
-  const bool store_grads = rule.store_grads;
-  const bool decay = s.weight_decay != 0.0f;
-  const fVec weight_decay(s.weight_decay), momentum(s.momentum);
-  const fVec one_minus_dampening(s.one_minus_dampening), neg_lr(s.neg_lr);
-  float* buf = a.momentum_buffer;
-  auto body = [&](int64_t i, __m256i random) {
-    fVec g = w.take_grad(i, transform, store_grads);
-    fVec p = w.load(i);
-    if (decay) g = at::vec::fmadd(weight_decay, p, g);
-    if (buf != nullptr) {
-      const fVec b =
-          a.first ? g : at::vec::fmadd(one_minus_dampening, g, fVec::loadu(buf + i) * momentum);
-      b.store(buf + i);
-      g = s.nesterov ? at::vec::fmadd(momentum, b, g) : b;
-    }
-    p = at::vec::fmadd(neg_lr, g, p);
-    w.store(i, p, random);
-  };
-  vectors<S>(a.w.random, begin, end, body,
-             [&](int64_t b, int64_t e) { sgd_slice_portable(rule, s, a, b, e); });
-}
-
-// Picks the loop for the dtype and storage scheme (as WeightIO::store decides per element).
-template <template <typename, Store> class Loop, typename... Args>
-void dispatch(const StepRule& rule, const WeightSlice& w, Args&&... args) {
-  auto low = [&](auto tag) {
-    using T = decltype(tag);
-    if (w.master != nullptr) return Loop<T, Store::kMaster>::run(rule, args...);
-    if (w.compensation != nullptr) return Loop<T, Store::kKahan>::run(rule, args...);
-    if (rule.rounding == Rounding::kStochastic) return Loop<T, Store::kStochastic>::run(rule, args...);
-    return Loop<T, Store::kNearest>::run(rule, args...);
-  };
-  switch (rule.dtype) {
-    case at::kFloat: return Loop<float, Store::kFloat>::run(rule, args...);
-    case at::kHalf: return low(c10::Half());
-    case at::kBFloat16: return low(c10::BFloat16());
-    // check_optim_args admits only these dtypes. No TORCH_CHECK here: its std::string messages,
-    // compiled under this file's AVX2 target, fail to inline with gcc 13 (target mismatch).
-    default: std::abort();
-  }
-}
-
-template <typename T, Store S>
-struct AdamLoop {
-  static void run(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end) {
-    adam_loop<T, S>(rule, a, begin, end);
-  }
-};
-
-template <typename T, Store S>
-struct SgdLoop {
-  static void run(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a, int64_t begin,
-                  int64_t end) {
-    sgd_loop<T, S>(rule, s, a, begin, end);
-  }
-};
+#include "optim_vector_loops.h"
 
 }  // namespace
 

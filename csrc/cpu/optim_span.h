@@ -1,6 +1,6 @@
 // One tensor's share of a fused optimizer step on the CPU, as optim_cpu.cpp hands it to the
-// element loops: the portable per-element loop (the reference, in optim_cpu.cpp) and the AVX2
-// loop (optim_cpu_avx2.cpp), which must give the same bits.
+// element loops: the portable per-element loop (the reference, in optim_cpu.cpp) and the vector
+// loops (optim_vector_loops.h, built for AVX2 and AVX-512), which must give the same bits.
 #pragma once
 #include <c10/core/ScalarType.h>
 
@@ -48,11 +48,14 @@ void sgd_slice_portable(const StepRule& rule, const SgdStepScalars& s, const Sgd
                         int64_t begin, int64_t end);
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// The AVX2 loops (fp32, fp16 and bf16 params; fp64 stays portable). Elements outside whole
-// 8-element vectors go through the portable loop.
+// The vector loops (fp32, fp16 and bf16 params; fp64 stays portable). Elements outside whole
+// vectors (8 elements for AVX2, 16 for AVX-512) go through the portable loop.
 void adam_slice_avx2(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end);
 void sgd_slice_avx2(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a,
                     int64_t begin, int64_t end);
+void adam_slice_avx512(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t end);
+void sgd_slice_avx512(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a,
+                      int64_t begin, int64_t end);
 #endif
 
 }  // namespace mixprec::cpu
