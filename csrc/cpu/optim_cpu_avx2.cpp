@@ -24,6 +24,7 @@ using fVec = at::vec::Vectorized<float>;
 static_assert(fVec::size() == 8, "this file is the AVX2 build: 8 floats a vector");
 constexpr int64_t kLanes = 8;
 using IntVec = __m256i;   // 8 int32 lanes
+constexpr int kRandomAhead = 1;  // vectors whose random words are made first (stochastic rounding)
 using HalfVec = __m128i;  // 8 16-bit lanes
 
 // -- fp16/bf16 bit patterns, 8 lanes --------------------------------------------------------------

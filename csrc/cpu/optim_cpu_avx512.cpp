@@ -22,6 +22,7 @@ using fVec = at::vec::Vectorized<float>;
 static_assert(fVec::size() == 16, "this file is the AVX-512 build: 16 floats a vector");
 constexpr int64_t kLanes = 16;
 using IntVec = __m512i;   // 16 int32 lanes
+constexpr int kRandomAhead = 2;  // vectors whose random words are made first (stochastic rounding)
 using HalfVec = __m256i;  // 16 16-bit lanes
 
 // -- fp16/bf16 bit patterns, 16 lanes -------------------------------------------------------------

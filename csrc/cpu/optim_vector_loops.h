@@ -78,6 +78,14 @@ void vectors(const RandomStream& stream, int64_t begin, int64_t end, const Body&
   const int64_t first = std::min(end, (begin + kLanes - 1) / kLanes * kLanes);
   portable(begin, first);
   int64_t i = first;
+  if constexpr (S == Store::kStochastic && kRandomAhead > 1) {
+    // Several vectors' random words first: their multiply chains overlap each other and the loads.
+    for (; i + kRandomAhead * kLanes <= end; i += kRandomAhead * kLanes) {
+      IntVec r[kRandomAhead];
+      for (int k = 0; k < kRandomAhead; ++k) r[k] = random_words(stream, i + k * kLanes);
+      for (int k = 0; k < kRandomAhead; ++k) body(i + k * kLanes, r[k]);
+    }
+  }
   for (; i + kLanes <= end; i += kLanes) {
     body(i, S == Store::kStochastic ? random_words(stream, i) : IntVec{});
   }
