@@ -24,7 +24,7 @@ struct Weight {
       : param(static_cast<T*>(w.param)), grad(static_cast<T*>(w.grad)), master(w.master),
         comp(static_cast<T*>(w.compensation)) {}
 
-  // GradTransform's gradient for the update, 8 lanes; with store_grads the unscaled, clipped
+  // GradTransform's gradient for the update, kLanes lanes; with store_grads the unscaled, clipped
   // gradient is written back (rounded to nearest in the grads' dtype). The loops pass local
   // copies of the rule's fields: read through the rule, they would be reloaded after every store.
   fVec take_grad(int64_t i, const GradTransform& t, bool store_grads) const {
