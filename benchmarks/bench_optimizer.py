@@ -48,10 +48,12 @@ MODELS = {"tiny": (2, 64, 1000, 64), "124M": (12, 768), "1.5B": (48, 1600)}
 VARIANTS = {"torch": torch.float32, "ours-fp32": torch.float32, "ours-fp32-keep-grads": torch.float32,
             "ours-fp16": torch.float16, "ours-bf16": torch.bfloat16, "ours-bf16-stochastic": torch.bfloat16,
             "ours-bf16-kahan": torch.bfloat16, "ours-bf16-nearest": torch.bfloat16,
-            # compressed state (issue 15), and bitsandbytes' AdamW8bit (its step alone, fp32 params)
+            # compressed state (issue 15), bitsandbytes' AdamW8bit (its step alone, fp32 params) and
+            # torchao's AdamW8bit (its step alone, compiled, bf16 params rounded stochastically)
             "ours-bf16-remainder": torch.bfloat16, "ours-bf16-remainder-bf16m": torch.bfloat16,
             "ours-bf16-8bit": torch.bfloat16, "ours-bf16-remainder-8bit": torch.bfloat16,
-            "ours-bf16-stochastic-8bit": torch.bfloat16, "bnb-8bit": torch.float32}
+            "ours-bf16-stochastic-8bit": torch.bfloat16, "bnb-8bit": torch.float32,
+            "torchao-8bit": torch.bfloat16}
 # The optimizer options of each "ours-*" variant.
 OPTIONS = {"ours-fp32-keep-grads": {"write_back_grads": False},
            "ours-bf16-stochastic": {"master_weights": False, "rounding": "stochastic"},
@@ -71,11 +73,12 @@ OPTIONS = {"ours-fp32-keep-grads": {"write_back_grads": False},
 # the write-back, 32.
 # Compressed state: the remainder adds its r/w 4 to the weight's r/w 4 (no master); 8-bit moments
 # move 4 (codes r/w; absmax 0.06 more), bf16 moments 8. bitsandbytes' step alone on fp32 params:
-# grad 4 + param r/w 8 + codes 4.
+# grad 4 + param r/w 8 + codes 4; torchao's on bf16 params: grad 2 + param r/w 4 + codes 4.
 MOVED_BYTES = {"torch": 32, "ours-fp32": 36, "ours-fp32-keep-grads": 32, "ours-fp16": 32, "ours-bf16": 32,
                "ours-bf16-stochastic": 26, "ours-bf16-kahan": 30, "ours-bf16-nearest": 26,
                "ours-bf16-remainder": 30, "ours-bf16-remainder-bf16m": 22, "ours-bf16-8bit": 20,
-               "ours-bf16-remainder-8bit": 18, "ours-bf16-stochastic-8bit": 14, "bnb-8bit": 16}
+               "ours-bf16-remainder-8bit": 18, "ours-bf16-stochastic-8bit": 14, "bnb-8bit": 16,
+               "torchao-8bit": 10}
 # The step alone (--cpu-step), bytes per param: fp32 AdamW reads grad, param, m, v and writes param,
 # m, v (28); with fp32 master: grad 2 + master r/w 8 + m, v r/w 16 + weight written 2 (28); without
 # master: grad 2 + weight r/w 4 + m, v 16 (22), + compensation r/w 4 for kahan (26); amsgrad adds
@@ -102,9 +105,18 @@ def held_bytes_per_param(params: list[torch.Tensor], opt: torch.optim.Optimizer)
     """Weights + optimizer state (not grads, not step counters), from the allocated tensors."""
     n = sum(p.numel() for p in params)
     weights = sum(p.numel() * p.element_size() for p in params)
-    state = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items()
+    state = sum(tensor_bytes(t) for s in opt.state.values() for k, t in s.items()
                 if isinstance(t, torch.Tensor) and k != "step")
     return (weights + state) / n
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a state tensor holds; torchao's 8-bit state is a subclass whose own dtype is the
+    param's, so its parts (codes, scale, qmap) are counted instead."""
+    parts = getattr(t, "tensor_attrs", None)
+    if parts:
+        return sum(tensor_bytes(getattr(t, name)) for name in parts)
+    return t.numel() * t.element_size()
 
 
 def make_variant(name: str, shapes: list[tuple[int, ...]], device: str
@@ -138,6 +150,13 @@ def make_variant(name: str, shapes: list[tuple[int, ...]], device: str
         for p in params:
             p.grad.div_(INIT_SCALE)   # unscaled: bitsandbytes' step takes no scaler
         return opt.step, "bitsandbytes AdamW8bit (step only)", lambda: held_bytes_per_param(params, opt)
+    if name == "torchao-8bit":
+        from torchao.optim import AdamW8bit  # the GPU machine gets it as a wheel (.whl)
+        # bf16 params without master weights, stochastically rounded: as ours-bf16-stochastic-8bit
+        opt = AdamW8bit(params, lr=3e-4, weight_decay=0.1, bf16_stochastic_round=True)   # compiles on first use
+        for p in params:
+            p.grad = p.grad.div_(INIT_SCALE).to(dtype)
+        return opt.step, "torchao AdamW8bit (step only, compiled)", lambda: held_bytes_per_param(params, opt)
     exact = not name.endswith("-fast-norm")   # -fast-norm: clip_grad_norm_(exact=False)
     name = name.removesuffix("-fast-norm")
     options = OPTIONS.get(name, {})

@@ -1,16 +1,19 @@
 // CUDA kernels of mixprec::adam_step_compressed_ (Adam/AdamW with bf16 or 8-bit moments and/or a
 // bf16 + remainder master weight) and of the block-wise quantize/dequantize ops. One pass: each
-// warp takes one 256-element quantization block of one tensor, decodes its state in registers,
-// steps it with the maths of the fused CUDA step (optim_math.h's fused_cuda::adam_element, so
-// master_weights="remainder" equals master_weights=True bit for bit on CUDA too), reduces the
-// block's new absmax across the warp and encodes the state again: no fp32 copy of the state
-// exists anywhere, not even transiently. A lane owns 4 consecutive elements twice: elements
-// 4 * lane + 128 * half + j.
+// warp takes one 256-element quantization block of one tensor at a time, decodes its state in
+// registers, steps it with the maths of the fused CUDA step (optim_math.h's
+// fused_cuda::adam_element, so master_weights="remainder" equals master_weights=True bit for bit
+// on CUDA too), reduces the block's new absmax across the warp and encodes the state again: no
+// fp32 copy of the state exists anywhere, not even transiently. A lane owns 8 consecutive
+// elements (one 16-byte load of a bf16 list, 8 bytes of codes), and a warp loads its next block
+// while it steps the current one: a warp's step is long (decode, Adam, reduce, encode), and
+// without that prefetch too few loads are in flight to keep the memory busy.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <tuple>
 
 #include "mixprec/compressed_checks.h"
@@ -25,7 +28,7 @@ namespace {
 
 constexpr const char* kOp = "mixprec.adam_step_compressed_";
 constexpr int kWarpsPerBlock = kBlockThreads / 32;
-constexpr int kPerLane = kQuantBlock / 32;  // 8 elements: two groups of 4
+constexpr int kPerLane = kQuantBlock / 32;  // 8 consecutive elements
 
 struct Slot {
   enum : int { grad, param, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, master, remainder, step, count };
@@ -37,41 +40,112 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// Four consecutive elements [i, i + 4) of a list, one vector access where they are all inside n
-// and aligned (a view's offset may break that), else one at a time; past n reads give zeros.
+// A lane's 8 elements of one list, held as the 32-bit words they are loaded in: 16-bit and 8-bit
+// elements unpacked one to a register would double or quadruple the registers a prefetched block
+// takes (and spill).
 template <typename T>
-__device__ __forceinline__ void load4(const T* p, int64_t i, int64_t n, T (&out)[4]) {
-  if (i + 4 <= n && reinterpret_cast<uintptr_t>(p + i) % sizeof(Pack<T, 4>) == 0) {
-    const Pack<T, 4> v = *reinterpret_cast<const Pack<T, 4>*>(p + i);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = v.v[j];
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = i + j < n ? p[i + j] : T{};
-  }
-}
+struct Run {
+  static_assert(sizeof(T) == 1 || sizeof(T) == 2 || sizeof(T) == 4, "Run: 1, 2 or 4-byte elements");
+  static constexpr int kPerWord = 4 / sizeof(T);
+  static constexpr int kWords = kPerLane / kPerWord;
+  static constexpr int kBits = 8 * sizeof(T);
+  uint32_t w[kWords];
 
+  __device__ __forceinline__ static T from_bits(uint32_t bits) {
+    if constexpr (sizeof(T) == 4) {
+      return __uint_as_float(bits);
+    } else if constexpr (std::is_integral_v<T>) {
+      return static_cast<T>(bits);
+    } else {
+      return T(static_cast<uint16_t>(bits), T::from_bits());
+    }
+  }
+  __device__ __forceinline__ static uint32_t to_bits(T x) {
+    if constexpr (sizeof(T) == 4) {
+      return __float_as_uint(x);
+    } else if constexpr (std::is_integral_v<T>) {
+      return static_cast<uint32_t>(static_cast<std::make_unsigned_t<T>>(x));
+    } else {
+      return x.x;
+    }
+  }
+  __device__ __forceinline__ T get(int j) const {
+    if constexpr (kPerWord == 1) return from_bits(w[j]);
+    return from_bits(w[j / kPerWord] >> (kBits * (j % kPerWord)));
+  }
+  __device__ __forceinline__ void set(int j, T x) {
+    if constexpr (kPerWord == 1) {
+      w[j] = to_bits(x);
+    } else {
+      constexpr uint32_t kMask = (1u << kBits) - 1u;
+      const int shift = kBits * (j % kPerWord);
+      w[j / kPerWord] = (w[j / kPerWord] & ~(kMask << shift)) | ((to_bits(x) & kMask) << shift);
+    }
+  }
+};
+
+// Elements [first, first + 8) of a list: on the vector path (a whole block of aligned lists) in
+// 16-byte accesses (8 bytes for 8-bit codes), else one at a time, the first `valid` of them
+// (zeros past them).
 template <typename T>
-__device__ __forceinline__ void store4(T* p, int64_t i, int64_t n, const T (&in)[4]) {
-  if (i + 4 <= n && reinterpret_cast<uintptr_t>(p + i) % sizeof(Pack<T, 4>) == 0) {
-    Pack<T, 4> v;
+__device__ __forceinline__ void load_run(const T* p, int64_t first, int valid, bool vec, Run<T>& out) {
+  if (vec) {
+    if constexpr (Run<T>::kWords == 2) {
+      const uint2 a = *reinterpret_cast<const uint2*>(p + first);
+      out.w[0] = a.x, out.w[1] = a.y;
+    } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) v.v[j] = in[j];
-    *reinterpret_cast<Pack<T, 4>*>(p + i) = v;
+      for (int k = 0; k < Run<T>::kWords / 4; ++k) {
+        const uint4 a = reinterpret_cast<const uint4*>(p + first)[k];
+        out.w[4 * k] = a.x, out.w[4 * k + 1] = a.y, out.w[4 * k + 2] = a.z, out.w[4 * k + 3] = a.w;
+      }
+    }
   } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (i + j < n) p[i + j] = in[j];
+    for (int k = 0; k < Run<T>::kWords; ++k) out.w[k] = 0;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      if (j < valid) out.set(j, p[first + j]);
     }
   }
 }
 
-template <typename T, MomentStorage M, WeightStorage W>
+template <typename T>
+__device__ __forceinline__ void store_run(T* p, int64_t first, int valid, bool vec, const Run<T>& in) {
+  if (vec) {
+    if constexpr (Run<T>::kWords == 2) {
+      *reinterpret_cast<uint2*>(p + first) = make_uint2(in.w[0], in.w[1]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < Run<T>::kWords / 4; ++k) {
+        reinterpret_cast<uint4*>(p + first)[k] = make_uint4(in.w[4 * k], in.w[4 * k + 1], in.w[4 * k + 2], in.w[4 * k + 3]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      if (j < valid) p[first + j] = in.get(j);
+    }
+  }
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// Prefetch: a warp loads its next block while it steps the current one (EXPERIMENT: which of the
+// two is faster is measured on the GPU, then one goes).
+template <typename T, MomentStorage M, WeightStorage W, bool Prefetch>
 struct CompressedAdamFunctor {
-  // 3 resident blocks per SM (85 registers): at 4 (64 registers) most instances spill.
-  static constexpr int kMinBlocksPerSM = 3;
+  // Registers without spills: ~80 a thread, ~120 with the prefetched block.
+  static constexpr int kMinBlocksPerSM = Prefetch ? 2 : 3;
   static constexpr int64_t kChunkGranule = kQuantBlock;
   static constexpr bool kLargeTable = true;
+  using MomentT = std::conditional_t<M == MomentStorage::kFp32, float,
+                                     std::conditional_t<M == MomentStorage::kBf16, c10::BFloat16, uint8_t>>;
+  static constexpr bool kLoadsParam = W != WeightStorage::kMaster;
+  static constexpr bool kPrefetch = Prefetch;
+
   AdamConfig config;
   const float* lr_tensor;
   double lr_value;
@@ -92,6 +166,27 @@ struct CompressedAdamFunctor {
   const float* umap;
   const uint8_t* sindex;  // their quantize_index, in shared memory too
   const uint8_t* uindex;
+
+  // One tensor's lists from the chunk's start.
+  struct Lists {
+    T* grad;
+    T* param;
+    float* master;
+    int16_t* remainder;
+    MomentT* exp_avg;
+    MomentT* exp_avg_sq;
+    float* exp_avg_absmax;  // per quantization block of the tensor (8-bit moments)
+    float* exp_avg_sq_absmax;
+  };
+
+  // What a lane loads of one block: the state as stored, decoded only when the block is stepped.
+  struct Loaded {
+    Run<T> grad, param;
+    Run<float> master;
+    Run<int16_t> remainder;
+    Run<MomentT> exp_avg, exp_avg_sq;
+    float m_scale, v_scale;  // the block's absmax (8-bit moments)
+  };
 
   __device__ void init() {
     skip = found_inf != nullptr && *found_inf != 0.0f;
@@ -116,6 +211,20 @@ struct CompressedAdamFunctor {
     }
   }
 
+  __device__ __forceinline__ void load(const Lists& l, int64_t first, int valid, bool vec, int64_t qblock,
+                                       Loaded& x) const {
+    if constexpr (M == MomentStorage::kInt8) {
+      x.m_scale = l.exp_avg_absmax[qblock];
+      x.v_scale = l.exp_avg_sq_absmax[qblock];
+    }
+    load_run(l.grad, first, valid, vec, x.grad);
+    if constexpr (kLoadsParam) load_run(l.param, first, valid, vec, x.param);
+    if constexpr (W == WeightStorage::kMaster) load_run(l.master, first, valid, vec, x.master);
+    if constexpr (W == WeightStorage::kRemainder) load_run(l.remainder, first, valid, vec, x.remainder);
+    load_run(l.exp_avg, first, valid, vec, x.exp_avg);
+    load_run(l.exp_avg_sq, first, valid, vec, x.exp_avg_sq);
+  }
+
   template <typename Meta>
   __device__ void chunk(const Meta& meta, int t, int64_t start, int64_t n) {
     if (skip) return;
@@ -129,129 +238,111 @@ struct CompressedAdamFunctor {
         W == WeightStorage::kStochastic ? RandomStream::of(seed, step_id, tensor_id) : RandomStream{};
     const RandomStream moment_random =
         M == MomentStorage::kBf16 ? moment_stream(seed, step_id, tensor_id) : RandomStream{};
+    const Lists l{slot_ptr<T>(meta, Slot::grad, t, start),           slot_ptr<T>(meta, Slot::param, t, start),
+                  slot_ptr<float>(meta, Slot::master, t, start),     slot_ptr<int16_t>(meta, Slot::remainder, t, start),
+                  slot_ptr<MomentT>(meta, Slot::exp_avg, t, start), slot_ptr<MomentT>(meta, Slot::exp_avg_sq, t, start),
+                  slot_ptr<float>(meta, Slot::exp_avg_absmax, t),  slot_ptr<float>(meta, Slot::exp_avg_sq_absmax, t)};
+    // A view's offset can break the 16-byte alignment; then every access is scalar.
+    const bool aligned = aligned16(l.grad) && aligned16(l.param) && aligned16(l.master) &&
+                         aligned16(l.remainder) && aligned16(l.exp_avg) && aligned16(l.exp_avg_sq);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t blocks = (n + kQuantBlock - 1) / kQuantBlock;
-    T* grad = slot_ptr<T>(meta, Slot::grad, t, start);
-    T* param = slot_ptr<T>(meta, Slot::param, t, start);
-    float* master = slot_ptr<float>(meta, Slot::master, t, start);
-    int16_t* remainder = slot_ptr<int16_t>(meta, Slot::remainder, t, start);
-    using MomentT = std::conditional_t<M == MomentStorage::kFp32, float,
-                                       std::conditional_t<M == MomentStorage::kBf16, c10::BFloat16, uint8_t>>;
-    MomentT* exp_avg = slot_ptr<MomentT>(meta, Slot::exp_avg, t, start);
-    MomentT* exp_avg_sq = slot_ptr<MomentT>(meta, Slot::exp_avg_sq, t, start);
-    for (int64_t b = warp; b < blocks; b += kWarpsPerBlock) {
-      const int64_t base = b * kQuantBlock;                 // in the chunk
-      const int64_t qblock = (start + base) / kQuantBlock;  // in the tensor
-      float m[kPerLane], v[kPerLane];
-      MomentT mq[kPerLane], vq[kPerLane];
-      float m_max = 0.0f, v_max = 0.0f;
-      float m_scale = 0.0f, v_scale = 0.0f;
-      if constexpr (M == MomentStorage::kInt8) {
-        m_scale = slot_ptr<float>(meta, Slot::exp_avg_absmax, t)[qblock];
-        v_scale = slot_ptr<float>(meta, Slot::exp_avg_sq_absmax, t)[qblock];
+    // Where block b's run of this lane starts, how many of its 8 elements exist, and whether the
+    // whole block takes vector accesses (uniform in the warp).
+    auto first_of = [&](int64_t b) { return b * kQuantBlock + kPerLane * lane; };
+    auto valid_of = [&](int64_t b) {
+      const int64_t left = n - first_of(b);
+      return static_cast<int>(left < 0 ? 0 : (left > kPerLane ? kPerLane : left));
+    };
+    auto vec_of = [&](int64_t b) { return aligned && (b + 1) * kQuantBlock <= n; };
+    auto qblock_of = [&](int64_t b) { return (start + b * kQuantBlock) / kQuantBlock; };  // in the tensor
+    int64_t b = warp;
+    if (b >= blocks) return;
+    Loaded cur;
+    if constexpr (kPrefetch) load(l, first_of(b), valid_of(b), vec_of(b), qblock_of(b), cur);
+    for (; b < blocks; b += kWarpsPerBlock) {
+      const int64_t first = first_of(b);
+      const int valid = valid_of(b);
+      const bool vec = vec_of(b);
+      Loaded next;
+      if constexpr (kPrefetch) {
+        if (b + kWarpsPerBlock < blocks) {
+          const int64_t nb = b + kWarpsPerBlock;
+          load(l, first_of(nb), valid_of(nb), vec_of(nb), qblock_of(nb), next);
+        }
+      } else {
+        load(l, first, valid, vec, qblock_of(b), cur);
       }
+      float m[kPerLane], v[kPerLane];
+      float m_max = 0.0f, v_max = 0.0f;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t first = base + 4 * lane + 128 * half;  // in the chunk, a multiple of 4
-        if (first >= n) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) m[4 * half + j] = v[4 * half + j] = 0.0f;
+      for (int j = 0; j < kPerLane; ++j) {
+        if (j >= valid) {  // past the tensor's end: keeps the block's absmax unchanged
+          m[j] = v[j] = 0.0f;
           continue;
         }
-        uint32_t wwords[4] = {0, 0, 0, 0}, mwords[4] = {0, 0, 0, 0};
-        if constexpr (W == WeightStorage::kStochastic) weight_random.block((start + first) / 4, wwords);
-        if constexpr (M == MomentStorage::kBf16) moment_random.block((start + first) / 4, mwords);
-        T g4[4], p4[4];
-        float master4[4];
-        int16_t rem4[4];
-        load4(grad, first, n, g4);
-        if constexpr (W == WeightStorage::kMaster) {
-          load4(master, first, n, master4);
+        if constexpr (M == MomentStorage::kInt8) {
+          m[j] = dequantize_value(cur.exp_avg.get(j), cur.m_scale, smap);
+          v[j] = dequantize_value(cur.exp_avg_sq.get(j), cur.v_scale, umap);
         } else {
-          load4(param, first, n, p4);
+          m[j] = static_cast<float>(cur.exp_avg.get(j));
+          v[j] = static_cast<float>(cur.exp_avg_sq.get(j));
         }
-        if constexpr (W == WeightStorage::kRemainder) load4(remainder, first, n, rem4);
-        MomentT* mq4 = mq + 4 * half;
-        MomentT* vq4 = vq + 4 * half;
-        load4(exp_avg, first, n, *reinterpret_cast<MomentT(*)[4]>(mq4));
-        load4(exp_avg_sq, first, n, *reinterpret_cast<MomentT(*)[4]>(vq4));
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int k = 4 * half + j;
-          if constexpr (M == MomentStorage::kInt8) {
-            m[k] = dequantize_value(mq[k], m_scale, smap);
-            v[k] = dequantize_value(vq[k], v_scale, umap);
-          } else {
-            m[k] = static_cast<float>(mq[k]);
-            v[k] = static_cast<float>(vq[k]);
-          }
-          if (first + j >= n) {  // past the tensor's end: keeps the block's absmax unchanged
-            m[k] = v[k] = 0.0f;
-            continue;
-          }
-          const float u = transform.unscaled(static_cast<float>(g4[j]));
-          g4[j] = static_cast<T>(u);
-          float p;
-          if constexpr (W == WeightStorage::kMaster) {
-            p = master4[j];
-          } else if constexpr (W == WeightStorage::kRemainder) {
-            p = join_master(p4[j].x, rem4[j]);
-          } else {
-            p = static_cast<float>(p4[j]);
-          }
-          float no_v_max = 0.0f;
-          fused_cuda::adam_element(s, transform.maximize ? -u : u, p, m[k], v[k], no_v_max);
-          if constexpr (W == WeightStorage::kMaster) {
-            master4[j] = p;
-            p4[j] = static_cast<T>(p);
-          } else if constexpr (W == WeightStorage::kRemainder) {
-            const SplitMaster split = split_master(p);
-            p4[j] = T(split.weight_bits, T::from_bits());
-            rem4[j] = split.remainder;
-          } else if constexpr (W == WeightStorage::kStochastic && !std::is_same_v<T, float>) {
-            p4[j] = round_stochastic<T>(p, wwords[j]);
-          } else {
-            p4[j] = static_cast<T>(p);
-          }
-          if constexpr (M == MomentStorage::kFp32) {
-            mq[k] = m[k];
-            vq[k] = v[k];
-          } else if constexpr (M == MomentStorage::kBf16) {
-            mq[k] = round_moment_m(m[k], mwords[j]);
-            vq[k] = round_moment_v(v[k], mwords[j]);
-          }
-          m_max = fmaxf(m_max, fabsf(m[k]));
-          v_max = fmaxf(v_max, fabsf(v[k]));
+        const float u = transform.unscaled(static_cast<float>(cur.grad.get(j)));
+        cur.grad.set(j, static_cast<T>(u));
+        float p;
+        if constexpr (W == WeightStorage::kMaster) {
+          p = cur.master.get(j);
+        } else if constexpr (W == WeightStorage::kRemainder) {
+          p = join_master(cur.param.get(j).x, cur.remainder.get(j));
+        } else {
+          p = static_cast<float>(cur.param.get(j));
         }
-        if (store_grads) store4(grad, first, n, g4);
-        store4(param, first, n, p4);
-        if constexpr (W == WeightStorage::kMaster) store4(master, first, n, master4);
-        if constexpr (W == WeightStorage::kRemainder) store4(remainder, first, n, rem4);
-        if constexpr (M != MomentStorage::kInt8) {
-          store4(exp_avg, first, n, *reinterpret_cast<MomentT(*)[4]>(mq4));
-          store4(exp_avg_sq, first, n, *reinterpret_cast<MomentT(*)[4]>(vq4));
+        float no_v_max = 0.0f;
+        fused_cuda::adam_element(s, transform.maximize ? -u : u, p, m[j], v[j], no_v_max);
+        if constexpr (W == WeightStorage::kMaster) {
+          cur.master.set(j, p);
+          cur.param.set(j, static_cast<T>(p));
+        } else if constexpr (W == WeightStorage::kRemainder) {
+          const SplitMaster split = split_master(p);
+          cur.param.set(j, T(split.weight_bits, T::from_bits()));
+          cur.remainder.set(j, split.remainder);
+        } else if constexpr (W == WeightStorage::kStochastic && !std::is_same_v<T, float>) {
+          cur.param.set(j, round_stochastic<T>(p, weight_random.word(start + first + j)));
+        } else {
+          cur.param.set(j, static_cast<T>(p));
         }
+        if constexpr (M == MomentStorage::kFp32) {
+          cur.exp_avg.set(j, m[j]);
+          cur.exp_avg_sq.set(j, v[j]);
+        } else if constexpr (M == MomentStorage::kBf16) {
+          const uint32_t word = moment_random.word(start + first + j);
+          cur.exp_avg.set(j, round_moment_m(m[j], word));
+          cur.exp_avg_sq.set(j, round_moment_v(v[j], word));
+        }
+        m_max = fmaxf(m_max, fabsf(m[j]));
+        v_max = fmaxf(v_max, fabsf(v[j]));
       }
+      if (store_grads) store_run(l.grad, first, valid, vec, cur.grad);
+      store_run(l.param, first, valid, vec, cur.param);
+      if constexpr (W == WeightStorage::kMaster) store_run(l.master, first, valid, vec, cur.master);
+      if constexpr (W == WeightStorage::kRemainder) store_run(l.remainder, first, valid, vec, cur.remainder);
       if constexpr (M == MomentStorage::kInt8) {
         m_max = warp_max(m_max);
         v_max = warp_max(v_max);
         if (lane == 0) {
-          slot_ptr<float>(meta, Slot::exp_avg_absmax, t)[qblock] = m_max;
-          slot_ptr<float>(meta, Slot::exp_avg_sq_absmax, t)[qblock] = v_max;
+          l.exp_avg_absmax[qblock_of(b)] = m_max;
+          l.exp_avg_sq_absmax[qblock_of(b)] = v_max;
         }
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int64_t first = base + 4 * lane + 128 * half;
-          if (first >= n) continue;
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            mq[4 * half + j] = quantize_value(m[4 * half + j], m_max, smap, sindex);
-            vq[4 * half + j] = quantize_value(v[4 * half + j], v_max, umap, uindex);
-          }
-          store4(exp_avg, first, n, *reinterpret_cast<MomentT(*)[4]>(mq + 4 * half));
-          store4(exp_avg_sq, first, n, *reinterpret_cast<MomentT(*)[4]>(vq + 4 * half));
+        for (int j = 0; j < kPerLane; ++j) {
+          cur.exp_avg.set(j, quantize_value(m[j], m_max, smap, sindex));
+          cur.exp_avg_sq.set(j, quantize_value(v[j], v_max, umap, uindex));
         }
       }
+      store_run(l.exp_avg, first, valid, vec, cur.exp_avg);
+      store_run(l.exp_avg_sq, first, valid, vec, cur.exp_avg_sq);
+      if constexpr (kPrefetch) cur = next;
     }
   }
 
@@ -289,6 +380,14 @@ void with_storage(MomentStorage moments, WeightStorage weights, const Body& body
       }
       TORCH_CHECK(false, kOp, ": moments='fp32' is adam_step_'s, except with weights='remainder'");
   }
+}
+
+// EXPERIMENT: MIXPREC_COMPRESSED_PREFETCH=1 takes the prefetching kernel (read per call).
+template <typename Body>
+void with_prefetch(const Body& body) {
+  const char* v = std::getenv("MIXPREC_COMPRESSED_PREFETCH");
+  if (v != nullptr && v[0] == '1') return body(std::true_type{});
+  body(std::false_type{});
 }
 
 void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -329,7 +428,8 @@ void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_compressed_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       with_storage<scalar_t>(moments, weights, [&](auto m, auto w) {
-        CompressedAdamFunctor<scalar_t, decltype(m)::value, decltype(w)::value> f{};
+       with_prefetch([&](auto prefetch) {
+        CompressedAdamFunctor<scalar_t, decltype(m)::value, decltype(w)::value, decltype(prefetch)::value> f{};
         f.config = AdamConfig{beta1, beta2, eps, weight_decay, decoupled_weight_decay, false};
         f.lr_tensor = scalar_ptr(lr_tensor);
         f.lr_value = lr;
@@ -344,6 +444,7 @@ void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::
         // Chunks sized by the param's bytes (the state is that or less), whole quant blocks.
         multi_tensor_apply<Slot::count>(ptrs, numels_of(params), sizeof(scalar_t), f, device, stream,
                                         [](auto& g, int, int64_t first) { g.first_tensor = first; });
+       });
       });
     }
   });
