@@ -5,15 +5,14 @@
 // fused_cuda::adam_element, so master_weights="remainder" equals master_weights=True bit for bit
 // on CUDA too), reduces the block's new absmax across the warp and encodes the state again: no
 // fp32 copy of the state exists anywhere, not even transiently. A lane owns 8 consecutive
-// elements (one 16-byte load of a bf16 list, 8 bytes of codes), and a warp loads its next block
-// while it steps the current one: a warp's step is long (decode, Adam, reduce, encode), and
-// without that prefetch too few loads are in flight to keep the memory busy.
+// elements, held as the words they load in (one 16-byte load of a bf16 list, 8 bytes of codes).
+// Loading a warp's next block while it steps the current one was tried: with the registers it
+// takes, 2 blocks fit an SM instead of 3, and the 8-bit steps were 12-22 % slower on an H100.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <tuple>
 
 #include "mixprec/compressed_checks.h"
@@ -41,8 +40,8 @@ __device__ __forceinline__ float warp_max(float x) {
 }
 
 // A lane's 8 elements of one list, held as the 32-bit words they are loaded in: 16-bit and 8-bit
-// elements unpacked one to a register would double or quadruple the registers a prefetched block
-// takes (and spill).
+// elements unpacked one to a register would double or quadruple the registers a block takes
+// (and spill).
 template <typename T>
 struct Run {
   static_assert(sizeof(T) == 1 || sizeof(T) == 2 || sizeof(T) == 4, "Run: 1, 2 or 4-byte elements");
@@ -133,18 +132,16 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
-// Prefetch: a warp loads its next block while it steps the current one (EXPERIMENT: which of the
-// two is faster is measured on the GPU, then one goes).
-template <typename T, MomentStorage M, WeightStorage W, bool Prefetch>
+template <typename T, MomentStorage M, WeightStorage W>
 struct CompressedAdamFunctor {
-  // Registers without spills: ~80 a thread, ~120 with the prefetched block.
-  static constexpr int kMinBlocksPerSM = Prefetch ? 2 : 3;
+  // 3 resident blocks per SM (80 registers): the 8-bit instances need ~100 unconstrained and
+  // spill a few words at 80; at 4 blocks (64 registers) they spill ~100 bytes.
+  static constexpr int kMinBlocksPerSM = 3;
   static constexpr int64_t kChunkGranule = kQuantBlock;
   static constexpr bool kLargeTable = true;
   using MomentT = std::conditional_t<M == MomentStorage::kFp32, float,
                                      std::conditional_t<M == MomentStorage::kBf16, c10::BFloat16, uint8_t>>;
   static constexpr bool kLoadsParam = W != WeightStorage::kMaster;
-  static constexpr bool kPrefetch = Prefetch;
 
   AdamConfig config;
   const float* lr_tensor;
@@ -258,21 +255,12 @@ struct CompressedAdamFunctor {
     auto qblock_of = [&](int64_t b) { return (start + b * kQuantBlock) / kQuantBlock; };  // in the tensor
     int64_t b = warp;
     if (b >= blocks) return;
-    Loaded cur;
-    if constexpr (kPrefetch) load(l, first_of(b), valid_of(b), vec_of(b), qblock_of(b), cur);
     for (; b < blocks; b += kWarpsPerBlock) {
       const int64_t first = first_of(b);
       const int valid = valid_of(b);
       const bool vec = vec_of(b);
-      Loaded next;
-      if constexpr (kPrefetch) {
-        if (b + kWarpsPerBlock < blocks) {
-          const int64_t nb = b + kWarpsPerBlock;
-          load(l, first_of(nb), valid_of(nb), vec_of(nb), qblock_of(nb), next);
-        }
-      } else {
-        load(l, first, valid, vec, qblock_of(b), cur);
-      }
+      Loaded cur;
+      load(l, first, valid, vec, qblock_of(b), cur);
       float m[kPerLane], v[kPerLane];
       float m_max = 0.0f, v_max = 0.0f;
 #pragma unroll
@@ -342,7 +330,6 @@ struct CompressedAdamFunctor {
       }
       store_run(l.exp_avg, first, valid, vec, cur.exp_avg);
       store_run(l.exp_avg_sq, first, valid, vec, cur.exp_avg_sq);
-      if constexpr (kPrefetch) cur = next;
     }
   }
 
@@ -380,14 +367,6 @@ void with_storage(MomentStorage moments, WeightStorage weights, const Body& body
       }
       TORCH_CHECK(false, kOp, ": moments='fp32' is adam_step_'s, except with weights='remainder'");
   }
-}
-
-// EXPERIMENT: MIXPREC_COMPRESSED_PREFETCH=1 takes the prefetching kernel (read per call).
-template <typename Body>
-void with_prefetch(const Body& body) {
-  const char* v = std::getenv("MIXPREC_COMPRESSED_PREFETCH");
-  if (v != nullptr && v[0] == '1') return body(std::true_type{});
-  body(std::false_type{});
 }
 
 void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -428,8 +407,7 @@ void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_compressed_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       with_storage<scalar_t>(moments, weights, [&](auto m, auto w) {
-       with_prefetch([&](auto prefetch) {
-        CompressedAdamFunctor<scalar_t, decltype(m)::value, decltype(w)::value, decltype(prefetch)::value> f{};
+        CompressedAdamFunctor<scalar_t, decltype(m)::value, decltype(w)::value> f{};
         f.config = AdamConfig{beta1, beta2, eps, weight_decay, decoupled_weight_decay, false};
         f.lr_tensor = scalar_ptr(lr_tensor);
         f.lr_value = lr;
@@ -444,7 +422,6 @@ void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::
         // Chunks sized by the param's bytes (the state is that or less), whole quant blocks.
         multi_tensor_apply<Slot::count>(ptrs, numels_of(params), sizeof(scalar_t), f, device, stream,
                                         [](auto& g, int, int64_t first) { g.first_tensor = first; });
-       });
       });
     }
   });

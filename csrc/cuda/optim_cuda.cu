@@ -279,7 +279,7 @@ struct SgdFunctor {
     // null put the pack in local memory).
     if (has_buffer) {
 #pragma unroll
-      for (int k = 0; k < N; ++k) sgd_element(s, grads[k], p.v[k], &b.v[k], first, transform.maximize);
+      for (int k = 0; k < N; ++k) sgd_element(s, grads[k], p.v[k], &b.v[k], first);
     } else {
 #pragma unroll
       for (int k = 0; k < N; ++k) sgd_element(s, grads[k], p.v[k], nullptr, first);

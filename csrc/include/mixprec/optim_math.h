@@ -12,9 +12,10 @@
 //   no compiler choice changes our bits. Adam's L2 decay is the exception (1 ulp on < 3 % of
 //   elements, see adam_element below);
 // - CUDA SGD (sgd_element): the fma chain scripts/fused_formulas.py finds in torch's fused CUDA
-//   SGD (torch 2.11), whose momentum update is contracted the other way under maximize. With a
-//   grad scale torch's kernel matches none of the candidates on every element (99.8-99.9 %):
-//   tests/test_optim.py compares CUDA SGD bit for bit without one.
+//   SGD (torch 2.11). Two cases of torch's kernel match no candidate on every element: a grad
+//   scale (99.8-99.9 %), and maximize with momentum (the momentum update: neither contraction
+//   order holds on an H100 in tests/test_optim.py, though a probe had found one). There
+//   tests/test_optim.py compares CUDA SGD within a few ulps; everywhere else bit for bit.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -133,12 +134,10 @@ MIXPREC_HOST_DEVICE inline SgdStepScalars sgd_step_scalars(const SgdConfig& c, d
 // gradient's, as torch 2.11's CUDA kernel is compiled to do under maximize
 // (scripts/fused_formulas.py on an H100: 100 % of elements that way, 72 % the other).
 MIXPREC_HOST_DEVICE inline void sgd_element(const SgdStepScalars& s, float g, float& p,
-                                            float* buf, bool first, bool momentum_fma = false) {
+                                            float* buf, bool first) {
   if (s.weight_decay != 0.0f) g = fmaf(s.weight_decay, p, g);
   if (buf != nullptr) {
-    const float b = first          ? g
-                    : momentum_fma ? fmaf(s.momentum, *buf, s.one_minus_dampening * g)
-                                   : fmaf(s.one_minus_dampening, g, *buf * s.momentum);
+    const float b = first ? g : fmaf(s.one_minus_dampening, g, *buf * s.momentum);
     *buf = b;
     g = s.nesterov ? fmaf(s.momentum, b, g) : b;
   }
