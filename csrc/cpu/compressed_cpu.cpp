@@ -48,8 +48,8 @@ struct CompressedRule {
   bool store_grads;
   const float* signed_map;
   const float* unsigned_map;
-  const uint8_t* signed_index;  // their quantize_index
-  const uint8_t* unsigned_index;
+  const QuantCodebook* signed_book;  // their search tables
+  const QuantCodebook* unsigned_book;
 };
 
 template <typename T>
@@ -138,8 +138,8 @@ void step_block(const CompressedRule& r, const CompressedSlice& s, int64_t begin
   s.exp_avg_absmax[block] = m_max;
   s.exp_avg_sq_absmax[block] = v_max;
   for (int64_t i = begin; i < end; ++i) {
-    static_cast<uint8_t*>(s.exp_avg)[i] = quantize_value(m[i - begin], m_max, r.signed_map, r.signed_index);
-    static_cast<uint8_t*>(s.exp_avg_sq)[i] = quantize_value(v[i - begin], v_max, r.unsigned_map, r.unsigned_index);
+    static_cast<uint8_t*>(s.exp_avg)[i] = quantize_value(m[i - begin], m_max, *r.signed_book);
+    static_cast<uint8_t*>(s.exp_avg_sq)[i] = quantize_value(v[i - begin], v_max, *r.unsigned_book);
   }
 }
 
@@ -164,17 +164,17 @@ void adam_step_compressed_cpu(at::TensorList params, at::TensorList grads, at::T
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // skip everything
   const double lr_value = lr_tensor.has_value() ? static_cast<double>(lr_tensor->item<float>()) : lr;
   const bool int8 = moments == MomentStorage::kInt8;
-  uint8_t signed_index[kQuantIndexSize], unsigned_index[kQuantIndexSize];
+  QuantCodebook signed_book, unsigned_book;
   if (int8) {
-    quantize_index(signed_map.data_ptr<float>(), signed_index, 0, kQuantIndexSize);
-    quantize_index(unsigned_map.data_ptr<float>(), unsigned_index, 0, kQuantIndexSize);
+    build_codebook(signed_map.data_ptr<float>(), signed_book);
+    build_codebook(unsigned_map.data_ptr<float>(), unsigned_book);
   }
   const CompressedRule rule{
       GradTransform{inv_scale.has_value() ? inv_scale->item<float>() : 1.0f,
                     clip_coef.has_value() ? clip_coef->item<float>() : 1.0f, maximize},
       moments, weights, store_grads,
       int8 ? signed_map.data_ptr<float>() : nullptr, int8 ? unsigned_map.data_ptr<float>() : nullptr,
-      signed_index, unsigned_index};
+      &signed_book, &unsigned_book};
   const AdamConfig config{beta1, beta2, eps, weight_decay, decoupled_weight_decay, false};
   std::vector<CompressedSlice> slices;
   std::vector<int64_t> blocks;
@@ -218,15 +218,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, c
   const float* qmap = map.data_ptr<float>();
   uint8_t* out = codes.data_ptr<uint8_t>();
   float* scale = absmax.data_ptr<float>();
-  uint8_t index[kQuantIndexSize];
-  quantize_index(qmap, index, 0, kQuantIndexSize);
+  QuantCodebook book;
+  build_codebook(qmap, book);
   at::parallel_for(0, quant_blocks(n), 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t begin = b * kQuantBlock, end = std::min(n, begin + kQuantBlock);
       float mx = 0.0f;
       for (int64_t i = begin; i < end; ++i) mx = std::max(mx, std::fabs(in[i]));
       scale[b] = mx;
-      for (int64_t i = begin; i < end; ++i) out[i] = quantize_value(in[i], mx, qmap, index);
+      for (int64_t i = begin; i < end; ++i) out[i] = quantize_value(in[i], mx, book);
     }
   });
   return {codes, absmax};

@@ -132,6 +132,18 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
+// The search tables of `count` maps (256 floats each, in shared memory) into shared memory, the
+// whole block building them: a threshold a thread, then a run of each index. Ends synchronized.
+__device__ __forceinline__ void build_codebooks(const float* maps, QuantCodebook* books, int count) {
+  for (int b = 0; b < count; ++b) {
+    for (int k = threadIdx.x; k < 256; k += blockDim.x) quantize_thresholds(maps + 256 * b, books[b].thresholds, k, 1);
+  }
+  __syncthreads();
+  const int run = (kQuantIndexSize + blockDim.x - 1) / blockDim.x;
+  for (int b = 0; b < count; ++b) quantize_index(books[b].thresholds, books[b].index, threadIdx.x * run, run);
+  __syncthreads();
+}
+
 template <typename T, MomentStorage M, WeightStorage W>
 struct CompressedAdamFunctor {
   // 3 resident blocks per SM (80 registers): the 8-bit instances need ~100 unconstrained and
@@ -161,8 +173,8 @@ struct CompressedAdamFunctor {
   GradTransform transform;
   const float* smap;  // the maps in shared memory (8-bit only)
   const float* umap;
-  const uint8_t* sindex;  // their quantize_index, in shared memory too
-  const uint8_t* uindex;
+  const QuantCodebook* sbook;  // their search tables, in shared memory too
+  const QuantCodebook* ubook;
 
   // One tensor's lists from the chunk's start.
   struct Lists {
@@ -191,20 +203,16 @@ struct CompressedAdamFunctor {
     transform = GradTransform{inv_scale ? *inv_scale : 1.0f, clip_coef ? *clip_coef : 1.0f, maximize};
     if constexpr (M == MomentStorage::kInt8) {
       __shared__ float maps[2 * 256];
-      __shared__ uint8_t index[2 * kQuantIndexSize];
+      __shared__ QuantCodebook books[2];
       for (int i = threadIdx.x; i < 512; i += blockDim.x) {
         maps[i] = i < 256 ? signed_map_global[i] : unsigned_map_global[i - 256];
       }
       __syncthreads();
-      // Built here from the maps (a few dozen shared loads a thread): each thread one run.
-      const int run = (kQuantIndexSize + blockDim.x - 1) / blockDim.x;
-      quantize_index(maps, index, threadIdx.x * run, run);
-      quantize_index(maps + 256, index + kQuantIndexSize, threadIdx.x * run, run);
-      __syncthreads();
+      build_codebooks(maps, books, 2);
       smap = maps;
       umap = maps + 256;
-      sindex = index;
-      uindex = index + kQuantIndexSize;
+      sbook = books;
+      ubook = books + 1;
     }
   }
 
@@ -324,8 +332,8 @@ struct CompressedAdamFunctor {
         }
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) {
-          cur.exp_avg.set(j, quantize_value(m[j], m_max, smap, sindex));
-          cur.exp_avg_sq.set(j, quantize_value(v[j], v_max, umap, uindex));
+          cur.exp_avg.set(j, quantize_value(m[j], m_max, *sbook));
+          cur.exp_avg_sq.set(j, quantize_value(v[j], v_max, *ubook));
         }
       }
       store_run(l.exp_avg, first, valid, vec, cur.exp_avg);
@@ -430,12 +438,10 @@ void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::
 
 __global__ void quantize_kernel(const float* x, int64_t n, const float* map_global, uint8_t* codes, float* absmax) {
   __shared__ float map[256];
-  __shared__ uint8_t index[kQuantIndexSize];
+  __shared__ QuantCodebook book;
   for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = map_global[i];
   __syncthreads();
-  const int run = (kQuantIndexSize + blockDim.x - 1) / blockDim.x;
-  quantize_index(map, index, threadIdx.x * run, run);
-  __syncthreads();
+  build_codebooks(map, &book, 1);
   const int lane = threadIdx.x % 32;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (b * kQuantBlock >= n) return;
@@ -452,7 +458,7 @@ __global__ void quantize_kernel(const float* x, int64_t n, const float* map_glob
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
     const int64_t i = b * kQuantBlock + lane + 32 * k;
-    if (i < n) codes[i] = quantize_value(vals[k], mx, map, index);
+    if (i < n) codes[i] = quantize_value(vals[k], mx, book);
   }
 }
 

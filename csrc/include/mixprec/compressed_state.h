@@ -61,14 +61,17 @@ MIXPREC_HOST_DEVICE inline float join_master(uint16_t weight_bits, int16_t remai
                          static_cast<uint32_t>(static_cast<int32_t>(remainder)));
 }
 
-// Nearest-code search. A binary search over the 256 entries costs 8 dependent loads per value,
-// which made the 8-bit step on CUDA several times slower than its memory traffic. Instead an index
-// of buckets by y's bit pattern (sign, exponent, top kQuantIndexBits mantissa bits) gives, for
-// each bucket, the last entry <= every y in it (the bucket's start); a walk up from there finds
-// the last entry <= y, which is exactly what the binary search finds, so the codes are the same.
-// The index is built from the map (quantize_index), so any sorted map containing 0 stays correct;
-// the window below only decides how fast: it fits the maps of mixprec/quant.py, whose nonzero
-// entries lie in [3.25e-7, 1] and, with 6 mantissa bits, at most 2 to a bucket.
+// Nearest-code search. The code of y is the map entry nearest to y (the fp32 differences
+// compared, ties to the lower code). As y grows that code never falls, so it is the number of
+// thresholds T[k] <= y, where T[k] (k < 255) is the least fp32 y whose code exceeds k: found once
+// per map by a binary search over the floats between entries k and k + 1 (quantize_thresholds),
+// with the very comparison the rule makes, so the codes are the rule's bit for bit. T[255] is
+// NaN, which no comparison passes: a walk up the thresholds stops there.
+// A walk from code 0 would take up to 255 steps, so an index of buckets by y's bit pattern (sign,
+// exponent, top kQuantIndexBits mantissa bits) gives, for each bucket, the code of a value <=
+// every y in it; from there at most two thresholds lie below y for the maps of mixprec/quant.py
+// (whose nonzero entries lie in [3.25e-7, 1]; with 6 mantissa bits a bucket holds at most 2),
+// and a loop after two unrolled steps keeps any other sorted map correct.
 constexpr int kQuantIndexBits = 6;
 constexpr uint32_t kQuantKeyLow = (127u - 22u) << kQuantIndexBits;  // |y| < 2^-22 share a bucket
 constexpr uint32_t kQuantKeyHigh = 127u << kQuantIndexBits;         // |y| >= 1 (inf too) share one
@@ -98,38 +101,80 @@ MIXPREC_HOST_DEVICE inline float quant_bucket_floor(int j) {
                                        : -float_from_bits((kQuantKeyLow + k + 1) << kShift);
 }
 
-// From `lo` (an entry <= y, or 0), the last entry <= y; stays put for NaN. `map` is sorted.
-MIXPREC_HOST_DEVICE inline int walk_up(int lo, float y, const float* map) {
-  while (lo < 255 && map[lo + 1] <= y) ++lo;
-  return lo;
+// fp32 bit patterns as unsigned keys in the order of the values (-0 just below +0), and back.
+MIXPREC_HOST_DEVICE inline uint32_t ordered_key(float y) {
+  const uint32_t bits = float_bits(y);
+  return (bits >> 31) ? ~bits : bits | 0x80000000u;
+}
+MIXPREC_HOST_DEVICE inline float from_ordered_key(uint32_t key) {
+  return float_from_bits((key >> 31) ? key & 0x7FFFFFFFu : ~key);
 }
 
-// Entries [first, first + count) of a map's index (clipped to kQuantIndexSize): one binary search
-// for the first bucket, then walks, as bucket floors increase with j. The CPU builds the whole
-// index once per call; on CUDA each thread of a block builds a run of it in shared memory.
-MIXPREC_HOST_DEVICE inline void quantize_index(const float* map, uint8_t* index, int first, int count) {
+// T[k] for k in [first, first + count) (clipped to 256); `map` is sorted ascending. For y in
+// [map[k], map[k + 1]) the rule picks k or k + 1, k + 1 once map[k + 1] is strictly nearer, and
+// at y = map[k + 1] it picks k + 1: so T[k] is in (map[k], map[k + 1]]. 32 steps at most.
+MIXPREC_HOST_DEVICE inline void quantize_thresholds(const float* map, float* thresholds, int first, int count) {
+  const int end = first + count < 256 ? first + count : 256;
+  for (int k = first; k < end; ++k) {
+    if (k == 255) {
+      thresholds[k] = float_from_bits(0x7FC00000u);  // NaN: the walk's end
+      continue;
+    }
+    uint32_t lo = ordered_key(map[k]), hi = ordered_key(map[k + 1]);  // nearer to map[k] at lo; done at hi
+    while (hi - lo > 1 && hi > lo) {
+      const uint32_t mid = lo + (hi - lo) / 2;
+      const float y = from_ordered_key(mid);
+      if ((map[k + 1] - y) < (y - map[k])) {
+        hi = mid;
+      } else {
+        lo = mid;
+      }
+    }
+    thresholds[k] = from_ordered_key(hi);
+  }
+}
+
+// Entries [first, first + count) of a map's index (clipped to kQuantIndexSize), from its
+// thresholds: the code of each bucket's floor. One binary search for the first bucket, then
+// walks, as floors increase with j. The CPU builds the whole index once per call; on CUDA each
+// thread of a block builds a run of it in shared memory.
+MIXPREC_HOST_DEVICE inline void quantize_index(const float* thresholds, uint8_t* index, int first, int count) {
   const int end = first + count < kQuantIndexSize ? first + count : kQuantIndexSize;
   if (first >= end) return;
   const float y = quant_bucket_floor(first);
-  int lo = 0;
+  int code = 0;  // the number of thresholds <= y: T is increasing, T[255] NaN
   for (int step = 128; step > 0; step >>= 1) {
-    if (map[lo + step] <= y) lo += step;  // lo + step <= 255
+    if (thresholds[code + step - 1] <= y) code += step;
   }
   for (int j = first; j < end; ++j) {
-    lo = walk_up(lo, quant_bucket_floor(j), map);
-    index[j] = static_cast<uint8_t>(lo);
+    const float floor = quant_bucket_floor(j);
+    while (thresholds[code] <= floor) ++code;
+    index[j] = static_cast<uint8_t>(code);
   }
 }
 
+// A map's search tables (3.8 KB): built once per call on the CPU, per block in shared memory on
+// CUDA (each thread a part: quantize_thresholds, then quantize_index).
+struct QuantCodebook {
+  float thresholds[256];
+  uint8_t index[kQuantIndexSize];
+};
+
+inline void build_codebook(const float* map, QuantCodebook& book) {
+  quantize_thresholds(map, book.thresholds, 0, 256);
+  quantize_index(book.thresholds, book.index, 0, kQuantIndexSize);
+}
+
 // The code of the map entry nearest to x / absmax (ties to the lower code); absmax 0 (an all-zero
-// block) gives the code of 0, NaN code 0. `map` is sorted ascending and holds 0; `index` is its
-// quantize_index. The nearest rule compares the two fp32 differences, as it always has.
-MIXPREC_HOST_DEVICE inline uint8_t quantize_value(float x, float absmax, const float* map, const uint8_t* index) {
+// block) gives the code of 0, NaN code 0.
+MIXPREC_HOST_DEVICE inline uint8_t quantize_value(float x, float absmax, const QuantCodebook& book) {
   const float y = absmax > 0.0f ? x / absmax : 0.0f;
-  // NaN is below no entry: its search ends at 0 (its bucket's start could be anything).
-  int lo = walk_up(y == y ? index[quant_bucket(y)] : 0, y, map);
-  if (lo < 255 && (map[lo + 1] - y) < (y - map[lo])) ++lo;
-  return static_cast<uint8_t>(lo);
+  if (!(y == y)) return 0;  // NaN is below no entry
+  int code = book.index[quant_bucket(y)];
+  code += book.thresholds[code] <= y;
+  code += book.thresholds[code] <= y;
+  while (book.thresholds[code] <= y) ++code;
+  return static_cast<uint8_t>(code);
 }
 
 MIXPREC_HOST_DEVICE inline float dequantize_value(uint8_t code, float absmax, const float* map) {
