@@ -1061,9 +1061,14 @@ def run_fused_pair(device, make_ours, make_torch, shapes, seed, steps, scaler_on
     overflowing step), so the kernels unscale and leave p.grad unscaled. Compares params, state
     and grads after every step, bit for bit (ulps=0) or within `ulps` fp32 ulps per step taken."""
     def same(a, b, what, step):
-        if ulps:   # ulps of each tensor's largest magnitude
+        if ulps:   # finite values within ulps of each tensor's largest; inf/NaN (a skipped step's grads) bit for bit
             for i, (x, y) in enumerate(zip(a, b)):
-                assert_within_ulps(x.detach(), y.detach(), y.detach().abs().max(), ulps * (step + 1), f"{what} {i}")
+                x, y = x.detach(), y.detach()
+                finite = y.isfinite()
+                assert torch.equal(x.isfinite(), finite), f"{what} {i}: non-finite elements differ"
+                assert_same_bits([x[~finite]], [y[~finite]], f"{what} {i} (non-finite)")
+                if finite.any():
+                    assert_within_ulps(x[finite], y[finite], y[finite].abs().max(), ulps * (step + 1), f"{what} {i}")
         else:
             assert_same_bits(a, b, what)
 
