@@ -330,10 +330,11 @@ struct CompressedAdamFunctor {
           l.exp_avg_absmax[qblock_of(b)] = m_max;
           l.exp_avg_sq_absmax[qblock_of(b)] = v_max;
         }
+        const QuantScale m_new = QuantScale::of(m_max), v_new = QuantScale::of(v_max);
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) {
-          cur.exp_avg.set(j, quantize_value(m[j], m_max, *sbook));
-          cur.exp_avg_sq.set(j, quantize_value(v[j], v_max, *ubook));
+          cur.exp_avg.set(j, quantize_value(m[j], m_new, *sbook));
+          cur.exp_avg_sq.set(j, quantize_value(v[j], v_new, *ubook));
         }
       }
       store_run(l.exp_avg, first, valid, vec, cur.exp_avg);
@@ -455,10 +456,11 @@ __global__ void quantize_kernel(const float* x, int64_t n, const float* map_glob
   }
   mx = warp_max(mx);
   if (lane == 0) absmax[b] = mx;
+  const QuantScale by = QuantScale::of(mx);
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
     const int64_t i = b * kQuantBlock + lane + 32 * k;
-    if (i < n) codes[i] = quantize_value(vals[k], mx, book);
+    if (i < n) codes[i] = quantize_value(vals[k], by, book);
   }
 }
 
