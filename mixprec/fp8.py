@@ -63,12 +63,11 @@ def current_scale(amax: Tensor, fmt: torch.dtype) -> Tensor:
     return torch.where(usable, torch.full_like(amax, FP8_MAX[fmt]) / torch.where(usable, amax, 1.0), 1.0)
 
 
-def cast(x: Tensor, fmt: torch.dtype, history: Tensor | None = None, *, transpose: bool = False,
-         amax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def cast(x: Tensor, fmt: torch.dtype, history: Tensor | None = None, *,
+         transpose: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(x * scale saturated to the format's range and rounded to fp8, its transpose (2-d x with
-    transpose=True, else an empty tensor), 1 / scale). The scale is x's current one (from `amax`,
-    max |x| as an fp32 0-dim tensor, where the caller has it, else from our amax kernel), or with
-    an amax `history` (delayed scaling) the one the history gives, after which x's amax (reduced
+    transpose=True, else an empty tensor), 1 / scale). The scale is x's current one, or with an
+    amax `history` (delayed scaling) the one the history gives, after which x's amax (reduced
     in the same pass as the cast, one kernel) enters the history and an overflow is counted.
     Saturating keeps values beyond the range (a grown amax under delayed scaling, or rounding)
     at the format's largest value."""
@@ -77,7 +76,7 @@ def cast(x: Tensor, fmt: torch.dtype, history: Tensor | None = None, *, transpos
     x = x.detach()
     x = x if x.is_contiguous() else x.contiguous()
     if history is None:
-        return ops.fp8_cast(x, ops.fp8_amax(x) if amax is None else amax, fmt, transpose=transpose)
+        return ops.fp8_cast(x, ops.fp8_amax(x), fmt, transpose=transpose)
     return ops.fp8_cast_delayed(x, history, _delayed.overflow_counter(x.device), fmt, shrink=2.0**-_delayed.margin,
                                 reduce=_delayed.reduce, transpose=transpose)
 
@@ -267,11 +266,11 @@ def scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype:
 # copied again. Eager mode calls them through _Fp8Linear; a traced graph (torch.compile) through
 # the custom ops below, opaque to the tracer, so that the weight cache, the amax histories and
 # the audit are read and written when the graph runs, on the real tensors.
-def _forward(x2: Tensor, weight: Tensor, out_dtype: torch.dtype, weight_grad: bool,
-             x_amax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _forward(x2: Tensor, weight: Tensor, out_dtype: torch.dtype,
+             weight_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(x2 @ weight.t() in out_dtype, and for the backward x8_t (empty unless weight_grad),
-    x_inv, w8_t, w_inv). x_amax: max |x2| where the caller has it (current scaling)."""
-    x8, x8_t, x_inv = cast(x2, E4M3, _delayed.history(weight, "input"), transpose=weight_grad, amax=x_amax)
+    x_inv, w8_t, w_inv)."""
+    x8, x8_t, x_inv = cast(x2, E4M3, _delayed.history(weight, "input"), transpose=weight_grad)
     w8, w8_t, w_inv = _cast_weight(weight)
     out = scaled_mm(x8, w8.t(), x_inv, w_inv, out_dtype)
     if _audit.records is not None:
@@ -282,11 +281,9 @@ def _forward(x2: Tensor, weight: Tensor, out_dtype: torch.dtype, weight_grad: bo
 
 
 def _backward(g2: Tensor, x8_t: Tensor, x_inv: Tensor, w8_t: Tensor, w_inv: Tensor, weight: Tensor,
-              x_dtype: torch.dtype, input_grad: bool, weight_grad: bool,
-              g_amax: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
-    """(grad of x2 in x_dtype, grad of weight in its dtype), each None where not needed.
-    g_amax: max |g2| where the caller has it (current scaling)."""
-    g8, g8_t, g_inv = cast(g2, E5M2, _delayed.history(weight, "grad"), transpose=weight_grad, amax=g_amax)
+              x_dtype: torch.dtype, input_grad: bool, weight_grad: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(grad of x2 in x_dtype, grad of weight in its dtype), each None where not needed."""
+    g8, g8_t, g_inv = cast(g2, E5M2, _delayed.history(weight, "grad"), transpose=weight_grad)
     grad_x = grad_w = None
     if input_grad:  # (M x N) @ (N x K), straight into x's dtype (fp32 under a LayerNorm)
         grad_x = scaled_mm(g8, w8_t.t(), g_inv, w_inv, x_dtype)
@@ -330,23 +327,15 @@ _LIB = torch.library.Library("mixprec_fp8", "DEF")
 _LIB.define("linear(Tensor input, Tensor weight, Tensor? bias, ScalarType out_dtype) -> Tensor")
 
 
-# In a traced graph the current-scaling amaxes are plain torch ops outside the opaque ops
-# (x.abs().amax()), so that inductor reduces them in the kernel that produced x (a LayerNorm, a
-# GELU, a residual add) instead of our amax kernel reading x once more; the ops use them unless
-# delayed scaling is on when the graph runs.
-def _amax(t: Tensor) -> Tensor:
-    return t.detach().abs().amax().float()
-
-
 @torch.library.custom_op("mixprec_fp8::forward", mutates_args=())
-def _forward_op(x2: Tensor, weight: Tensor, out_dtype: torch.dtype, weight_grad: bool,
-                x_amax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out, x8_t, x_inv, w8_t, w_inv = _forward(x2, weight, out_dtype, weight_grad, x_amax)
+def _forward_op(x2: Tensor, weight: Tensor, out_dtype: torch.dtype,
+                weight_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out, x8_t, x_inv, w8_t, w_inv = _forward(x2, weight, out_dtype, weight_grad)
     return out, x8_t, x_inv, w8_t.clone(), w_inv.clone()  # (the cached weight copy: an op's outputs are its own)
 
 
 @_forward_op.register_fake
-def _forward_fake(x2, weight, out_dtype, weight_grad, x_amax=None):
+def _forward_fake(x2, weight, out_dtype, weight_grad):
     (m, k), n = x2.shape, weight.shape[0]
     return (x2.new_empty((m, n), dtype=out_dtype), x2.new_empty((k, m) if weight_grad else (0,), dtype=E4M3),
             x2.new_empty((), dtype=torch.float32), weight.new_empty((k, n), dtype=E4M3),
@@ -355,40 +344,36 @@ def _forward_fake(x2, weight, out_dtype, weight_grad, x_amax=None):
 
 @torch.library.custom_op("mixprec_fp8::backward", mutates_args=())
 def _backward_op(g2: Tensor, x8_t: Tensor, x_inv: Tensor, w8_t: Tensor, w_inv: Tensor, weight: Tensor,
-                 x_dtype: torch.dtype, input_grad: bool, weight_grad: bool,
-                 g_amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    grad_x, grad_w = _backward(g2, x8_t, x_inv, w8_t, w_inv, weight, x_dtype, input_grad, weight_grad, g_amax)
+                 x_dtype: torch.dtype, input_grad: bool, weight_grad: bool) -> tuple[Tensor, Tensor]:
+    grad_x, grad_w = _backward(g2, x8_t, x_inv, w8_t, w_inv, weight, x_dtype, input_grad, weight_grad)
     return (g2.new_empty(0, dtype=x_dtype) if grad_x is None else grad_x,
             weight.new_empty(0) if grad_w is None else grad_w)
 
 
 @_backward_op.register_fake
-def _backward_fake(g2, x8_t, x_inv, w8_t, w_inv, weight, x_dtype, input_grad, weight_grad, g_amax=None):
+def _backward_fake(g2, x8_t, x_inv, w8_t, w_inv, weight, x_dtype, input_grad, weight_grad):
     m, k = g2.shape[0], weight.shape[1]
     return (g2.new_empty((m, k) if input_grad else (0,), dtype=x_dtype),
             weight.new_empty(weight.shape if weight_grad else (0,)))
 
 
 def _forward_setup(ctx, inputs, output) -> None:
-    x2, weight, _, weight_grad, *_ = inputs
+    x2, weight, _, weight_grad = inputs
     ctx.save_for_backward(*output[1:], weight)
     ctx.x_dtype, ctx.weight_grad = x2.dtype, weight_grad
 
 
 def _forward_grad(ctx, grad_out, *_):
-    g2 = grad_out.contiguous()
-    grad_x, grad_w = torch.ops.mixprec_fp8.backward(g2, *ctx.saved_tensors, ctx.x_dtype, ctx.needs_input_grad[0],
-                                                    ctx.weight_grad, None if _delayed.enabled else _amax(g2))
-    return (grad_x if ctx.needs_input_grad[0] else None, grad_w if ctx.weight_grad else None, None, None, None)
+    grad_x, grad_w = torch.ops.mixprec_fp8.backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.x_dtype,
+                                                    ctx.needs_input_grad[0], ctx.weight_grad)
+    return (grad_x if ctx.needs_input_grad[0] else None, grad_w if ctx.weight_grad else None, None, None)
 
 
 _forward_op.register_autograd(_forward_grad, setup_context=_forward_setup)
 
 
 def _traced_linear(x: Tensor, weight: Tensor, out_dtype: torch.dtype) -> Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    x_amax = None if _delayed.enabled else _amax(x2)
-    out = torch.ops.mixprec_fp8.forward(x2, weight, out_dtype, weight.requires_grad, x_amax)[0]
+    out = torch.ops.mixprec_fp8.forward(x.reshape(-1, x.shape[-1]), weight, out_dtype, weight.requires_grad)[0]
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
