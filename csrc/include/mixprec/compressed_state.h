@@ -165,33 +165,10 @@ inline void build_codebook(const float* map, QuantCodebook& book) {
   quantize_index(book.thresholds, book.index, 0, kQuantIndexSize);
 }
 
-// y = x / absmax for the elements of one block, bit for bit as the division gives it. For absmax
-// in [2^-50, 2^100] (every block of real moments) one reciprocal a block and a correction step
-// give the same bits at a third of the instructions: q0 = x * r with r = 1 / absmax, then
-// q0 + (x - q0 * absmax) * r rounded once (Markstein's theorem: r correctly rounded, the residual
-// exact by fma; checked against the division on 3.8e9 quotients of 560 divisors in that range,
-// no difference). Outside it the residual can underflow, so those blocks divide.
-struct QuantScale {
-  float absmax, inverse;
-  bool by_inverse;
-
-  MIXPREC_HOST_DEVICE static QuantScale of(float absmax) {
-    const bool by_inverse = absmax >= 0x1p-50f && absmax <= 0x1p100f;
-    return {absmax, by_inverse ? 1.0f / absmax : 0.0f, by_inverse};
-  }
-  MIXPREC_HOST_DEVICE float ratio(float x) const {
-    if (by_inverse) {
-      const float q = x * inverse;
-      return fmaf(fmaf(-q, absmax, x), inverse, q);
-    }
-    return absmax > 0.0f ? x / absmax : 0.0f;
-  }
-};
-
 // The code of the map entry nearest to x / absmax (ties to the lower code); absmax 0 (an all-zero
 // block) gives the code of 0, NaN code 0.
-MIXPREC_HOST_DEVICE inline uint8_t quantize_value(float x, const QuantScale& scale, const QuantCodebook& book) {
-  const float y = scale.ratio(x);
+MIXPREC_HOST_DEVICE inline uint8_t quantize_value(float x, float absmax, const QuantCodebook& book) {
+  const float y = absmax > 0.0f ? x / absmax : 0.0f;
   if (!(y == y)) return 0;  // NaN is below no entry
   int code = book.index[quant_bucket(y)];
   code += book.thresholds[code] <= y;
