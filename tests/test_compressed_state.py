@@ -366,7 +366,7 @@ def test_compressed_step_on_cuda_agrees_with_the_cpu(mode):
     their block's absmax (a code may flip at a rounding boundary)."""
     results = []
     for device in ("cpu", "cuda"):
-        # (4100,): 17 blocks, so a CUDA warp steps several (the vector path, its prefetch, a tail)
+        # (4100,): 17 blocks, so a CUDA warp steps several on the vector path and ends on a tail
         params, opt = _train(device, 20, [(300,), (7, 3), (4100,)], 3, **dict(mode))
         results.append((params, opt))
     (pc, oc), (pg, og) = results

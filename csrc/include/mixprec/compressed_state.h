@@ -121,7 +121,7 @@ MIXPREC_HOST_DEVICE inline void quantize_thresholds(const float* map, float* thr
       continue;
     }
     uint32_t lo = ordered_key(map[k]), hi = ordered_key(map[k + 1]);  // nearer to map[k] at lo; done at hi
-    while (hi - lo > 1 && hi > lo) {
+    while (hi > lo && hi - lo > 1) {
       const uint32_t mid = lo + (hi - lo) / 2;
       const float y = from_ordered_key(mid);
       if ((map[k + 1] - y) < (y - map[k])) {
