@@ -140,13 +140,14 @@ __m128i round_stochastic(fVec x, __m256i random) {
 // -- Random words, 8 lanes ------------------------------------------------------------------------
 
 // RandomStream::word for elements i .. i + 7 (i a multiple of 8, so they share the index's high
-// word): the keyed multiply-add and the finalizer, lane by lane.
+// word): the keyed multiply-add and the finalizer, lane by lane; (i + k) * mul + add formed as
+// (i * mul + add) + k * mul, as in the AVX-512 build.
 __m256i random_words(const RandomStream& stream, int64_t i) {
   const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32);
-  __m256i x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(i)),
-                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  x = _mm256_add_epi32(_mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(stream.mul))),
-                       _mm256_set1_epi32(static_cast<int32_t>(stream.add)));
+  const __m256i lane_products = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                   _mm256_set1_epi32(static_cast<int32_t>(stream.mul)));
+  const uint32_t first = static_cast<uint32_t>(i) * stream.mul + stream.add;
+  __m256i x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first)), lane_products);
   x = _mm256_xor_si256(x, _mm256_set1_epi32(static_cast<int32_t>(hi * stream.high)));
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
   x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB352D));
