@@ -37,7 +37,8 @@ slow="tests/test_autocast_conformance.py tests/test_fp8.py tests/test_rounding.p
 all=$(printf '%s\n' ${FILES:-tests/test_*.py})
 { for f in $slow; do grep -qx "$f" <<< "$all" && echo "$f"; done; grep -vxF -f <(printf '%s\n' $slow) <<< "$all"; } \
   | xargs -P "${JOBS:-4}" -I{} bash -c 'run_file {}'
-cat "$OUT"/pytest_*.log > "$OUT/pytest_all.txt"; rm -f "$OUT"/pytest_*.log  # one file comes back, not 26
+for log in "$OUT"/pytest_*.log; do echo "== $log"; cat "$log"; done > "$OUT/pytest_all.txt"  # one file comes back, not 26
+rm -f "$OUT"/pytest_*.log
 grep -h "^FAILED" "$OUT/pytest_all.txt" | head -30
 echo "suite: $((SECONDS - t0)) s"
 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m scripts.sanitize_kernels \
