@@ -11,6 +11,20 @@
 // How the fp32 result reaches memory (optim_math.h's WeightIO, one case each).
 enum class Store { kFloat, kMaster, kNearest, kStochastic, kKahan };
 
+// Each stream is fetched this many elements ahead of the vector being stepped (4 KiB of fp32).
+// The hardware prefetchers stop at every 4 KiB page, and with four to six streams a vector these
+// loops stalled on memory: on the 2-core CI machine the fetches ahead took the bf16 nearest step
+// from 22 to 16.5 ms (benchmarks/bench_optimizer.py --cpu-step).
+constexpr int64_t kFetchAhead = 1024;
+
+template <typename E>
+inline void fetch_ahead(const E* stream, int64_t i) {
+  // An address past the tensor's end is fetched harmlessly; it is formed as an integer, not by
+  // pointer arithmetic beyond the array.
+  const auto at = reinterpret_cast<uintptr_t>(stream) + static_cast<uintptr_t>(i + kFetchAhead) * sizeof(E);
+  if (stream != nullptr) _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T0);
+}
+
 // -- The weight, read and written per storage scheme --------------------------------------------
 
 template <typename T, Store S>
@@ -38,6 +52,17 @@ struct Weight {
       }
     }
     return t.maximize ? u.neg() : u;
+  }
+
+  // The weight's streams (grad, param or master, compensation), kFetchAhead elements on.
+  void fetch(int64_t i) const {
+    fetch_ahead(grad, i);
+    if constexpr (S == Store::kMaster) {
+      fetch_ahead(master, i);
+    } else {
+      fetch_ahead(param, i);
+    }
+    if constexpr (S == Store::kKahan) fetch_ahead(comp, i);
   }
 
   fVec load(int64_t i) const {
@@ -108,6 +133,10 @@ void adam_loop(const StepRule& rule, const AdamSlice& a, int64_t begin, int64_t 
   float* v_ptr = a.exp_avg_sq;
   float* vmax_ptr = a.max_exp_avg_sq;
   auto body = [&](int64_t i, IntVec random) {
+    w.fetch(i);
+    fetch_ahead(m_ptr, i);
+    fetch_ahead(v_ptr, i);
+    fetch_ahead(vmax_ptr, i);
     fVec g = w.take_grad(i, transform, store_grads);
     fVec p = w.load(i);
     if (decay) {
@@ -148,6 +177,8 @@ void sgd_loop(const StepRule& rule, const SgdStepScalars& s, const SgdSlice& a, 
   const fVec one_minus_dampening(s.one_minus_dampening), neg_lr(s.neg_lr);
   float* buf = a.momentum_buffer;
   auto body = [&](int64_t i, IntVec random) {
+    w.fetch(i);
+    fetch_ahead(buf, i);
     fVec g = w.take_grad(i, transform, store_grads);
     fVec p = w.load(i);
     if (decay) g = at::vec::fmadd(weight_decay, p, g);
