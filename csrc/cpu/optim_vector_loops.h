@@ -11,10 +11,10 @@
 // How the fp32 result reaches memory (optim_math.h's WeightIO, one case each).
 enum class Store { kFloat, kMaster, kNearest, kStochastic, kKahan };
 
-// Each stream is fetched this many elements ahead of the vector being stepped (4 KiB of fp32).
-// The hardware prefetchers stop at every 4 KiB page, and with four to six streams a vector these
-// loops stalled on memory: on the 2-core CI machine the fetches ahead took the bf16 nearest step
-// from 22 to 16.5 ms (benchmarks/bench_optimizer.py --cpu-step).
+// Each stream is fetched this many elements ahead of the vector being stepped (4 KiB of fp32;
+// prefetcht0). The hardware prefetchers stop at every 4 KiB page, and with four to six streams a
+// vector these loops stalled on memory: on the 2-core CI machine the fetches ahead took the bf16
+// nearest step from 22 to 16.5 ms (benchmarks/bench_optimizer.py --cpu-step).
 constexpr int64_t kFetchAhead = 1024;
 
 template <typename E>
@@ -22,7 +22,7 @@ inline void fetch_ahead(const E* stream, int64_t i) {
   // An address past the tensor's end is fetched harmlessly; it is formed as an integer, not by
   // pointer arithmetic beyond the array.
   const auto at = reinterpret_cast<uintptr_t>(stream) + static_cast<uintptr_t>(i + kFetchAhead) * sizeof(E);
-  if (stream != nullptr) _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T0);
+  if (stream != nullptr) __builtin_prefetch(reinterpret_cast<const void*>(at));
 }
 
 // -- The weight, read and written per storage scheme --------------------------------------------

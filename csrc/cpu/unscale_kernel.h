@@ -8,9 +8,20 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 
 namespace mixprec::cpu::MIXPREC_CPU_NS {
+
+// Fetches the span 4 KiB ahead of element i. The hardware prefetchers stop at every 4 KiB page:
+// without this, unscaling GPT-2 124M's bf16 grads ran at 7.5 GB/s on the 2-core CI machine, with
+// it 29 GB/s (fp16 21 -> 37-41, fp32 unchanged; benchmarks/bench_unscale.py --device cpu). The
+// address is formed as an integer; past the span's end it is fetched harmlessly.
+template <typename T>
+inline void fetch_ahead(const T* p, int64_t i) {
+  constexpr uintptr_t kAheadBytes = 4096;
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p + i) + kAheadBytes));
+}
 
 template <typename V>
 inline bool any_nan(const V& acc) {
@@ -39,6 +50,7 @@ bool unscale_span(T* p, int64_t n, float inv_scale) {
     const fVec inv(inv_scale);
     fVec acc(0.0f);
     for (; i + bVec::size() <= n; i += bVec::size()) {
+      fetch_ahead(p, i);
       auto [lo, hi] = convert_to_float<T>(bVec::loadu(p + i));
       acc = acc | (lo - lo) | (hi - hi);
       if (write) convert_from_float<T>(lo * inv, hi * inv).store(p + i);
@@ -50,6 +62,7 @@ bool unscale_span(T* p, int64_t n, float inv_scale) {
     const Vec inv(static_cast<opmath>(inv_scale));
     Vec acc(0);
     for (; i + Vec::size() <= n; i += Vec::size()) {
+      fetch_ahead(p, i);
       Vec v = Vec::loadu(p + i);
       acc = acc | (v - v);
       if (write) (v * inv).store(p + i);
