@@ -14,8 +14,8 @@
 namespace mixprec::cpu::MIXPREC_CPU_NS {
 
 // Fetches the span 4 KiB ahead of element i. The hardware prefetchers stop at every 4 KiB page:
-// without this, unscaling GPT-2 124M's bf16 grads ran at 7.5 GB/s on the 2-core CI machine, with
-// it 29 GB/s (fp16 21 -> 37-41, fp32 unchanged; benchmarks/bench_unscale.py --device cpu). The
+// without this, unscaling GPT-2 124M's bf16 grads ran at 7.6 GB/s on the 2-core CI machine, with
+// it 29.8 GB/s (fp16 21.5 -> 38-40, fp32 37 -> 43-44; benchmarks/bench_unscale.py --device cpu). The
 // address is formed as an integer; past the span's end it is fetched harmlessly.
 template <typename T>
 inline void fetch_ahead(const T* p, int64_t i) {
