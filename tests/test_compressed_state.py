@@ -383,6 +383,36 @@ def test_compressed_step_on_cuda_agrees_with_the_cpu(mode):
                 torch.testing.assert_close(sb[key].cpu().float(), sa[key].float(), rtol=2**-7, atol=1e-7)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel's two paths")
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_cuda_whole_block_path_equals_the_general_path_bit_for_bit(mode):
+    """A 16-byte aligned tensor takes the straight-line path for its whole blocks; the same values
+    in a view one element in (misaligned) take the general path for every block. Both are the same
+    maths, so the weights and every state tensor agree bit for bit over several steps."""
+    n, steps = 4100, 4  # 16 whole blocks and a tail
+    torch.manual_seed(0)
+    init = torch.randn(n, device="cuda").bfloat16()
+    grads = [torch.randn(n, device="cuda").bfloat16() for _ in range(steps)]
+    results = []
+    for offset in (0, 1):
+        weight_storage = torch.zeros(n + offset, device="cuda", dtype=torch.bfloat16)
+        weight_storage[offset:] = init
+        p = torch.nn.Parameter(weight_storage[offset:])
+        assert (p.data_ptr() % 16 == 0) == (offset == 0)
+        opt = optim.AdamW([p], lr=1e-2, weight_decay=0.01, **dict(mode))
+        grad_storage = torch.zeros(n + offset, device="cuda", dtype=torch.bfloat16)
+        for g in grads:
+            grad_storage[offset:] = g
+            p.grad = grad_storage[offset:]
+            opt.step()
+        results.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}))
+    (pa, sa), (pm, sm) = results
+    assert_bitwise_equal(pm, pa, "weight")
+    assert sa.keys() == sm.keys()
+    for key in sa:
+        assert_bitwise_equal(sm[key], sa[key], key)
+
+
 def test_precision_bf16_true_builds_compressed_state_from_the_exact_fp32_weights():
     """Precision("bf16-true", master_weights="remainder", moments="8bit").setup() turns torch's
     AdamW into ours with that state; the remainder starts from the exact fp32 weights (joined

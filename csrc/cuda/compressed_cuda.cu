@@ -13,6 +13,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "mixprec/compressed_checks.h"
@@ -165,6 +167,7 @@ struct CompressedAdamFunctor {
   const float* unsigned_map_global;
   bool maximize;
   bool store_grads;
+  bool whole_block_path;  // EXPERIMENT (MIXPREC_COMPRESSED_WHOLE=0 turns it off for an A/B)
   uint64_t seed;
   int64_t first_tensor;
   // per thread
@@ -261,84 +264,99 @@ struct CompressedAdamFunctor {
     };
     auto vec_of = [&](int64_t b) { return aligned && (b + 1) * kQuantBlock <= n; };
     auto qblock_of = [&](int64_t b) { return (start + b * kQuantBlock) / kQuantBlock; };  // in the tensor
-    int64_t b = warp;
-    if (b >= blocks) return;
-    for (; b < blocks; b += kWarpsPerBlock) {
+    for (int64_t b = warp; b < blocks; b += kWarpsPerBlock) {
       const int64_t first = first_of(b);
-      const int valid = valid_of(b);
-      const bool vec = vec_of(b);
-      Loaded cur;
-      load(l, first, valid, vec, qblock_of(b), cur);
-      float m[kPerLane], v[kPerLane];
-      float m_max = 0.0f, v_max = 0.0f;
+      // A whole block of aligned lists (all but a tensor's last block, as a rule) takes the
+      // straight-line instance: no per-element bounds, vector accesses only.
+      if (whole_block_path && vec_of(b)) {
+        step_block<true>(l, s, weight_random, moment_random, start + first, first, kPerLane, true, qblock_of(b), lane);
+      } else {
+        step_block<false>(l, s, weight_random, moment_random, start + first, first, valid_of(b), vec_of(b),
+                          qblock_of(b), lane);
+      }
+    }
+  }
+
+  // One quantization block: this lane's run of 8 elements from `first` (`index` in the tensor),
+  // its `valid` elements stepped. kWhole: the caller knows valid == 8 and vec.
+  template <bool kWhole>
+  __device__ __forceinline__ void step_block(const Lists& l, const fused_cuda::AdamScalars& s,
+                                             const RandomStream& weight_random, const RandomStream& moment_random,
+                                             int64_t index, int64_t first, int valid_in, bool vec_in, int64_t qblock,
+                                             int lane) const {
+    const int valid = kWhole ? kPerLane : valid_in;
+    const bool vec = kWhole || vec_in;
+    Loaded cur;
+    load(l, first, valid, vec, qblock, cur);
+    float m[kPerLane], v[kPerLane];
+    float m_max = 0.0f, v_max = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      if (j >= valid) {  // past the tensor's end: keeps the block's absmax unchanged
+        m[j] = v[j] = 0.0f;
+        continue;
+      }
+      if constexpr (M == MomentStorage::kInt8) {
+        m[j] = dequantize_value(cur.exp_avg.get(j), cur.m_scale, smap);
+        v[j] = dequantize_value(cur.exp_avg_sq.get(j), cur.v_scale, umap);
+      } else {
+        m[j] = static_cast<float>(cur.exp_avg.get(j));
+        v[j] = static_cast<float>(cur.exp_avg_sq.get(j));
+      }
+      const float u = transform.unscaled(static_cast<float>(cur.grad.get(j)));
+      cur.grad.set(j, static_cast<T>(u));
+      float p;
+      if constexpr (W == WeightStorage::kMaster) {
+        p = cur.master.get(j);
+      } else if constexpr (W == WeightStorage::kRemainder) {
+        p = join_master(cur.param.get(j).x, cur.remainder.get(j));
+      } else {
+        p = static_cast<float>(cur.param.get(j));
+      }
+      float no_v_max = 0.0f;
+      fused_cuda::adam_element(s, transform.maximize ? -u : u, p, m[j], v[j], no_v_max);
+      if constexpr (W == WeightStorage::kMaster) {
+        cur.master.set(j, p);
+        cur.param.set(j, static_cast<T>(p));
+      } else if constexpr (W == WeightStorage::kRemainder) {
+        const SplitMaster split = split_master(p);
+        cur.param.set(j, T(split.weight_bits, T::from_bits()));
+        cur.remainder.set(j, split.remainder);
+      } else if constexpr (W == WeightStorage::kStochastic && !std::is_same_v<T, float>) {
+        cur.param.set(j, round_stochastic<T>(p, weight_random.word(index + j)));
+      } else {
+        cur.param.set(j, static_cast<T>(p));
+      }
+      if constexpr (M == MomentStorage::kFp32) {
+        cur.exp_avg.set(j, m[j]);
+        cur.exp_avg_sq.set(j, v[j]);
+      } else if constexpr (M == MomentStorage::kBf16) {
+        const uint32_t word = moment_random.word(index + j);
+        cur.exp_avg.set(j, round_moment_m(m[j], word));
+        cur.exp_avg_sq.set(j, round_moment_v(v[j], word));
+      }
+      m_max = fmaxf(m_max, fabsf(m[j]));
+      v_max = fmaxf(v_max, fabsf(v[j]));
+    }
+    if (store_grads) store_run(l.grad, first, valid, vec, cur.grad);
+    store_run(l.param, first, valid, vec, cur.param);
+    if constexpr (W == WeightStorage::kMaster) store_run(l.master, first, valid, vec, cur.master);
+    if constexpr (W == WeightStorage::kRemainder) store_run(l.remainder, first, valid, vec, cur.remainder);
+    if constexpr (M == MomentStorage::kInt8) {
+      m_max = warp_max(m_max);
+      v_max = warp_max(v_max);
+      if (lane == 0) {
+        l.exp_avg_absmax[qblock] = m_max;
+        l.exp_avg_sq_absmax[qblock] = v_max;
+      }
 #pragma unroll
       for (int j = 0; j < kPerLane; ++j) {
-        if (j >= valid) {  // past the tensor's end: keeps the block's absmax unchanged
-          m[j] = v[j] = 0.0f;
-          continue;
-        }
-        if constexpr (M == MomentStorage::kInt8) {
-          m[j] = dequantize_value(cur.exp_avg.get(j), cur.m_scale, smap);
-          v[j] = dequantize_value(cur.exp_avg_sq.get(j), cur.v_scale, umap);
-        } else {
-          m[j] = static_cast<float>(cur.exp_avg.get(j));
-          v[j] = static_cast<float>(cur.exp_avg_sq.get(j));
-        }
-        const float u = transform.unscaled(static_cast<float>(cur.grad.get(j)));
-        cur.grad.set(j, static_cast<T>(u));
-        float p;
-        if constexpr (W == WeightStorage::kMaster) {
-          p = cur.master.get(j);
-        } else if constexpr (W == WeightStorage::kRemainder) {
-          p = join_master(cur.param.get(j).x, cur.remainder.get(j));
-        } else {
-          p = static_cast<float>(cur.param.get(j));
-        }
-        float no_v_max = 0.0f;
-        fused_cuda::adam_element(s, transform.maximize ? -u : u, p, m[j], v[j], no_v_max);
-        if constexpr (W == WeightStorage::kMaster) {
-          cur.master.set(j, p);
-          cur.param.set(j, static_cast<T>(p));
-        } else if constexpr (W == WeightStorage::kRemainder) {
-          const SplitMaster split = split_master(p);
-          cur.param.set(j, T(split.weight_bits, T::from_bits()));
-          cur.remainder.set(j, split.remainder);
-        } else if constexpr (W == WeightStorage::kStochastic && !std::is_same_v<T, float>) {
-          cur.param.set(j, round_stochastic<T>(p, weight_random.word(start + first + j)));
-        } else {
-          cur.param.set(j, static_cast<T>(p));
-        }
-        if constexpr (M == MomentStorage::kFp32) {
-          cur.exp_avg.set(j, m[j]);
-          cur.exp_avg_sq.set(j, v[j]);
-        } else if constexpr (M == MomentStorage::kBf16) {
-          const uint32_t word = moment_random.word(start + first + j);
-          cur.exp_avg.set(j, round_moment_m(m[j], word));
-          cur.exp_avg_sq.set(j, round_moment_v(v[j], word));
-        }
-        m_max = fmaxf(m_max, fabsf(m[j]));
-        v_max = fmaxf(v_max, fabsf(v[j]));
+        cur.exp_avg.set(j, quantize_value(m[j], m_max, *sbook));
+        cur.exp_avg_sq.set(j, quantize_value(v[j], v_max, *ubook));
       }
-      if (store_grads) store_run(l.grad, first, valid, vec, cur.grad);
-      store_run(l.param, first, valid, vec, cur.param);
-      if constexpr (W == WeightStorage::kMaster) store_run(l.master, first, valid, vec, cur.master);
-      if constexpr (W == WeightStorage::kRemainder) store_run(l.remainder, first, valid, vec, cur.remainder);
-      if constexpr (M == MomentStorage::kInt8) {
-        m_max = warp_max(m_max);
-        v_max = warp_max(v_max);
-        if (lane == 0) {
-          l.exp_avg_absmax[qblock_of(b)] = m_max;
-          l.exp_avg_sq_absmax[qblock_of(b)] = v_max;
-        }
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) {
-          cur.exp_avg.set(j, quantize_value(m[j], m_max, *sbook));
-          cur.exp_avg_sq.set(j, quantize_value(v[j], v_max, *ubook));
-        }
-      }
-      store_run(l.exp_avg, first, valid, vec, cur.exp_avg);
-      store_run(l.exp_avg_sq, first, valid, vec, cur.exp_avg_sq);
     }
+    store_run(l.exp_avg, first, valid, vec, cur.exp_avg);
+    store_run(l.exp_avg_sq, first, valid, vec, cur.exp_avg_sq);
   }
 
   __device__ void finish() {}
@@ -412,6 +430,8 @@ void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::
     row[Slot::step] = steps[i].data_ptr();
   }
   const bool int8 = moments == MomentStorage::kInt8;
+  const char* whole_env = std::getenv("MIXPREC_COMPRESSED_WHOLE");  // EXPERIMENT, read per call
+  const bool whole_block_path = whole_env == nullptr || std::string(whole_env) != "0";
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_compressed_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       with_storage<scalar_t>(moments, weights, [&](auto m, auto w) {
@@ -426,6 +446,7 @@ void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::
         f.unsigned_map_global = int8 ? unsigned_map.data_ptr<float>() : nullptr;
         f.maximize = maximize;
         f.store_grads = store_grads;
+        f.whole_block_path = whole_block_path;
         f.seed = static_cast<uint64_t>(seed);
         // Chunks sized by the param's bytes (the state is that or less), whole quant blocks.
         multi_tensor_apply<Slot::count>(ptrs, numels_of(params), sizeof(scalar_t), f, device, stream,
