@@ -137,10 +137,8 @@ void step_block(const CompressedRule& r, const CompressedSlice& s, int64_t begin
   if (r.moments != MomentStorage::kInt8) return;
   s.exp_avg_absmax[block] = m_max;
   s.exp_avg_sq_absmax[block] = v_max;
-  for (int64_t i = begin; i < end; ++i) {
-    static_cast<uint8_t*>(s.exp_avg)[i] = quantize_value(m[i - begin], m_max, *r.signed_book);
-    static_cast<uint8_t*>(s.exp_avg_sq)[i] = quantize_value(v[i - begin], v_max, *r.unsigned_book);
-  }
+  quantize_run(m, end - begin, m_max, *r.signed_book, static_cast<uint8_t*>(s.exp_avg) + begin);
+  quantize_run(v, end - begin, v_max, *r.unsigned_book, static_cast<uint8_t*>(s.exp_avg_sq) + begin);
 }
 
 void adam_step_compressed_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -226,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, c
       float mx = 0.0f;
       for (int64_t i = begin; i < end; ++i) mx = std::max(mx, std::fabs(in[i]));
       scale[b] = mx;
-      for (int64_t i = begin; i < end; ++i) out[i] = quantize_value(in[i], mx, book);
+      quantize_run(in + begin, end - begin, mx, book, out + begin);
     }
   });
   return {codes, absmax};

@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <cstdlib>
-#include <string>
 #include <tuple>
 
 #include "mixprec/compressed_checks.h"
@@ -144,6 +143,13 @@ __device__ __forceinline__ void build_codebooks(const float* maps, QuantCodebook
   const int run = (kQuantIndexSize + blockDim.x - 1) / blockDim.x;
   for (int b = 0; b < count; ++b) quantize_index(books[b].thresholds, books[b].index, threadIdx.x * run, run);
   __syncthreads();
+  for (int b = 0; b < count; ++b) {
+    bool within = true;
+    for (int j = threadIdx.x; j < kQuantIndexSize; j += blockDim.x) within &= quant_bucket_within_two_steps(books[b], j);
+    within = __syncthreads_and(within);
+    if (threadIdx.x == 0) books[b].within_two_steps = within;
+  }
+  __syncthreads();
 }
 
 template <typename T, MomentStorage M, WeightStorage W>
@@ -167,7 +173,10 @@ struct CompressedAdamFunctor {
   const float* unsigned_map_global;
   bool maximize;
   bool store_grads;
-  bool whole_block_path;  // EXPERIMENT (MIXPREC_COMPRESSED_WHOLE=0 turns it off for an A/B)
+  // EXPERIMENT, MIXPREC_COMPRESSED_PATH: 0 the general path for every block, 1 whole blocks
+  // straight-line, 2 (default) that and the loop-free code walk. scripts/ab_compressed.py.
+  bool whole_block_path;
+  bool lean_quantize;
   uint64_t seed;
   int64_t first_tensor;
   // per thread
@@ -349,10 +358,21 @@ struct CompressedAdamFunctor {
         l.exp_avg_absmax[qblock] = m_max;
         l.exp_avg_sq_absmax[qblock] = v_max;
       }
+      // EXPERIMENT (path 2): whole blocks take the loop-free walk where the book and the block
+      // allow it (a warp-uniform choice); the codes are the same.
+      if (kWhole && lean_quantize && sbook->within_two_steps && m_max > 0.0f) {
 #pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        cur.exp_avg.set(j, quantize_value(m[j], m_max, *sbook));
-        cur.exp_avg_sq.set(j, quantize_value(v[j], v_max, *ubook));
+        for (int j = 0; j < kPerLane; ++j) cur.exp_avg.set(j, quantize_within_two_steps(m[j], m_max, *sbook));
+      } else {
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) cur.exp_avg.set(j, quantize_value(m[j], m_max, *sbook));
+      }
+      if (kWhole && lean_quantize && ubook->within_two_steps && v_max > 0.0f) {
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) cur.exp_avg_sq.set(j, quantize_within_two_steps(v[j], v_max, *ubook));
+      } else {
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) cur.exp_avg_sq.set(j, quantize_value(v[j], v_max, *ubook));
       }
     }
     store_run(l.exp_avg, first, valid, vec, cur.exp_avg);
@@ -430,8 +450,8 @@ void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::
     row[Slot::step] = steps[i].data_ptr();
   }
   const bool int8 = moments == MomentStorage::kInt8;
-  const char* whole_env = std::getenv("MIXPREC_COMPRESSED_WHOLE");  // EXPERIMENT, read per call
-  const bool whole_block_path = whole_env == nullptr || std::string(whole_env) != "0";
+  const char* path_env = std::getenv("MIXPREC_COMPRESSED_PATH");  // EXPERIMENT, read per call
+  const int path = path_env == nullptr ? 2 : std::atoi(path_env);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_compressed_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       with_storage<scalar_t>(moments, weights, [&](auto m, auto w) {
@@ -446,7 +466,8 @@ void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::
         f.unsigned_map_global = int8 ? unsigned_map.data_ptr<float>() : nullptr;
         f.maximize = maximize;
         f.store_grads = store_grads;
-        f.whole_block_path = whole_block_path;
+        f.whole_block_path = path >= 1;
+        f.lean_quantize = path >= 2;
         f.seed = static_cast<uint64_t>(seed);
         // Chunks sized by the param's bytes (the state is that or less), whole quant blocks.
         multi_tensor_apply<Slot::count>(ptrs, numels_of(params), sizeof(scalar_t), f, device, stream,

@@ -158,11 +158,16 @@ MIXPREC_HOST_DEVICE inline void quantize_index(const float* thresholds, uint8_t*
 struct QuantCodebook {
   float thresholds[256];
   uint8_t index[kQuantIndexSize];
+  bool within_two_steps;  // every bucket: quant_bucket_within_two_steps (true for quant.py's maps)
 };
+
+MIXPREC_HOST_DEVICE inline bool quant_bucket_within_two_steps(const QuantCodebook& book, int j);
 
 inline void build_codebook(const float* map, QuantCodebook& book) {
   quantize_thresholds(map, book.thresholds, 0, 256);
   quantize_index(book.thresholds, book.index, 0, kQuantIndexSize);
+  book.within_two_steps = true;
+  for (int j = 0; j < kQuantIndexSize; ++j) book.within_two_steps &= quant_bucket_within_two_steps(book, j);
 }
 
 // The code of the map entry nearest to x / absmax (ties to the lower code); absmax 0 (an all-zero
@@ -175,6 +180,35 @@ MIXPREC_HOST_DEVICE inline uint8_t quantize_value(float x, float absmax, const Q
   code += book.thresholds[code] <= y;
   while (book.thresholds[code] <= y) ++code;
   return static_cast<uint8_t>(code);
+}
+
+// Whether two steps from bucket j's index reach the code of every y in it, so the walk of
+// quantize_value needs no loop there: the threshold two above the index lies beyond the bucket
+// (every y of bucket j is <= the floor of bucket j + 1), or the walk ends at T[255] (NaN) first.
+MIXPREC_HOST_DEVICE inline bool quant_bucket_within_two_steps(const QuantCodebook& book, int j) {
+  const int code = book.index[j];
+  if (code + 2 >= 255) return true;
+  return j + 1 < kQuantIndexSize && book.thresholds[code + 2] > quant_bucket_floor(j + 1);
+}
+
+// quantize_value for a book whose every bucket is within two steps and a block with absmax > 0:
+// the same code, with no loop and no branch (NaN still gives code 0).
+MIXPREC_HOST_DEVICE inline uint8_t quantize_within_two_steps(float x, float absmax, const QuantCodebook& book) {
+  const float y = x / absmax;
+  int code = book.index[quant_bucket(y)];
+  code += book.thresholds[code] <= y;
+  code += book.thresholds[code] <= y;
+  return static_cast<uint8_t>(y == y ? code : 0);
+}
+
+// The codes of a block's `count` values, `absmax` their largest magnitude: quantize_value's
+// codes, through the loop-free walk where the book and the block allow it.
+inline void quantize_run(const float* x, int64_t count, float absmax, const QuantCodebook& book, uint8_t* codes) {
+  if (book.within_two_steps && absmax > 0.0f) {
+    for (int64_t i = 0; i < count; ++i) codes[i] = quantize_within_two_steps(x[i], absmax, book);
+  } else {
+    for (int64_t i = 0; i < count; ++i) codes[i] = quantize_value(x[i], absmax, book);
+  }
 }
 
 MIXPREC_HOST_DEVICE inline float dequantize_value(uint8_t code, float absmax, const float* map) {
