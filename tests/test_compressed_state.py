@@ -385,10 +385,13 @@ def test_compressed_step_on_cuda_agrees_with_the_cpu(mode):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel's two paths")
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
-def test_cuda_whole_block_path_equals_the_general_path_bit_for_bit(mode):
-    """A 16-byte aligned tensor takes the straight-line path for its whole blocks; the same values
+@pytest.mark.parametrize("path", ["1", "2"])
+def test_cuda_whole_block_path_equals_the_general_path_bit_for_bit(mode, path, monkeypatch):
+    """A 16-byte aligned tensor takes the straight-line path for its whole blocks (path 1; path 2
+    adds the loop-free code walk: MIXPREC_COMPRESSED_PATH, an experiment's switch); the same values
     in a view one element in (misaligned) take the general path for every block. Both are the same
     maths, so the weights and every state tensor agree bit for bit over several steps."""
+    monkeypatch.setenv("MIXPREC_COMPRESSED_PATH", path)
     n, steps = 4100, 4  # 16 whole blocks and a tail
     torch.manual_seed(0)
     init = torch.randn(n, device="cuda").bfloat16()
