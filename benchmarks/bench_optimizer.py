@@ -83,10 +83,12 @@ MOVED_BYTES = {"torch": 32, "ours-fp32": 36, "ours-fp32-keep-grads": 32, "ours-f
 # m, v (28); with fp32 master: grad 2 + master r/w 8 + m, v r/w 16 + weight written 2 (28); without
 # master: grad 2 + weight r/w 4 + m, v 16 (22), + compensation r/w 4 for kahan (26); amsgrad adds
 # max_exp_avg_sq r/w 8; SGD with momentum: grad 4 + param r/w 8 + buffer r/w 8 (20); torch's fused
-# bf16 step keeps bf16 moments: grad 2 + param, m, v r/w 12 (14).
+# bf16 step keeps bf16 moments: grad 2 + param, m, v r/w 12 (14). Compressed state (issue 15):
+# grad 2 + weight r/w 4, + remainder r/w 4, + codes r/w 4 (8-bit) or m, v r/w 8 (bf16).
 STEP_BYTES = {"torch-fused": 28, "torch-fused-bf16": 14, "ours-fp32": 28, "ours-fp32-amsgrad": 36,
               "ours-fp16": 28, "ours-bf16": 28, "ours-bf16-stochastic": 22, "ours-bf16-nearest": 22,
-              "ours-bf16-kahan": 26, "torch-sgd-fused": 20, "ours-sgd-fp32": 20}
+              "ours-bf16-kahan": 26, "torch-sgd-fused": 20, "ours-sgd-fp32": 20,
+              "ours-bf16-remainder-8bit": 14, "ours-bf16-stochastic-8bit": 10, "ours-bf16-remainder-bf16m": 18}
 CPU_STEP_SHAPES = [(2035, 1000)] * 17   # 34.6M params in 17 tensors (issue 13's CPU measurement)
 CPU_STEP_COLUMNS = ["variant", "ms", "spread", "gbps", "pct_torch", "x_torch", "B_per_param"]
 SET_BYTES = 16   # params + grads + state per param, at most (4+4+8 or 2+2+12; 2+2+8(+2) without master)
@@ -257,6 +259,8 @@ def make_cpu_step(name: str, shapes: list[tuple[int, ...]]) -> Callable[[], None
         return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, fused=True).step
     if name.startswith("ours-sgd"):
         return mixprec.optim.SGD(params, lr=1e-2, momentum=0.9).step
+    if name in OPTIONS and "moments" in OPTIONS[name]:  # compressed state
+        return mixprec.optim.AdamW(params, lr=3e-4, weight_decay=0.1, **OPTIONS[name]).step
     rounding = name.removeprefix("ours-bf16-") if name.startswith("ours-bf16-") else None
     options = {"master_weights": False, "rounding": rounding} if rounding else {}
     return mixprec.optim.AdamW(params, lr=3e-4, weight_decay=0.1, amsgrad=name.endswith("amsgrad"),

@@ -161,3 +161,58 @@ def test_threads_split_tensors_mid_batch(monkeypatch, build):
                            seed=123)
 
         assert_same(*run_both(monkeypatch, make_state, step, build))
+
+
+COMPRESSED_MODES = [("fp32", "remainder"), ("bf16", "master"), ("bf16", "remainder"), ("8bit", "remainder"),
+                    ("8bit", "stochastic"), ("8bit", "master"), ("bf16", "plain"), ("8bit", "plain")]
+
+
+@pytest.mark.parametrize("build", VECTOR_BUILDS)
+@pytest.mark.parametrize("moments,weights_kind", COMPRESSED_MODES)
+@given(lengths=lengths, seed=st.integers(0, 2**31), specials=st.booleans(), maximize=st.booleans(),
+       weight_decay=st.sampled_from([0.0, 0.1]), decoupled=st.booleans(), scaled=st.booleans())
+def test_compressed_block_loops_equal_the_portable_build_bit_for_bit(monkeypatch, build, moments, weights_kind,
+                                                                     lengths, seed, specials, maximize,
+                                                                     weight_decay, decoupled, scaled):
+    """The compressed step (csrc/cpu/compressed_block_loops.h) built for AVX2 and AVX-512 gives the
+    portable build's bits for every mode: weights, remainders, masters, moments, absmaxes, codes
+    and written-back grads, over two steps, whole blocks and tails, inf/NaN/subnormal values mixed
+    into the grads."""
+    from mixprec import quant
+
+    def make_state():
+        gen = torch.Generator().manual_seed(seed)
+        params = [sample(gen, n, torch.bfloat16, 1.0, False) for n in lengths]
+        state = {"params": params, "grads": [sample(gen, n, torch.bfloat16, 1e-2, specials) for n in lengths],
+                 "masters": [p.float() for p in params] if weights_kind == "master" else [],
+                 "remainders": [torch.zeros(n, dtype=torch.int16) for n in lengths]
+                 if weights_kind == "remainder" else [],
+                 "steps": [torch.tensor(3.0) for _ in lengths]}
+        if moments == "8bit":
+            blocks = [(n + 255) // 256 for n in lengths]
+            m = [sample(gen, n, torch.float32, 1e-3, False) for n in lengths]
+            v = [sample(gen, n, torch.float32, 1e-3, False).abs() for n in lengths]
+            qm = [ops.quantize_blockwise(x, quant.signed_map()) for x in m]
+            qv = [ops.quantize_blockwise(x, quant.unsigned_map()) for x in v]
+            state.update(m=[c for c, _ in qm], v=[c for c, _ in qv], m_absmax=[a for _, a in qm],
+                         v_absmax=[a for _, a in qv])
+            assert all(a.numel() == b for a, b in zip(state["m_absmax"], blocks))
+        else:
+            dtype = torch.float32 if moments == "fp32" else torch.bfloat16
+            state.update(m=[sample(gen, n, torch.float32, 1e-3, False).to(dtype) for n in lengths],
+                         v=[sample(gen, n, torch.float32, 1e-3, False).abs().to(dtype) for n in lengths],
+                         m_absmax=[], v_absmax=[])
+        return state
+
+    def step(s):
+        ops.adam_step_compressed_(s["params"], s["grads"], s["m"], s["v"], s["m_absmax"], s["v_absmax"],
+                                  s["masters"], s["remainders"], s["steps"], lr=1e-3, beta1=0.9, beta2=0.999,
+                                  eps=1e-8, weight_decay=weight_decay, decoupled_weight_decay=decoupled,
+                                  maximize=maximize, signed_map=quant.signed_map(),
+                                  unsigned_map=quant.unsigned_map(), moments=moments, weights=weights_kind,
+                                  seed=seed, **transform_args(scaled))
+
+    vec, ref = run_both(monkeypatch, make_state, step, build)
+    for key in vec:
+        for a, b in zip(vec[key], ref[key]):
+            assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), key

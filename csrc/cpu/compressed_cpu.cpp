@@ -1,8 +1,10 @@
 // CPU kernels of mixprec::adam_step_compressed_ (Adam/AdamW with compressed state: bf16 or 8-bit
 // moments, a bf16 + remainder master weight) and of the block-wise quantize/dequantize ops. One
-// at::parallel_for over the quantization blocks of every tensor; per element the maths of the CPU
-// step (optim_math.h's adam_element, so master_weights="remainder" equals master_weights=True
-// here bit for bit), with the state decoded and encoded in registers (compressed_state.h).
+// at::parallel_for over the quantization blocks of every tensor; each block is stepped by
+// compressed_block_loops.h (built portable here, and for AVX2 and AVX-512 beside it) with the
+// maths of the CPU step (optim_math.h's adam_element, so master_weights="remainder" equals
+// master_weights=True here bit for bit), the state decoded and encoded in the block's registers
+// and stack (compressed_state.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,6 +17,8 @@
 #include "mixprec/compressed_state.h"
 #include "mixprec/optim_math.h"
 #include "mixprec/rounding.h"
+#include "compressed_slice.h"
+#include "cpu_isa.h"
 #include "parallel_spans.h"
 
 namespace mixprec::cpu {
@@ -27,119 +31,15 @@ T* data_or_null(at::TensorList list, size_t i) {
   return list.empty() ? nullptr : static_cast<T*>(list[i].data_ptr());
 }
 
-// One tensor's pointers and per-step scalars.
-struct CompressedSlice {
-  void* param;
-  void* grad;
-  void* exp_avg;
-  void* exp_avg_sq;
-  float* exp_avg_absmax;
-  float* exp_avg_sq_absmax;
-  float* master;
-  int16_t* remainder;
-  AdamStepScalars scalars;
-  RandomStream weight_random, moment_random;
-};
+#include "compressed_block_loops.h"
 
-struct CompressedRule {
-  GradTransform transform;
-  MomentStorage moments;
-  WeightStorage weights;
-  bool store_grads;
-  const float* signed_map;
-  const float* unsigned_map;
-  const QuantCodebook* signed_book;  // their search tables
-  const QuantCodebook* unsigned_book;
-};
+}  // namespace
 
-template <typename T>
-float load_weight(const CompressedRule& r, const CompressedSlice& s, int64_t i) {
-  const T* param = static_cast<const T*>(s.param);
-  switch (r.weights) {
-    case WeightStorage::kMaster: return s.master[i];
-    case WeightStorage::kRemainder:
-      return join_master(reinterpret_cast<const uint16_t*>(param)[i], s.remainder[i]);
-    default: return static_cast<float>(param[i]);
-  }
+void compressed_blocks_portable(const CompressedRule& r, const CompressedSlice& s, int64_t b0, int64_t b1) {
+  dispatch_blocks(r, s, b0, b1);
 }
 
-template <typename T>
-void store_weight(const CompressedRule& r, const CompressedSlice& s, int64_t i, float p, uint32_t word) {
-  T* param = static_cast<T*>(s.param);
-  switch (r.weights) {
-    case WeightStorage::kMaster:
-      s.master[i] = p;
-      param[i] = static_cast<T>(p);
-      break;
-    case WeightStorage::kRemainder: {
-      const SplitMaster split = split_master(p);
-      reinterpret_cast<uint16_t*>(param)[i] = split.weight_bits;
-      s.remainder[i] = split.remainder;
-      break;
-    }
-    case WeightStorage::kStochastic:
-      if constexpr (std::is_floating_point_v<T>) {  // fp32 (fp64 never reaches here: the checks refuse it)
-        param[i] = static_cast<T>(p);
-      } else {
-        param[i] = round_stochastic<T>(p, word);
-      }
-      break;
-    default: param[i] = static_cast<T>(p);
-  }
-}
-
-// Elements [begin, end) of one tensor: begin is a block start, end - begin <= kQuantBlock.
-template <typename T>
-void step_block(const CompressedRule& r, const CompressedSlice& s, int64_t begin, int64_t end) {
-  float m[kQuantBlock], v[kQuantBlock];
-  const int64_t block = begin / kQuantBlock;
-  T* grad = static_cast<T*>(s.grad);
-  const float m_scale = r.moments == MomentStorage::kInt8 ? s.exp_avg_absmax[block] : 0.0f;
-  const float v_scale = r.moments == MomentStorage::kInt8 ? s.exp_avg_sq_absmax[block] : 0.0f;
-  float m_max = 0.0f, v_max = 0.0f;
-  uint32_t wwords[4] = {0, 0, 0, 0}, mwords[4] = {0, 0, 0, 0};
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t k = i - begin;
-    if (i % 4 == 0 || i == begin) {  // the words of 4 elements at a time, as on CUDA
-      if (r.weights == WeightStorage::kStochastic) s.weight_random.block(i / 4, wwords);
-      if (r.moments == MomentStorage::kBf16) s.moment_random.block(i / 4, mwords);
-    }
-    switch (r.moments) {
-      case MomentStorage::kFp32:
-        m[k] = static_cast<float*>(s.exp_avg)[i];
-        v[k] = static_cast<float*>(s.exp_avg_sq)[i];
-        break;
-      case MomentStorage::kBf16:
-        m[k] = static_cast<float>(static_cast<c10::BFloat16*>(s.exp_avg)[i]);
-        v[k] = static_cast<float>(static_cast<c10::BFloat16*>(s.exp_avg_sq)[i]);
-        break;
-      case MomentStorage::kInt8:
-        m[k] = dequantize_value(static_cast<uint8_t*>(s.exp_avg)[i], m_scale, r.signed_map);
-        v[k] = dequantize_value(static_cast<uint8_t*>(s.exp_avg_sq)[i], v_scale, r.unsigned_map);
-        break;
-    }
-    const float u = r.transform.unscaled(static_cast<float>(grad[i]));
-    if (r.store_grads) grad[i] = static_cast<T>(u);
-    float p = load_weight<T>(r, s, i);
-    float no_v_max = 0.0f;
-    adam_element(s.scalars, r.transform.maximize ? -u : u, p, m[k], v[k], no_v_max);
-    store_weight<T>(r, s, i, p, wwords[i % 4]);
-    if (r.moments == MomentStorage::kBf16) {
-      static_cast<c10::BFloat16*>(s.exp_avg)[i] = round_moment_m(m[k], mwords[i % 4]);
-      static_cast<c10::BFloat16*>(s.exp_avg_sq)[i] = round_moment_v(v[k], mwords[i % 4]);
-    } else if (r.moments == MomentStorage::kFp32) {
-      static_cast<float*>(s.exp_avg)[i] = m[k];
-      static_cast<float*>(s.exp_avg_sq)[i] = v[k];
-    }
-    m_max = std::max(m_max, std::fabs(m[k]));
-    v_max = std::max(v_max, std::fabs(v[k]));
-  }
-  if (r.moments != MomentStorage::kInt8) return;
-  s.exp_avg_absmax[block] = m_max;
-  s.exp_avg_sq_absmax[block] = v_max;
-  quantize_run(m, end - begin, m_max, *r.signed_book, static_cast<uint8_t*>(s.exp_avg) + begin);
-  quantize_run(v, end - begin, v_max, *r.unsigned_book, static_cast<uint8_t*>(s.exp_avg_sq) + begin);
-}
+namespace {
 
 void adam_step_compressed_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                               at::TensorList exp_avg_sqs, at::TensorList exp_avg_absmax,
@@ -162,12 +62,13 @@ void adam_step_compressed_cpu(at::TensorList params, at::TensorList grads, at::T
   if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // skip everything
   const double lr_value = lr_tensor.has_value() ? static_cast<double>(lr_tensor->item<float>()) : lr;
   const bool int8 = moments == MomentStorage::kInt8;
-  QuantCodebook signed_book, unsigned_book;
+  CpuCodebook signed_book, unsigned_book;
   if (int8) {
-    build_codebook(signed_map.data_ptr<float>(), signed_book);
-    build_codebook(unsigned_map.data_ptr<float>(), unsigned_book);
+    signed_book.build(signed_map.data_ptr<float>());
+    unsigned_book.build(unsigned_map.data_ptr<float>());
   }
   const CompressedRule rule{
+      params[0].scalar_type(),
       GradTransform{inv_scale.has_value() ? inv_scale->item<float>() : 1.0f,
                     clip_coef.has_value() ? clip_coef->item<float>() : 1.0f, maximize},
       moments, weights, store_grads,
@@ -186,19 +87,17 @@ void adam_step_compressed_cpu(at::TensorList params, at::TensorList grads, at::T
         data_or_null<float>(masters, t), data_or_null<int16_t>(remainders, t),
         adam_step_scalars(config, lr_value, static_cast<double>(step)),
         RandomStream::of(static_cast<uint64_t>(seed), step_id, static_cast<uint32_t>(t)),
-        moment_stream(static_cast<uint64_t>(seed), step_id, static_cast<uint32_t>(t))});
+        moment_stream(static_cast<uint64_t>(seed), step_id, static_cast<uint32_t>(t)), params[t].numel()});
     blocks.push_back(quant_blocks(params[t].numel()));
   }
   const Concatenation all(blocks);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_step_compressed_cpu", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) {  // the checks refuse fp64
-      all.parallel_walk(64, [&](size_t t, int64_t b0, int64_t b1) {
-        const int64_t n = params[t].numel();
-        for (int64_t b = b0; b < b1; ++b) {
-          step_block<scalar_t>(rule, slices[t], b * kQuantBlock, std::min(n, (b + 1) * kQuantBlock));
-        }
-      });
-    }
+  const CpuVector vector = cpu_vector();
+  all.parallel_walk(64, [&](size_t t, int64_t b0, int64_t b1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (vector == CpuVector::kAvx512) return compressed_blocks_avx512(rule, slices[t], b0, b1);
+    if (vector == CpuVector::kAvx2) return compressed_blocks_avx2(rule, slices[t], b0, b1);
+#endif
+    compressed_blocks_portable(rule, slices[t], b0, b1);
   });
 }
 

@@ -32,9 +32,7 @@ MIXPREC_HOST_DEVICE inline float float_from_bits(uint32_t bits) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(bits);
 #else
-  float x;
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
+  return host_bit_cast<float>(bits);
 #endif
 }
 
@@ -192,13 +190,20 @@ MIXPREC_HOST_DEVICE inline bool quant_bucket_within_two_steps(const QuantCodeboo
 }
 
 // quantize_value for a book whose every bucket is within two steps and a block with absmax > 0:
-// the same code, with no loop and no branch (NaN still gives code 0).
-MIXPREC_HOST_DEVICE inline uint8_t quantize_within_two_steps(float x, float absmax, const QuantCodebook& book) {
+// the same code, with no loop and no branch (NaN still gives code 0). `index` is the book's
+// index or a copy of it in wider integers (the CPU's vector loops gather 32-bit entries).
+template <typename Index>
+MIXPREC_HOST_DEVICE inline uint8_t quantize_within_two_steps(float x, float absmax, const float* thresholds,
+                                                             const Index* index) {
   const float y = x / absmax;
-  int code = book.index[quant_bucket(y)];
-  code += book.thresholds[code] <= y;
-  code += book.thresholds[code] <= y;
+  int code = static_cast<int>(index[quant_bucket(y)]);
+  code += thresholds[code] <= y;
+  code += thresholds[code] <= y;
   return static_cast<uint8_t>(y == y ? code : 0);
+}
+
+MIXPREC_HOST_DEVICE inline uint8_t quantize_within_two_steps(float x, float absmax, const QuantCodebook& book) {
+  return quantize_within_two_steps(x, absmax, book.thresholds, book.index);
 }
 
 // The codes of a block's `count` values, `absmax` their largest magnitude: quantize_value's

@@ -94,9 +94,7 @@ MIXPREC_HOST_DEVICE inline uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(x);
 #else
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  return bits;
+  return host_bit_cast<uint32_t>(x);
 #endif
 }
 
