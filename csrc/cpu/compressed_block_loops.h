@@ -3,11 +3,11 @@
 // compressed_cpu_avx2.cpp / compressed_cpu_avx512.cpp after their target pragmas, each of which
 // defines compressed_blocks_<build>. A block is stepped in phases (gradients, decode, Adam,
 // encode), each a plain loop over the block's elements with the storage modes fixed at compile
-// time, so the compiler turns each into vector code: the per-element reference did it all in one
-// loop that switched on the modes for every element, 10-20x slower than the fused step. The
-// phases perform the reference's operations in its order on each element (the maths are
-// optim_math.h's and compressed_state.h's functions), and IEEE division and square root are
-// correctly rounded at every width, so every build gives the same bits.
+// time, so the compiler turns each into vector code (the one loop it replaces switched on the
+// modes for every element and never vectorized: 2-11x slower, README). Each element gets the same
+// operations in the same order as in that loop (the maths are optim_math.h's and
+// compressed_state.h's functions), and IEEE division and square root are correctly rounded at
+// every width, so every build gives the same bits.
 // (No #pragma once: each including file compiles it for its own instruction set.)
 
 // fp16/bf16 <-> fp32 as c10 converts (bf16 rounded to nearest even, a NaN to 0x7FC0), on the bit
