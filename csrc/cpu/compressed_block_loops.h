@@ -43,6 +43,42 @@ inline float block_absmax(const float* x, int64_t count) {
   return mx;
 }
 
+#if defined(__AVX512F__)
+// quantize_within_two_steps for 16 lanes at a time with hardware gathers (gcc's generic tuning
+// emulates gathers with scalar loads: 2.6x slower here); the tail and other builds take the
+// scalar form. The same comparisons on the same quotients: T[code] <= y is false for NaN on
+// either side, as in C, and NaN quotients give code 0.
+inline int64_t quantize_lanes(const float* __restrict x, int64_t count, float absmax,
+                              const float* __restrict thresholds, const int32_t* __restrict index,
+                              uint8_t* __restrict codes) {
+  constexpr int kShift = 23 - kQuantIndexBits;
+  const __m512 scale = _mm512_set1_ps(absmax);
+  const __m512i one = _mm512_set1_epi32(1);
+  int64_t k = 0;
+  for (; k + 16 <= count; k += 16) {
+    const __m512 y = _mm512_div_ps(_mm512_loadu_ps(x + k), scale);
+    const __m512i bits = _mm512_castps_si512(y);
+    // quant_bucket(y)
+    __m512i key = _mm512_srli_epi32(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), kShift);
+    key = _mm512_min_epu32(_mm512_max_epu32(key, _mm512_set1_epi32(static_cast<int>(kQuantKeyLow))),
+                           _mm512_set1_epi32(static_cast<int>(kQuantKeyHigh)));
+    const __m512i j = _mm512_sub_epi32(key, _mm512_set1_epi32(static_cast<int>(kQuantKeyLow)));
+    const __mmask16 negative = _mm512_cmplt_epi32_mask(bits, _mm512_setzero_si512());
+    const __m512i bucket = _mm512_mask_blend_epi32(
+        negative, _mm512_add_epi32(_mm512_set1_epi32(kQuantBucketsPerSign), j),
+        _mm512_sub_epi32(_mm512_set1_epi32(kQuantBucketsPerSign - 1), j));
+    __m512i code = _mm512_i32gather_epi32(bucket, index, 4);
+    __mmask16 below = _mm512_cmp_ps_mask(_mm512_i32gather_ps(code, thresholds, 4), y, _CMP_LE_OQ);
+    code = _mm512_mask_add_epi32(code, below, code, one);
+    below = _mm512_cmp_ps_mask(_mm512_i32gather_ps(code, thresholds, 4), y, _CMP_LE_OQ);
+    code = _mm512_mask_add_epi32(code, below, code, one);
+    code = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), code);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(code));
+  }
+  return k;
+}
+#endif
+
 // compressed_state.h's quantize_run, compiled for this build, through the widened index.
 inline void quantize_codes(const float* __restrict x, int64_t count, float absmax, const CpuCodebook& c,
                            uint8_t* __restrict codes) {
@@ -51,9 +87,13 @@ inline void quantize_codes(const float* __restrict x, int64_t count, float absma
     const int32_t* __restrict index = c.index32;
     // Into a local array first: a store through uint8_t* may alias the tables, and the vectorizer
     // does not check that at run time beside gathers.
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    k = quantize_lanes(x, count, absmax, thresholds, index, codes);
+#endif
     uint8_t out[kQuantBlock];
-    for (int64_t k = 0; k < count; ++k) out[k] = quantize_within_two_steps(x[k], absmax, thresholds, index);
-    std::copy(out, out + count, codes);
+    for (int64_t i = k; i < count; ++i) out[i] = quantize_within_two_steps(x[i], absmax, thresholds, index);
+    std::copy(out + k, out + count, codes + k);
   } else {
     for (int64_t k = 0; k < count; ++k) codes[k] = quantize_value(x[k], absmax, c.book);
   }
