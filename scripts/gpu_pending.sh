@@ -7,6 +7,8 @@
 #   STAGES="build conformance"             test_autocast_conformance.py alone
 #   STAGES="build ncu"                     Nsight Compute reports of the fp8 casts and the 8-bit Adam step
 #   STAGES="build convergence"             issue 16's d=2048 model, fp8-mixed beside bf16-mixed (CONV_STEPS)
+#   STAGES="build sass"                    executed-instruction counts per SASS line of the 8-bit Adam step,
+#                                          per MIXPREC_COMPRESSED_PATH in PATHS (CSV, for reading offline)
 # The build is skipped when the extension is newer than every source. Logs and JSON go to $OUT.
 # Wheels (torchao, bitsandbytes, expecttest) travel in .whl/ (carry it).
 set -uo pipefail
@@ -67,5 +69,17 @@ if has ncu; then
     python3 -m scripts.ncu_kernels compressed > "$OUT/ncu_compressed.txt" 2>&1; echo "ncu compressed rc $?"
   grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Compute \(SM\) Throughput|Issue Slots Busy|No Eligible" \
     "$OUT/ncu_fp8_cast.txt" "$OUT/ncu_compressed.txt" | cut -c1-200 | head -60
+fi
+if has sass; then
+  for path in ${PATHS:-0 2}; do
+    MIXPREC_COMPRESSED_PATH=$path ncu --kernel-name-base demangled -k regex:CompressedAdam --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section InstructionStats --section SourceCounters --section WarpStateStats --section MemoryWorkloadAnalysis_Tables --section Occupancy \
+      -o "$OUT/ncu_path$path" python3 -m scripts.ncu_kernels compressed > "$OUT/ncu_path$path.log" 2>&1
+    echo "ncu path $path rc $?"
+    ncu -i "$OUT/ncu_path$path.ncu-rep" --page source --csv --print-source sass > "$OUT/sass_path$path.csv" 2>&1
+    ncu -i "$OUT/ncu_path$path.ncu-rep" --page details > "$OUT/ncu_path$path.txt" 2>&1
+    grep -E "Duration|Executed Instructions|Issue Slots Busy|DRAM Throughput|No Eligible|Stall" "$OUT/ncu_path$path.txt" | head -12
+    rm -f "$OUT/ncu_path$path.ncu-rep"
+  done
 fi
 echo "total: $((SECONDS - t0)) s"
