@@ -1,8 +1,9 @@
 """EXPERIMENT: the compressed step's paths timed against each other, interleaved in one process on
 the GPU (MIXPREC_COMPRESSED_PATH, read by the op on every call: 0 general, 1 whole blocks
-straight-line, 2 that and the loop-free code walk). That the paths give the same bits is
-tests/test_compressed_state.py's (an aligned tensor against a misaligned view); this script
-checks it once more on the first steps of each mode, then times them.
+straight-line, 2 that and the loop-free code walk, 3 that and the ratio by a reciprocal a block).
+That the paths give the same bits is tests/test_compressed_state.py's (an aligned tensor against a
+misaligned view); this script checks it once more on the first steps of each mode, then times
+them.
 
   python -m scripts.ab_compressed [--model 1.5B] [--repeats 7]
 """
@@ -19,7 +20,7 @@ MODES = ["ours-bf16-remainder-8bit-fast-norm", "ours-bf16-stochastic-8bit-fast-n
          "ours-bf16-remainder-bf16m-fast-norm"]
 
 
-PATHS = ("0", "1", "2")
+PATHS = ("0", "1", "2", "3")
 
 
 def with_path(call, path: str):
@@ -65,7 +66,8 @@ def main() -> None:
         for path in PATHS:
             row[f"path{path}_ms"] = stats[path]["median"]
             row[f"path{path}_spread"] = stats[path]["spread"]
-        row["path0_over_path2"] = stats["0"]["median"] / stats["2"]["median"]
+        for path in PATHS[1:]:
+            row[f"path0_over_path{path}"] = stats["0"]["median"] / stats[path]["median"]
         rows.append(row)
         del call, fns
         torch.cuda.empty_cache()

@@ -385,10 +385,11 @@ def test_compressed_step_on_cuda_agrees_with_the_cpu(mode):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel's two paths")
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
-@pytest.mark.parametrize("path", ["1", "2"])
+@pytest.mark.parametrize("path", ["1", "2", "3"])
 def test_cuda_whole_block_path_equals_the_general_path_bit_for_bit(mode, path, monkeypatch):
     """A 16-byte aligned tensor takes the straight-line path for its whole blocks (path 1; path 2
-    adds the loop-free code walk: MIXPREC_COMPRESSED_PATH, an experiment's switch); the same values
+    adds the loop-free code walk, path 3 the ratio by a reciprocal a block: MIXPREC_COMPRESSED_PATH,
+    an experiment's switch); the same values
     in a view one element in (misaligned) take the general path for every block. Both are the same
     maths, so the weights and every state tensor agree bit for bit over several steps."""
     monkeypatch.setenv("MIXPREC_COMPRESSED_PATH", path)

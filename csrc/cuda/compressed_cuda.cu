@@ -174,11 +174,13 @@ struct CompressedAdamFunctor {
   bool maximize;
   bool store_grads;
   // EXPERIMENT, MIXPREC_COMPRESSED_PATH: 0 (default) the general path for every block, 1 whole
-  // blocks straight-line, 2 that and the loop-free code walk. Paths 1 and 2 have not run on a GPU
-  // yet (no device could be had, 2026-12-07): scripts/ab_compressed.py checks their bits against
-  // path 0 and times them; the default moves once it has.
+  // blocks straight-line, 2 that and the loop-free code walk, 3 that and the ratio by a
+  // reciprocal a block (QuantRatio). Paths 1-3 have not run on a GPU yet (no device could be had,
+  // 2026-12-07): scripts/ab_compressed.py checks their bits against path 0 and times them; the
+  // default moves once it has.
   bool whole_block_path;
   bool lean_quantize;
+  bool ratio_by_inverse;
   uint64_t seed;
   int64_t first_tensor;
   // per thread
@@ -249,7 +251,8 @@ struct CompressedAdamFunctor {
     if (skip) return;
     // The update kernel reads the step before its increment (a small kernel after this one).
     const float step = *slot_ptr<const float>(meta, Slot::step, t) + 1.0f;
-    const fused_cuda::AdamScalars s = fused_cuda::adam_scalars(config, lr, step);
+    fused_cuda::AdamScalars s = fused_cuda::adam_scalars(config, lr, step);
+    s.amsgrad = false;  // never with compressed state: known here, the per-element test goes
     const auto step_id = static_cast<uint32_t>(step);
     const auto tensor_id = static_cast<uint32_t>(first_tensor + t);
     // Their keys cost a Philox call each: made only where they are used.
@@ -362,23 +365,34 @@ struct CompressedAdamFunctor {
       }
       // EXPERIMENT (path 2): whole blocks take the loop-free walk where the book and the block
       // allow it (a warp-uniform choice); the codes are the same.
-      if (kWhole && lean_quantize && sbook->within_two_steps && m_max > 0.0f) {
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) cur.exp_avg.set(j, quantize_within_two_steps(m[j], m_max, *sbook));
-      } else {
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) cur.exp_avg.set(j, quantize_value(m[j], m_max, *sbook));
-      }
-      if (kWhole && lean_quantize && ubook->within_two_steps && v_max > 0.0f) {
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) cur.exp_avg_sq.set(j, quantize_within_two_steps(v[j], v_max, *ubook));
-      } else {
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) cur.exp_avg_sq.set(j, quantize_value(v[j], v_max, *ubook));
-      }
+      encode<kWhole>(m, m_max, *sbook, cur.exp_avg);
+      encode<kWhole>(v, v_max, *ubook, cur.exp_avg_sq);
     }
     store_run(l.exp_avg, first, valid, vec, cur.exp_avg);
     store_run(l.exp_avg_sq, first, valid, vec, cur.exp_avg_sq);
+  }
+
+  // A lane's 8 codes of one moment, `absmax` the block's. EXPERIMENT (paths 2, 3): whole blocks
+  // take the loop-free walk where the book and the block allow it (a warp-uniform choice), path 3
+  // the ratio by the block's reciprocal too; the codes are the same.
+  template <bool kWhole>
+  __device__ __forceinline__ void encode(const float (&x)[kPerLane], float absmax, const QuantCodebook& book,
+                                         Run<uint8_t>& codes) const {
+    if (kWhole && lean_quantize && book.within_two_steps && absmax > 0.0f) {
+      if (ratio_by_inverse && QuantRatio::applies(absmax)) {
+        const QuantRatio ratio = QuantRatio::of(absmax);
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) {
+          codes.set(j, quantize_ratio_within_two_steps(ratio(x[j]), book.thresholds, book.index));
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) codes.set(j, quantize_within_two_steps(x[j], absmax, book));
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) codes.set(j, quantize_value(x[j], absmax, book));
+    }
   }
 
   __device__ void finish() {}
@@ -470,6 +484,7 @@ void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::
         f.store_grads = store_grads;
         f.whole_block_path = path >= 1;
         f.lean_quantize = path >= 2;
+        f.ratio_by_inverse = path >= 3;
         f.seed = static_cast<uint64_t>(seed);
         // Chunks sized by the param's bytes (the state is that or less), whole quant blocks.
         multi_tensor_apply<Slot::count>(ptrs, numels_of(params), sizeof(scalar_t), f, device, stream,
