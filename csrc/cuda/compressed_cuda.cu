@@ -164,6 +164,7 @@ struct CompressedAdamFunctor {
   static constexpr bool kLoadsParam = W != WeightStorage::kMaster;
 
   AdamConfig config;
+  float eps;  // config.eps as float
   const float* lr_tensor;
   double lr_value;
   const float* inv_scale;
@@ -174,10 +175,11 @@ struct CompressedAdamFunctor {
   bool maximize;
   bool store_grads;
   // EXPERIMENT, MIXPREC_COMPRESSED_PATH: 0 (default) the general path for every block, 1 whole
-  // blocks straight-line, 2 that and the loop-free code walk, 3 that and the ratio by a
-  // reciprocal a block (QuantRatio). Paths 1-3 have not run on a GPU yet (no device could be had,
-  // 2026-12-07): scripts/ab_compressed.py checks their bits against path 0 and times them; the
-  // default moves once it has.
+  // blocks straight-line (Adam's bias correction by its reciprocal there), 2 that and the
+  // loop-free code walk, 3 that and the 8-bit ratio by a reciprocal a block (InverseDivisor).
+  // Paths 1-3 have not run on a GPU yet (no device could be had, 2026-12-07):
+  // scripts/ab_compressed.py checks their bits against path 0 and times them; the default moves
+  // once it has.
   bool whole_block_path;
   bool lean_quantize;
   bool ratio_by_inverse;
@@ -253,6 +255,8 @@ struct CompressedAdamFunctor {
     const float step = *slot_ptr<const float>(meta, Slot::step, t) + 1.0f;
     fused_cuda::AdamScalars s = fused_cuda::adam_scalars(config, lr, step);
     s.amsgrad = false;  // never with compressed state: known here, the per-element test goes
+    s.eps = eps;        // the same float, read from the kernel's parameters, not converted per element
+    const bool bias_by_inverse = fused_cuda::DivideBiasCorrection2ByInverse::applies(s);
     const auto step_id = static_cast<uint32_t>(step);
     const auto tensor_id = static_cast<uint32_t>(first_tensor + t);
     // Their keys cost a Philox call each: made only where they are used.
@@ -281,8 +285,9 @@ struct CompressedAdamFunctor {
     for (int64_t b = warp; b < blocks; b += kWarpsPerBlock) {
       const int64_t first = first_of(b);
       // A whole block of aligned lists (all but a tensor's last block, as a rule) takes the
-      // straight-line instance: no per-element bounds, vector accesses only.
-      if (whole_block_path && vec_of(b)) {
+      // straight-line instance: no per-element bounds, vector accesses only, Adam's bias
+      // correction divided by its reciprocal.
+      if (whole_block_path && vec_of(b) && bias_by_inverse) {
         step_block<true>(l, s, weight_random, moment_random, start + first, first, kPerLane, true, qblock_of(b), lane);
       } else {
         step_block<false>(l, s, weight_random, moment_random, start + first, first, valid_of(b), vec_of(b),
@@ -328,7 +333,12 @@ struct CompressedAdamFunctor {
         p = static_cast<float>(cur.param.get(j));
       }
       float no_v_max = 0.0f;
-      fused_cuda::adam_element(s, transform.maximize ? -u : u, p, m[j], v[j], no_v_max);
+      if constexpr (kWhole) {
+        fused_cuda::adam_element(s, transform.maximize ? -u : u, p, m[j], v[j], no_v_max,
+                                 fused_cuda::DivideBiasCorrection2ByInverse(s));
+      } else {
+        fused_cuda::adam_element(s, transform.maximize ? -u : u, p, m[j], v[j], no_v_max);
+      }
       if constexpr (W == WeightStorage::kMaster) {
         cur.master.set(j, p);
         cur.param.set(j, static_cast<T>(p));
@@ -379,8 +389,8 @@ struct CompressedAdamFunctor {
   __device__ __forceinline__ void encode(const float (&x)[kPerLane], float absmax, const QuantCodebook& book,
                                          Run<uint8_t>& codes) const {
     if (kWhole && lean_quantize && book.within_two_steps && absmax > 0.0f) {
-      if (ratio_by_inverse && QuantRatio::applies(absmax)) {
-        const QuantRatio ratio = QuantRatio::of(absmax);
+      if (ratio_by_inverse && quant_ratio_by_inverse(absmax)) {
+        const InverseDivisor ratio = InverseDivisor::of(absmax);
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) {
           codes.set(j, quantize_ratio_within_two_steps(ratio(x[j]), book.thresholds, book.index));
@@ -473,6 +483,7 @@ void adam_step_compressed_cuda(at::TensorList params, at::TensorList grads, at::
       with_storage<scalar_t>(moments, weights, [&](auto m, auto w) {
         CompressedAdamFunctor<scalar_t, decltype(m)::value, decltype(w)::value> f{};
         f.config = AdamConfig{beta1, beta2, eps, weight_decay, decoupled_weight_decay, false};
+        f.eps = static_cast<float>(eps);
         f.lr_tensor = scalar_ptr(lr_tensor);
         f.lr_value = lr;
         f.inv_scale = scalar_ptr(inv_scale);

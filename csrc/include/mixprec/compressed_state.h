@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "mixprec/host_device.h"
+#include "mixprec/inverse_divisor.h"
 #include "mixprec/rounding.h"
 
 namespace mixprec {
@@ -207,22 +208,12 @@ MIXPREC_HOST_DEVICE inline uint8_t quantize_within_two_steps(float x, float absm
   return quantize_ratio_within_two_steps(x / absmax, thresholds, index);
 }
 
-// y = x / absmax for the values of one block by one reciprocal and an fma correction
-// (Markstein: r = 1 / absmax correctly rounded, the residual x - q * absmax exact by fma, so
-// q + residual * r rounded once is the correctly rounded quotient), three instructions where the
-// division takes about ten. Only for absmax in [2^-50, 2^100]: outside it the residual can
-// underflow. In that range it gave the division's bits on 3.8e9 quotients of 560 divisors
-// (checked in C, 2026-12-07).
-struct QuantRatio {
-  float absmax, inverse;
-
-  MIXPREC_HOST_DEVICE static bool applies(float absmax) { return absmax >= 0x1p-50f && absmax <= 0x1p100f; }
-  MIXPREC_HOST_DEVICE static QuantRatio of(float absmax) { return {absmax, 1.0f / absmax}; }
-  MIXPREC_HOST_DEVICE float operator()(float x) const {
-    const float q = x * inverse;
-    return fmaf(fmaf(-q, absmax, x), inverse, q);
-  }
-};
+// y = x / absmax for the values of one block by the block's reciprocal (InverseDivisor): the
+// division's bits for absmax in [2^-50, 2^100] and every |x| <= absmax (3.8e9 quotients of 560
+// divisors checked in C, 2026-12-07); outside that range the residual can underflow.
+MIXPREC_HOST_DEVICE inline bool quant_ratio_by_inverse(float absmax) {
+  return absmax >= 0x1p-50f && absmax <= 0x1p100f;
+}
 
 MIXPREC_HOST_DEVICE inline uint8_t quantize_within_two_steps(float x, float absmax, const QuantCodebook& book) {
   return quantize_within_two_steps(x, absmax, book.thresholds, book.index);

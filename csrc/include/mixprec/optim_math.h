@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "mixprec/host_device.h"
+#include "mixprec/inverse_divisor.h"
 
 namespace mixprec {
 
@@ -172,9 +173,19 @@ MIXPREC_HOST_DEVICE inline AdamScalars adam_scalars(const AdamConfig& c, float l
   return s;
 }
 
+// sqrt(v) / bias_correction2_sqrt, torch's division.
+struct DivideBiasCorrection2 {
+  MIXPREC_HOST_DEVICE float operator()(const AdamScalars& s, float root) const {
+    return root / s.bias_correction2_sqrt;
+  }
+};
+
 // One element of Adam/AdamW; g is the unscaled, clipped gradient, negated for maximize.
+// `divide` divides the root of the second moment by the bias correction (the compressed step's
+// whole blocks pass one by a reciprocal with the same bits).
+template <typename Divide = DivideBiasCorrection2>
 MIXPREC_HOST_DEVICE inline void adam_element(const AdamScalars& s, float g, float& p, float& m,
-                                             float& v, float& v_max) {
+                                             float& v, float& v_max, Divide divide = {}) {
   if (s.weight_decay != 0.0f) {
     if (s.decoupled) {
       p = fmaf(-(s.lr * s.weight_decay), p, p);  // param -= lr * weight_decay * param
@@ -195,9 +206,27 @@ MIXPREC_HOST_DEVICE inline void adam_element(const AdamScalars& s, float g, floa
     v_max = v_max < v ? v : v_max;  // std::max(max_exp_avg_sq, exp_avg_sq)
     second = v_max;
   }
-  const float denom = sqrtf(second) / s.bias_correction2_sqrt + s.eps;
+  const float denom = divide(s, sqrtf(second)) + s.eps;
   p = p - step_size * m / denom;
 }
+
+// DivideBiasCorrection2 by the bias correction's reciprocal (InverseDivisor): the division's bits
+// for a correction in [2^-20, 1] (`applies`; it is >= 2^-12 for every float beta2 < 1 whose powf
+// stays below 1) and every root the step takes, 0 and the normals in [2^-76, 2^65) (the root of
+// any float), checked on all of them for 259 corrections (scripts/check_inverse_divide.c); an
+// infinite or NaN root is passed through as the division passes it.
+struct DivideBiasCorrection2ByInverse {
+  InverseDivisor by;
+
+  MIXPREC_HOST_DEVICE static bool applies(const AdamScalars& s) {
+    return s.bias_correction2_sqrt >= 0x1p-20f && s.bias_correction2_sqrt <= 1.0f;
+  }
+  MIXPREC_HOST_DEVICE explicit DivideBiasCorrection2ByInverse(const AdamScalars& s)
+      : by(InverseDivisor::of(s.bias_correction2_sqrt)) {}
+  MIXPREC_HOST_DEVICE float operator()(const AdamScalars&, float root) const {
+    return root < INFINITY ? by(root) : root;
+  }
+};
 
 }  // namespace fused_cuda
 
