@@ -45,7 +45,7 @@ inline float block_absmax(const float* x, int64_t count) {
 
 #if defined(__AVX512F__)
 // gcc's generic tuning emulates gathers with scalar loads (2.6x slower here), so the byte-indexed
-// table look-ups of the 8-bit moments have hand-written AVX-512 and AVX2 forms.
+// table look-ups of the 8-bit moments have hand-written AVX-512 forms.
 //
 // quantize_within_two_steps for 16 lanes at a time; the tail and other builds take the scalar
 // form. The same comparisons on the same quotients: T[code] <= y is false for NaN on
@@ -92,53 +92,6 @@ inline int64_t decode_lanes(const uint8_t* __restrict codes, int64_t count, floa
   }
   return k;
 }
-#elif defined(__AVX2__)
-// The same two for AVX2, 8 lanes at a time.
-inline int64_t quantize_lanes(const float* __restrict x, int64_t count, float absmax,
-                              const float* __restrict thresholds, const int32_t* __restrict index,
-                              uint8_t* __restrict codes) {
-  constexpr int kShift = 23 - kQuantIndexBits;
-  const __m256 scale = _mm256_set1_ps(absmax);
-  // The low byte of each 32-bit code, lanes 0-3 then 4-7, into the low 8 bytes.
-  const __m256i low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                             0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-  const __m256i gather_words = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1);
-  int64_t k = 0;
-  for (; k + 8 <= count; k += 8) {
-    const __m256 y = _mm256_div_ps(_mm256_loadu_ps(x + k), scale);
-    const __m256i bits = _mm256_castps_si256(y);
-    // quant_bucket(y)
-    __m256i key = _mm256_srli_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF)), kShift);
-    key = _mm256_min_epu32(_mm256_max_epu32(key, _mm256_set1_epi32(static_cast<int>(kQuantKeyLow))),
-                           _mm256_set1_epi32(static_cast<int>(kQuantKeyHigh)));
-    const __m256i j = _mm256_sub_epi32(key, _mm256_set1_epi32(static_cast<int>(kQuantKeyLow)));
-    const __m256i negative = _mm256_cmpgt_epi32(_mm256_setzero_si256(), bits);
-    const __m256i bucket = _mm256_blendv_epi8(_mm256_add_epi32(_mm256_set1_epi32(kQuantBucketsPerSign), j),
-                                              _mm256_sub_epi32(_mm256_set1_epi32(kQuantBucketsPerSign - 1), j),
-                                              negative);
-    __m256i code = _mm256_i32gather_epi32(index, bucket, 4);
-    // A true comparison is all ones (-1): subtracting it adds one.
-    __m256 below = _mm256_cmp_ps(_mm256_i32gather_ps(thresholds, code, 4), y, _CMP_LE_OQ);
-    code = _mm256_sub_epi32(code, _mm256_castps_si256(below));
-    below = _mm256_cmp_ps(_mm256_i32gather_ps(thresholds, code, 4), y, _CMP_LE_OQ);
-    code = _mm256_sub_epi32(code, _mm256_castps_si256(below));
-    code = _mm256_and_si256(code, _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_ORD_Q)));
-    const __m256i packed = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(code, low_bytes), gather_words);
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + k), _mm256_castsi256_si128(packed));
-  }
-  return k;
-}
-
-inline int64_t decode_lanes(const uint8_t* __restrict codes, int64_t count, float absmax,
-                            const float* __restrict map, float* __restrict out) {
-  const __m256 scale = _mm256_set1_ps(absmax);
-  int64_t k = 0;
-  for (; k + 8 <= count; k += 8) {
-    const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k)));
-    _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_i32gather_ps(map, code, 4), scale));
-  }
-  return k;
-}
 #endif
 
 // compressed_state.h's quantize_run, compiled for this build, through the widened index.
@@ -150,7 +103,7 @@ inline void quantize_codes(const float* __restrict x, int64_t count, float absma
     // Into a local array first: a store through uint8_t* may alias the tables, and the vectorizer
     // does not check that at run time beside gathers.
     int64_t k = 0;
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
     k = quantize_lanes(x, count, absmax, thresholds, index, codes);
 #endif
     uint8_t out[kQuantBlock];
@@ -193,7 +146,7 @@ void step_block(const CompressedRule& r, const CompressedSlice& s, int64_t begin
     const float* smap = r.signed_map;
     const float* umap = r.unsigned_map;
     int64_t k = 0;
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
     k = decode_lanes(a, count, m_scale, smap, m);
     decode_lanes(b, count, v_scale, umap, v);
 #endif

@@ -4,8 +4,6 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include "avx2_target.h"  // first: the rest of this file compiles for AVX2
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
