@@ -44,11 +44,9 @@ inline float block_absmax(const float* x, int64_t count) {
 }
 
 #if defined(__AVX512F__)
-// gcc's generic tuning emulates gathers with scalar loads (2.6x slower here), so the byte-indexed
-// table look-ups of the 8-bit moments have hand-written AVX-512 forms.
-//
-// quantize_within_two_steps for 16 lanes at a time; the tail and other builds take the scalar
-// form. The same comparisons on the same quotients: T[code] <= y is false for NaN on
+// quantize_within_two_steps for 16 lanes at a time with hardware gathers (gcc's generic tuning
+// emulates gathers with scalar loads: 2.6x slower here); the tail and other builds take the
+// scalar form. The same comparisons on the same quotients: T[code] <= y is false for NaN on
 // either side, as in C, and NaN quotients give code 0.
 inline int64_t quantize_lanes(const float* __restrict x, int64_t count, float absmax,
                               const float* __restrict thresholds, const int32_t* __restrict index,
@@ -76,19 +74,6 @@ inline int64_t quantize_lanes(const float* __restrict x, int64_t count, float ab
     code = _mm512_mask_add_epi32(code, below, code, one);
     code = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), code);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(code));
-  }
-  return k;
-}
-
-// dequantize_value for 16 lanes at a time (a hardware gather of the map, the same product);
-// returns how many it did, the rest are the caller's.
-inline int64_t decode_lanes(const uint8_t* __restrict codes, int64_t count, float absmax,
-                            const float* __restrict map, float* __restrict out) {
-  const __m512 scale = _mm512_set1_ps(absmax);
-  int64_t k = 0;
-  for (; k + 16 <= count; k += 16) {
-    const __m512i code = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k)));
-    _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_i32gather_ps(code, map, 4), scale));
   }
   return k;
 }
@@ -145,12 +130,7 @@ void step_block(const CompressedRule& r, const CompressedSlice& s, int64_t begin
     const float m_scale = s.exp_avg_absmax[block], v_scale = s.exp_avg_sq_absmax[block];
     const float* smap = r.signed_map;
     const float* umap = r.unsigned_map;
-    int64_t k = 0;
-#if defined(__AVX512F__)
-    k = decode_lanes(a, count, m_scale, smap, m);
-    decode_lanes(b, count, v_scale, umap, v);
-#endif
-    for (; k < count; ++k) {
+    for (int64_t k = 0; k < count; ++k) {
       m[k] = dequantize_value(a[k], m_scale, smap);
       v[k] = dequantize_value(b[k], v_scale, umap);
     }
