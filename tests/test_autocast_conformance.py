@@ -35,6 +35,7 @@ from mixprec.policy import default_policy
 op_db = pytest.importorskip(
     "torch.testing._internal.common_methods_invocations", reason="needs expecttest (pip install expecttest)"
 ).op_db
+opinfo_core = pytest.importorskip("torch.testing._internal.opinfo.core")
 
 CONFIGS = [("cpu", torch.bfloat16), ("cpu", torch.float16)]
 if torch.cuda.is_available():
@@ -93,8 +94,17 @@ def _compare(runner, op, sample, ours, theirs, values: bool):
     return "mismatch", reference
 
 
+def _seed() -> None:
+    """torch.manual_seed(0)'s effect on the generators these ops draw from, without its cost: in
+    torch 2.14 every torch.manual_seed also queues a lazy seed for MTIA with a formatted stack
+    trace of the caller (torch/mtia's _lazy_call), which made this sweep several times slower."""
+    torch.random.default_generator.manual_seed(0)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(0)
+
+
 def _run(op, sample, region):
-    torch.manual_seed(0)
+    _seed()
     try:
         with region():
             return ("ok", op(sample.input, *sample.args, **sample.kwargs))
@@ -103,7 +113,7 @@ def _run(op, sample, region):
 
 
 def _grads(op, sample, region):
-    torch.manual_seed(0)
+    _seed()
     inputs = [t for t in _leaves((sample.input, sample.args, sample.kwargs))
               if isinstance(t, torch.Tensor) and t.requires_grad]
     try:
@@ -120,7 +130,11 @@ def _grads(op, sample, region):
 
 @pytest.mark.parametrize("mode", ["default", "handle_all"])
 @pytest.mark.parametrize("device,dtype", CONFIGS, ids=[f"{d}-{str(t)[6:]}" for d, t in CONFIGS])
-def test_every_opinfo_sample_matches_torch_autocast(device, dtype, mode):
+def test_every_opinfo_sample_matches_torch_autocast(device, dtype, mode, monkeypatch):
+    # Each op.sample_inputs call looks for a unittest.TestCase up the stack (inspect.stack(),
+    # which reads the source of every frame) to apply torch's per-sample skips. This test is no
+    # TestCase, so the look-up finds none either way: skipping it changes nothing but the time.
+    monkeypatch.setattr(opinfo_core, "extract_test_fn", lambda: None)
     state = default_policy(device).state(handle_all=(mode == "handle_all"))
 
     def ours():

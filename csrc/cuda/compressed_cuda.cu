@@ -307,6 +307,14 @@ struct CompressedAdamFunctor {
     const bool vec = kWhole || vec_in;
     Loaded cur;
     load(l, first, valid, vec, qblock, cur);
+    // Whole blocks divide Adam's bias correction by its reciprocal (the caller checked it applies).
+    const auto bias_divide = [&] {
+      if constexpr (kWhole) {
+        return fused_cuda::DivideBiasCorrection2ByInverse(s);
+      } else {
+        return fused_cuda::DivideBiasCorrection2{};
+      }
+    }();
     float m[kPerLane], v[kPerLane];
     float m_max = 0.0f, v_max = 0.0f;
 #pragma unroll
@@ -333,12 +341,7 @@ struct CompressedAdamFunctor {
         p = static_cast<float>(cur.param.get(j));
       }
       float no_v_max = 0.0f;
-      if constexpr (kWhole) {
-        fused_cuda::adam_element(s, transform.maximize ? -u : u, p, m[j], v[j], no_v_max,
-                                 fused_cuda::DivideBiasCorrection2ByInverse(s));
-      } else {
-        fused_cuda::adam_element(s, transform.maximize ? -u : u, p, m[j], v[j], no_v_max);
-      }
+      fused_cuda::adam_element(s, transform.maximize ? -u : u, p, m[j], v[j], no_v_max, bias_divide);
       if constexpr (W == WeightStorage::kMaster) {
         cur.master.set(j, p);
         cur.param.set(j, static_cast<T>(p));
@@ -373,8 +376,6 @@ struct CompressedAdamFunctor {
         l.exp_avg_absmax[qblock] = m_max;
         l.exp_avg_sq_absmax[qblock] = v_max;
       }
-      // EXPERIMENT (path 2): whole blocks take the loop-free walk where the book and the block
-      // allow it (a warp-uniform choice); the codes are the same.
       encode<kWhole>(m, m_max, *sbook, cur.exp_avg);
       encode<kWhole>(v, v_max, *ubook, cur.exp_avg_sq);
     }
