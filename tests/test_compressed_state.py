@@ -387,16 +387,21 @@ def test_compressed_step_on_cuda_agrees_with_the_cpu(mode):
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
 @pytest.mark.parametrize("path", ["1", "2", "3"])
 def test_cuda_whole_block_path_equals_the_general_path_bit_for_bit(mode, path, monkeypatch):
-    """A 16-byte aligned tensor takes the straight-line path for its whole blocks (path 1; path 2
-    adds the loop-free code walk, path 3 the ratio by a reciprocal a block: MIXPREC_COMPRESSED_PATH,
-    an experiment's switch); the same values
-    in a view one element in (misaligned) take the general path for every block. Both are the same
-    maths, so the weights and every state tensor agree bit for bit over several steps."""
+    """A 16-byte aligned tensor takes the straight-line path for its whole blocks (path 1, with
+    Adam's bias correction divided by its reciprocal; path 2 adds the loop-free code walk, path 3
+    the 8-bit ratio by a reciprocal a block: MIXPREC_COMPRESSED_PATH, an experiment's switch); the
+    same values in a view one element in (misaligned) take the general path for every block. Both
+    are the same maths, so the weights and every state tensor agree bit for bit over several steps,
+    overflowing, infinite and NaN gradients included."""
     monkeypatch.setenv("MIXPREC_COMPRESSED_PATH", path)
     n, steps = 4100, 4  # 16 whole blocks and a tail
     torch.manual_seed(0)
     init = torch.randn(n, device="cuda").bfloat16()
     grads = [torch.randn(n, device="cuda").bfloat16() for _ in range(steps)]
+    # In some blocks: a square that overflows (an infinite root, passed through by the
+    # reciprocal's divider), inf and NaN (NaN moments take code 0 on both walks).
+    for index, value in ((700, 3e19), (1000, -3e19), (1500, float("inf")), (2100, float("nan"))):
+        grads[1][index] = value
     results = []
     for offset in (0, 1):
         weight_storage = torch.zeros(n + offset, device="cuda", dtype=torch.bfloat16)
