@@ -1,6 +1,7 @@
 """EXPERIMENT: the compressed step's paths timed against each other, interleaved in one process on
 the GPU (MIXPREC_COMPRESSED_PATH, read by the op on every call: 0 general, 1 whole blocks
-straight-line, 2 that and the loop-free code walk, 3 that and the ratio by a reciprocal a block).
+straight-line with Adam's bias correction by its reciprocal, 2 that and the loop-free code walk,
+3 that and the 8-bit ratio by a reciprocal a block).
 That the paths give the same bits is tests/test_compressed_state.py's (an aligned tensor against a
 misaligned view); this script checks it once more on the first steps of each mode, then times
 them.

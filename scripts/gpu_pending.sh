@@ -71,7 +71,7 @@ if has ncu; then
     "$OUT/ncu_fp8_cast.txt" "$OUT/ncu_compressed.txt" | cut -c1-200 | head -60
 fi
 if has sass; then
-  for path in ${PATHS:-0 2}; do
+  for path in ${PATHS:-0 3}; do
     MIXPREC_COMPRESSED_PATH=$path ncu --kernel-name-base demangled -k regex:CompressedAdam --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section InstructionStats --section SourceCounters --section WarpStateStats --section MemoryWorkloadAnalysis_Tables --section Occupancy \
       -o "$OUT/ncu_path$path" python3 -m scripts.ncu_kernels compressed > "$OUT/ncu_path$path.log" 2>&1

@@ -3,9 +3,10 @@
 // correctly rounded quotient, the division's bits, wherever the residual x - q * d (exact by fma)
 // does not underflow and nothing overflows: three instructions where a CUDA division takes about
 // ten (a range check, a branch and a slow path beside them). The kernels use it only on ranges
-// checked exhaustively against the division (scripts/check_inverse_divide.c and the 8-bit ratio's
-// check of 2026-12-07): see `exact_for` and each caller. x = inf gives NaN here (inf / d is inf):
-// callers that can see one keep it out.
+// checked exhaustively against the division, each caller naming its own (quant_ratio_by_inverse
+// in compressed_state.h, fused_cuda::DivideBiasCorrection2ByInverse in optim_math.h; checked by
+// scripts/check_inverse_divide.c and the 8-bit ratio's check of 2026-12-07). x = inf gives NaN
+// here (inf / d is inf): callers that can see one keep it out.
 #pragma once
 #include <cmath>
 
