@@ -52,7 +52,8 @@ VARIANTS = {"torch": torch.float32, "ours-fp32": torch.float32, "ours-fp32-keep-
             # torchao's AdamW8bit (its step alone, compiled, bf16 params rounded stochastically)
             "ours-bf16-remainder": torch.bfloat16, "ours-bf16-remainder-bf16m": torch.bfloat16,
             "ours-bf16-8bit": torch.bfloat16, "ours-bf16-remainder-8bit": torch.bfloat16,
-            "ours-bf16-stochastic-8bit": torch.bfloat16, "bnb-8bit": torch.float32,
+            "ours-bf16-stochastic-8bit": torch.bfloat16, "ours-bf16-remainder-fp8": torch.bfloat16,
+            "ours-bf16-stochastic-fp8": torch.bfloat16, "bnb-8bit": torch.float32,
             "torchao-8bit": torch.bfloat16}
 # The optimizer options of each "ours-*" variant.
 OPTIONS = {"ours-fp32-keep-grads": {"write_back_grads": False},
@@ -63,7 +64,9 @@ OPTIONS = {"ours-fp32-keep-grads": {"write_back_grads": False},
            "ours-bf16-remainder-bf16m": {"master_weights": "remainder", "moments": "bf16"},
            "ours-bf16-8bit": {"moments": "8bit"},
            "ours-bf16-remainder-8bit": {"master_weights": "remainder", "moments": "8bit"},
-           "ours-bf16-stochastic-8bit": {"master_weights": False, "rounding": "stochastic", "moments": "8bit"}}
+           "ours-bf16-stochastic-8bit": {"master_weights": False, "rounding": "stochastic", "moments": "8bit"},
+           "ours-bf16-remainder-fp8": {"master_weights": "remainder", "moments": "fp8"},
+           "ours-bf16-stochastic-fp8": {"master_weights": False, "rounding": "stochastic", "moments": "fp8"}}
 # Ideal bytes moved per param per call. fp32: grad read twice (norm, step) 8 + param r/w 8 + two
 # moments r/w 16 + the unscaled, clipped grad written back 4 (as torch's fused step leaves p.grad;
 # "keep-grads" is write_back_grads=False, without that write). With master weights: grad 2*2 +
@@ -72,12 +75,13 @@ OPTIONS = {"ours-fp32-keep-grads": {"write_back_grads": False},
 # recipe moves more (unscale_ and clip rewrite the grads); its limit is counted as fp32's without
 # the write-back, 32.
 # Compressed state: the remainder adds its r/w 4 to the weight's r/w 4 (no master); 8-bit moments
-# move 4 (codes r/w; absmax 0.06 more), bf16 moments 8. bitsandbytes' step alone on fp32 params:
+# move 4 (codes r/w; absmax 0.06 more), as fp8 moments do, bf16 moments 8. bitsandbytes' step alone on fp32 params:
 # grad 4 + param r/w 8 + codes 4; torchao's on bf16 params: grad 2 + param r/w 4 + codes 4.
 MOVED_BYTES = {"torch": 32, "ours-fp32": 36, "ours-fp32-keep-grads": 32, "ours-fp16": 32, "ours-bf16": 32,
                "ours-bf16-stochastic": 26, "ours-bf16-kahan": 30, "ours-bf16-nearest": 26,
                "ours-bf16-remainder": 30, "ours-bf16-remainder-bf16m": 22, "ours-bf16-8bit": 20,
-               "ours-bf16-remainder-8bit": 18, "ours-bf16-stochastic-8bit": 14, "bnb-8bit": 16,
+               "ours-bf16-remainder-8bit": 18, "ours-bf16-stochastic-8bit": 14, "ours-bf16-remainder-fp8": 18,
+               "ours-bf16-stochastic-fp8": 14, "bnb-8bit": 16,
                "torchao-8bit": 10}
 # The step alone (--cpu-step), bytes per param: fp32 AdamW reads grad, param, m, v and writes param,
 # m, v (28); with fp32 master: grad 2 + master r/w 8 + m, v r/w 16 + weight written 2 (28); without
@@ -88,7 +92,8 @@ MOVED_BYTES = {"torch": 32, "ours-fp32": 36, "ours-fp32-keep-grads": 32, "ours-f
 STEP_BYTES = {"torch-fused": 28, "torch-fused-bf16": 14, "ours-fp32": 28, "ours-fp32-amsgrad": 36,
               "ours-fp16": 28, "ours-bf16": 28, "ours-bf16-stochastic": 22, "ours-bf16-nearest": 22,
               "ours-bf16-kahan": 26, "torch-sgd-fused": 20, "ours-sgd-fp32": 20,
-              "ours-bf16-remainder-8bit": 14, "ours-bf16-stochastic-8bit": 10, "ours-bf16-remainder-bf16m": 18}
+              "ours-bf16-remainder-8bit": 14, "ours-bf16-stochastic-8bit": 10, "ours-bf16-remainder-bf16m": 18,
+              "ours-bf16-remainder-fp8": 14, "ours-bf16-stochastic-fp8": 10}
 CPU_STEP_SHAPES = [(2035, 1000)] * 17   # 34.6M params in 17 tensors (issue 13's CPU measurement)
 CPU_STEP_COLUMNS = ["variant", "ms", "spread", "gbps", "pct_torch", "x_torch", "B_per_param"]
 SET_BYTES = 16   # params + grads + state per param, at most (4+4+8 or 2+2+12; 2+2+8(+2) without master)

@@ -90,9 +90,10 @@ TORCH_LIBRARY(mixprec, lib) {
       "Tensor? inv_scale, Tensor? clip_coef, Tensor? found_inf, *, str rounding=\"nearest\", "
       "int seed=0, bool store_grads=False) -> ()");
   // Adam/AdamW with compressed state (issue 15). `moments` by name: "fp32", "bf16" (stochastically
-  // rounded with the moment stream of seed, step, tensor) or "8bit" (uint8 codes of the
+  // rounded with the moment stream of seed, step, tensor), "8bit" (uint8 codes of the
   // signed_map / unsigned_map entries times one fp32 absmax per 256-element block, requantized in
-  // the same pass). `weights` by name: "plain" (fp32, or fp16/bf16 rounded to nearest), "master"
+  // the same pass) or "fp8" (float8_e4m3fn values times a power of two set by that absmax, see
+  // compressed_state.h; the maps are not read). `weights` by name: "plain" (fp32, or fp16/bf16 rounded to nearest), "master"
   // (fp32 master_params), "remainder" (bf16 params + int16 remainders: together the fp32 master,
   // bit for bit), "stochastic" (fp16/bf16 rounded stochastically). Otherwise as adam_step_ (no
   // amsgrad): found_inf skips everything, steps are incremented first, store_grads writes the

@@ -158,7 +158,7 @@ def sgd_step_(
 
 # The storage names adam_step_compressed_ takes (C++ parses them: compressed_checks.h's tables;
 # tests/test_compressed_state.py checks the two agree).
-MOMENT_STORAGES = ("fp32", "bf16", "8bit")
+MOMENT_STORAGES = ("fp32", "bf16", "8bit", "fp8")
 WEIGHT_STORAGES = ("plain", "master", "remainder", "stochastic")
 
 
@@ -172,7 +172,8 @@ def adam_step_compressed_(
     seed: int = 0, store_grads: bool = False,
 ) -> None:
     """One fused Adam/AdamW step with compressed state (see csrc/ops.cpp): moments "fp32", "bf16"
-    or "8bit" (with one absmax per 256-element block and the two 256-entry maps), weights "plain",
+    or "8bit" (with one absmax per 256-element block and the two 256-entry maps), or "fp8"
+    (float8_e4m3fn, with one absmax per block; the maps are not read), weights "plain",
     "master", "remainder" or "stochastic"."""
     lr_float, lr_tensor = (0.0, lr) if isinstance(lr, Tensor) else (float(lr), None)
     library().adam_step_compressed_(

@@ -32,7 +32,9 @@ torch.optim. What is different:
   rounded (to nearest, a second moment decaying by beta2 = 0.999 never moves); moments="8bit"
   stores them as uint8 codes of mixprec.quant's dynamic maps with one fp32 absmax per 256-element
   block (state["exp_avg_absmax"], state["exp_avg_sq_absmax"]), decoded and re-encoded inside the
-  step kernel. Checkpoints of torch.optim load into every mode (quantized on load);
+  step kernel; moments="fp8" stores them as float8_e4m3fn with the same absmax per block (scaled
+  by a power of two, see mixprec.quant), the same bytes as 8-bit with a conversion the GPU makes
+  in one instruction for two values. Checkpoints of torch.optim load into every mode (quantized on load);
   to_torch_state_dict() exports ours as torch.optim's (fp32 moments, fp32 master_param).
 """
 from __future__ import annotations
@@ -90,11 +92,11 @@ def _check_fused_flags(fused: bool | None, foreach: bool | None) -> None:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
-MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": torch.uint8}
+MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, **quant.BLOCK_SCALED}
 
 
 def quant_blocks(p: Tensor) -> int:
-    """absmax entries of an 8-bit moment of p: one per quant.QUANT_BLOCK elements of this rank's
+    """absmax entries of an 8-bit or fp8 moment of p: one per quant.QUANT_BLOCK elements of this rank's
     part of p (its local shard under FSDP2)."""
     return (local(p).numel() + quant.QUANT_BLOCK - 1) // quant.QUANT_BLOCK
 
@@ -446,11 +448,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
 def _loaded_dtype(key: str, value: Tensor, p: Tensor) -> torch.dtype:
     """The dtype a checkpoint's state tensor is loaded in: the compensation in the param's dtype,
-    integer state (8-bit codes, int16 remainders) as saved, every float (bf16 moments included)
+    codes (8-bit, fp8) and int16 remainders as saved, every other float (bf16 moments included)
     in fp32; _complete_loaded_state then converts the moments to the group's `moments`."""
     if key == "compensation":
         return p.dtype
-    if value.dtype in (torch.uint8, torch.int16):
+    if value.dtype in (torch.uint8, torch.float8_e4m3fn, torch.int16):
         return value.dtype
     return torch.float32
 
@@ -535,7 +537,7 @@ class Adam(FusedOptimizer):
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:  # zeros_like: a DTensor param (FSDP2) gets DTensor state, sharded alike
                 state[key] = torch.zeros_like(p, dtype=MOMENT_DTYPES[moments], memory_format=torch.contiguous_format)
-            if moments == "8bit" and key + "_absmax" not in state:
+            if moments in quant.BLOCK_SCALED and key + "_absmax" not in state:
                 # One absmax per 256 elements of this rank's shard: blocks never straddle shards.
                 state[key + "_absmax"] = torch.zeros(quant_blocks(p), dtype=torch.float32, device=local(p).device)
 
@@ -555,13 +557,14 @@ class Adam(FusedOptimizer):
         for key in ("exp_avg", "exp_avg_sq"):
             value = saved.get(key)
             absmax = saved.get(key + "_absmax")
-            if isinstance(value, Tensor) and value.dtype == torch.uint8:
+            if isinstance(value, Tensor) and value.dtype in quant.BLOCK_SCALED.values():
                 if not isinstance(absmax, Tensor) or absmax.dtype != torch.float32 or absmax.numel() != quant_blocks(p):
                     raise ValueError(f"{where.format(key + '_absmax')} must be a float32 tensor of "
-                                     f"{quant_blocks(p)} blocks beside 8-bit {key} codes")
-            elif isinstance(value, Tensor) and group.get("moments") == "8bit":
+                                     f"{quant_blocks(p)} blocks beside {value.dtype} {key} codes")
+            elif isinstance(value, Tensor) and group.get("moments") in quant.BLOCK_SCALED:
                 if not torch.isfinite(value).all():
-                    raise ValueError(f"{where.format(key)} holds inf/NaN, which 8-bit moments cannot store")
+                    raise ValueError(f"{where.format(key)} holds inf/NaN, which {group['moments']} moments "
+                                     "cannot store")
                 if key == "exp_avg_sq" and (value < 0).any():
                     raise ValueError(f"{where.format(key)} has negative values; a second moment is >= 0")
         remainder = saved.get("master_remainder")
@@ -576,12 +579,12 @@ class Adam(FusedOptimizer):
             value = state.get(key)
             if value is None:
                 continue
-            if value.dtype == torch.uint8:  # saved 8-bit: keep, or decode for another format
-                if moments == "8bit":
+            if value.dtype in quant.BLOCK_SCALED.values():  # saved codes: keep, or decode for another format
+                if value.dtype == MOMENT_DTYPES[moments]:
                     continue
-                value = quant.dequantize(value, state.pop(key + "_absmax"), signed=signed)
-            if moments == "8bit":
-                state[key], state[key + "_absmax"] = quant.quantize(value.float(), signed=signed)
+                value = quant.decode_moment(value, state.pop(key + "_absmax"), signed=signed)
+            if moments in quant.BLOCK_SCALED:
+                state[key], state[key + "_absmax"] = quant.encode_moment(value.float(), moments, signed=signed)
             else:
                 state[key] = value.to(MOMENT_DTYPES[moments])
 
@@ -608,11 +611,11 @@ class Adam(FusedOptimizer):
         dtype = batch.params[0].dtype
         if self._compressed(dtype, group):
             weights, device = self._weights_storage(dtype, group), batch.tensors[0].device
-            eight_bit = group["moments"] == "8bit"
+            block_scaled = group["moments"] in quant.BLOCK_SCALED
             ops.adam_step_compressed_(
                 batch.tensors, batch.grads, self._states(batch, "exp_avg"), self._states(batch, "exp_avg_sq"),
-                self._states(batch, "exp_avg_absmax") if eight_bit else [],
-                self._states(batch, "exp_avg_sq_absmax") if eight_bit else [],
+                self._states(batch, "exp_avg_absmax") if block_scaled else [],
+                self._states(batch, "exp_avg_sq_absmax") if block_scaled else [],
                 self._masters(batch, group) if weights == "master" else [],
                 self._states(batch, "master_remainder") if weights == "remainder" else [],
                 [s["step"] for s in states], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
@@ -745,8 +748,8 @@ class SGD(FusedOptimizer):
 
 
 def to_torch_state_dict(optimizer: Adam) -> dict[str, Any]:
-    """`optimizer.state_dict()` as torch.optim.Adam/AdamW keeps it: moments in fp32 (8-bit and bf16
-    ones decoded), no absmax; a remainder and its bf16 weight joined into an fp32 "master_param"
+    """`optimizer.state_dict()` as torch.optim.Adam/AdamW keeps it: moments in fp32 (8-bit, fp8 and
+    bf16 ones decoded), no absmax; a remainder and its bf16 weight joined into an fp32 "master_param"
     (which torch ignores and our optimizers with master_weights=True load). Loads into
     torch.optim.AdamW as it is; the optimizer is not changed."""
     saved = optimizer.state_dict()
@@ -758,8 +761,8 @@ def to_torch_state_dict(optimizer: Adam) -> dict[str, Any]:
         st = dict(st)
         for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
             value = st.get(key)
-            if isinstance(value, Tensor) and value.dtype == torch.uint8:
-                st[key] = quant.dequantize(value, st.pop(key + "_absmax"), signed=signed)
+            if isinstance(value, Tensor) and value.dtype in quant.BLOCK_SCALED.values():
+                st[key] = quant.decode_moment(value, st.pop(key + "_absmax"), signed=signed)
             elif isinstance(value, Tensor):
                 st[key] = value.float()
         if "master_remainder" in st:

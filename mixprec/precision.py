@@ -182,9 +182,9 @@ class Precision:
     `master_weights`, `rounding`, `seed`: for 16-true/bf16-true, the options of the mixprec.optim
     optimizer setup() builds (master_weights=False with rounding="stochastic" keeps no fp32 copy,
     4 B/param less, and stays unbiased; "nearest" loses updates below half an ulp).
-    `master_weights="remainder"` (bf16-true) and `moments` ("fp32", "bf16", "8bit"): compressed
-    Adam/AdamW state (mixprec.optim's docstring): bf16 weight + remainder + 8-bit moments hold 6
-    B/param where fp32 weights and AdamW hold 12.
+    `master_weights="remainder"` (bf16-true) and `moments` ("fp32", "bf16", "8bit", "fp8"):
+    compressed Adam/AdamW state (mixprec.optim's docstring): bf16 weight + remainder + 8-bit (or
+    fp8) moments hold 6 B/param where fp32 weights and AdamW hold 12.
     `scaler`: a configured mixprec.GradScaler for 16-mixed (default: GradScaler's defaults).
     `track_overflow_names`: under 16-mixed, read found_inf after each step (one host sync) and,
     when the step overflowed, record the names of the params whose grads held inf/NaN (stats()).

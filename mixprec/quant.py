@@ -1,5 +1,5 @@
-"""Block-wise 8-bit quantization of optimizer moments: the two 256-entry dynamic maps, and the
-conversions between fp32 moments and (codes, absmax) that checkpoints use.
+"""Block-wise 8-bit quantization of optimizer moments: the two 256-entry dynamic maps, the fp8
+format, and the conversions between fp32 moments and (codes, absmax) that checkpoints use.
 
 The maps follow Dettmers' dynamic quantization (arXiv 1511.04561), as bitsandbytes and torchao
 use it for 8-bit Adam: a value x in a block of 256 is stored as the code of the map entry nearest
@@ -7,6 +7,12 @@ to x / absmax(block). Entries are dense near zero and sparse near one: level i (
 [0.1, 1] * 10^(i - 6) with the midpoints of an even split of that decade, 2^i of them for the
 signed map (each with both signs: the first moment) and 2^(i+1) for the unsigned map (the second
 moment, never negative); 0 and 1.0 complete each map to 256 entries.
+
+fp8 moments (moments="fp8", as torchao's AdamWFp8 keeps them) are float8_e4m3fn values of x * 2^k
+with k chosen per block from its absmax alone, so that absmax * 2^k lies in [128, 256): scaling by
+a power of two is exact, so torch's own fp8 conversion (to nearest even) is the only rounding,
+and the optimizer's kernels give exactly the codes of encode_fp8 here
+(csrc/include/mixprec/compressed_state.h's fp8_moment_factor).
 """
 from __future__ import annotations
 
@@ -62,3 +68,65 @@ def dequantize(codes: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
     """fp32 values of codes (the inverse of quantize, up to its rounding)."""
     qmap = signed_map(codes.device) if signed else unsigned_map(codes.device)
     return ops.dequantize_blockwise(codes, absmax, qmap)
+
+
+def _fp8_exponent(absmax: Tensor) -> Tensor:
+    return (absmax.float().view(torch.int32) >> 23) & 0xFF  # absmax >= 0: the biased exponent
+
+
+def fp8_factor(absmax: Tensor) -> Tensor:
+    """2^k per block: absmax * 2^k in [128, 256); 2^127 for absmax < 2^-119 (zero too)."""
+    e = _fp8_exponent(absmax)
+    return (torch.where(e <= 7, 254, 261 - e) << 23).to(torch.int32).view(torch.float32)
+
+
+def fp8_inverse(absmax: Tensor) -> Tensor:
+    """2^-k per block, exact (2^-127 is an fp32 subnormal)."""
+    e = _fp8_exponent(absmax)
+    return torch.where(e <= 7, 0x00400000, (e - 7) << 23).to(torch.int32).view(torch.float32)
+
+
+def _blocks(x: Tensor) -> Tensor:
+    flat = x.detach().float().reshape(-1)
+    padded = flat.new_zeros((flat.numel() + QUANT_BLOCK - 1) // QUANT_BLOCK * QUANT_BLOCK)
+    padded[: flat.numel()] = flat
+    return padded.view(-1, QUANT_BLOCK)
+
+
+def encode_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(float8_e4m3fn codes of x's shape, fp32 absmax per 256-element block of x's flat order):
+    torch's fp8 conversion of x * fp8_factor(absmax). Refuses inf/NaN, as quantize does."""
+    if not torch.isfinite(x).all():
+        raise ValueError("cannot store a tensor holding inf/NaN as fp8 moments")
+    blocks = _blocks(x)
+    absmax = blocks.abs().amax(dim=1)
+    codes = (blocks * fp8_factor(absmax)[:, None]).to(torch.float8_e4m3fn)
+    return codes.reshape(-1)[: x.numel()].view(x.shape), absmax
+
+
+def decode_fp8(codes: Tensor, absmax: Tensor) -> Tensor:
+    """fp32 values of fp8 codes: code * 2^-k of its block (the inverse of encode_fp8, up to its
+    rounding)."""
+    flat = codes.reshape(-1).float()
+    inverse = fp8_inverse(absmax).repeat_interleave(QUANT_BLOCK)[: flat.numel()]
+    return (flat * inverse).view(codes.shape)
+
+
+# The block-scaled moment formats: the dtype of their codes, and (encode, decode) by signedness.
+BLOCK_SCALED = {"8bit": torch.uint8, "fp8": torch.float8_e4m3fn}
+
+
+def encode_moment(x: Tensor, moments: str, *, signed: bool) -> tuple[Tensor, Tensor]:
+    """(codes, absmax) of x in a block-scaled format of BLOCK_SCALED."""
+    if moments == "fp8":
+        if not signed and (x < 0).any():
+            raise ValueError("a second moment (exp_avg_sq) takes values >= 0; got negative ones")
+        return encode_fp8(x)
+    return quantize(x, signed=signed)
+
+
+def decode_moment(codes: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
+    """fp32 values of block-scaled codes, the format told by their dtype."""
+    if codes.dtype == torch.float8_e4m3fn:
+        return decode_fp8(codes, absmax)
+    return dequantize(codes, absmax, signed=signed)

@@ -48,7 +48,7 @@ fi
 if has optim; then
   timeout 400 python3 -m benchmarks.bench_optimizer --models ${MODELS:-124M,1.5B} --repeats ${REPEATS:-6} \
     --json "$OUT/h200_compressed.jsonl" \
-    --variants ${VARIANTS:-torch,bnb-8bit,ours-bf16-fast-norm,ours-bf16-stochastic-fast-norm,ours-bf16-remainder-fast-norm,ours-bf16-remainder-bf16m-fast-norm,ours-bf16-8bit-fast-norm,ours-bf16-remainder-8bit-fast-norm,ours-bf16-stochastic-8bit-fast-norm} \
+    --variants ${VARIANTS:-torch,bnb-8bit,ours-bf16-fast-norm,ours-bf16-stochastic-fast-norm,ours-bf16-remainder-fast-norm,ours-bf16-remainder-bf16m-fast-norm,ours-bf16-8bit-fast-norm,ours-bf16-remainder-8bit-fast-norm,ours-bf16-stochastic-8bit-fast-norm,ours-bf16-remainder-fp8-fast-norm,ours-bf16-stochastic-fp8-fast-norm} \
     2>&1 | grep -v "^{" | tail -25
 fi
 if has conformance; then

@@ -98,7 +98,8 @@ from mixprec import optim, quant
 
 for moments, options in (("8bit", {"master_weights": "remainder"}), ("bf16", {"master_weights": True}),
                          ("8bit", {"master_weights": False, "rounding": "stochastic"}),
-                         ("fp32", {"master_weights": "remainder"}), ("8bit", {"dtype": torch.float32})):
+                         ("fp32", {"master_weights": "remainder"}), ("8bit", {"dtype": torch.float32}),
+                         ("fp8", {"master_weights": "remainder"}), ("fp8", {"dtype": torch.float32})):
     dtype = options.pop("dtype", torch.bfloat16)
     for offset in (0, 1):
         params = [torch.nn.Parameter(t) for t in tensors(dtype, offset)[:40]]

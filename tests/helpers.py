@@ -8,7 +8,7 @@ import mixprec  # noqa: F401  (loads the ops)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-         torch.bfloat16: torch.int16}
+         torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8}
 # Sizes around SIMD widths, CUDA vector widths and chunk boundaries (64 KiB per chunk: 8192,
 # 16384 and 32768 elements for fp64, fp32 and half types).
 EDGE_SIZES = [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 127, 129, 1023, 1025,

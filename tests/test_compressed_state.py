@@ -1,6 +1,6 @@
 """Compressed optimizer state (mixprec/optim.py, quant.py, remainder.py; the kernels'
-adam_step_compressed_): the remainder master weight is the fp32 master bit for bit, 8-bit and bf16
-moments stay within their error bounds, checkpoints convert both ways, and the bytes held per
+adam_step_compressed_): the remainder master weight is the fp32 master bit for bit, 8-bit, fp8
+and bf16 moments stay within their error bounds (fp8 codes are torch's own fp8 conversion), checkpoints convert both ways, and the bytes held per
 param are what the modes promise."""
 import copy
 
@@ -229,7 +229,9 @@ def test_bf16_second_moment_stalls_rounded_to_nearest_and_decays_stochastically(
 
 MODES = [{"moments": "8bit", "master_weights": "remainder"}, {"moments": "bf16", "master_weights": True},
          {"moments": "8bit", "master_weights": False, "rounding": "stochastic"},
-         {"moments": "fp32", "master_weights": "remainder"}]
+         {"moments": "fp32", "master_weights": "remainder"},
+         {"moments": "fp8", "master_weights": "remainder"},
+         {"moments": "fp8", "master_weights": False, "rounding": "stochastic"}]
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
@@ -255,13 +257,14 @@ def test_compressed_modes_track_fp32_adamw(device, mode):
     assert ours <= ref * 1.15 + 1e-3, (ours, ref)
 
 
-def test_held_bytes_per_param(device):
-    """bf16 weight + remainder + 8-bit moments holds 6 bytes per param and 4 without a master
-    (plus 8 bytes of absmax per 256 params), counted from the allocated tensors."""
+@pytest.mark.parametrize("moments", ["8bit", "fp8"])
+def test_held_bytes_per_param(device, moments):
+    """bf16 weight + remainder + 8-bit (or fp8) moments holds 6 bytes per param and 4 without a
+    master (plus 8 bytes of absmax per 256 params), counted from the allocated tensors."""
     p = torch.nn.Parameter(torch.randn(256 * 1000, device=device).bfloat16())
     for options, expected in (({"master_weights": "remainder"}, 6.0),
                               ({"master_weights": False, "rounding": "stochastic"}, 4.0)):
-        opt = optim.AdamW([p], moments="8bit", **options)
+        opt = optim.AdamW([p], moments=moments, **options)
         p.grad = torch.randn_like(p)
         opt.step()
         held = p.numel() * 2 + sum(t.numel() * t.element_size() for k, t in opt.state[p].items() if k != "step")
@@ -290,14 +293,15 @@ def test_torch_checkpoint_loads_quantized_and_exports_back(device):
         assert (s["exp_avg"] - m).abs().max() <= _map_half_gap(True) * m.abs().max() * 1.01
 
 
-def test_compressed_state_dict_round_trips_and_steps_the_same(device):
-    """state_dict of a remainder + 8-bit optimizer loads into a fresh one: the next step is bit
-    for bit the same as the original's."""
-    params, opt = _train(device, 5, [(300,), (7, 3)], 0, moments="8bit", master_weights="remainder")
+@pytest.mark.parametrize("moments", ["8bit", "fp8"])
+def test_compressed_state_dict_round_trips_and_steps_the_same(device, moments):
+    """state_dict of a remainder + 8-bit (or fp8) optimizer loads into a fresh one: the next step
+    is bit for bit the same as the original's."""
+    params, opt = _train(device, 5, [(300,), (7, 3)], 0, moments=moments, master_weights="remainder")
     saved_params = [p.detach().clone() for p in params]
     saved = copy.deepcopy(opt.state_dict())
     twins = [torch.nn.Parameter(p.clone()) for p in saved_params]
-    twin_opt = optim.AdamW(twins, lr=1e-3, weight_decay=0.01, moments="8bit", master_weights="remainder")
+    twin_opt = optim.AdamW(twins, lr=1e-3, weight_decay=0.01, moments=moments, master_weights="remainder")
     twin_opt.load_state_dict(saved)
     for group in (params, twins):
         for p in group:
@@ -310,8 +314,9 @@ def test_compressed_state_dict_round_trips_and_steps_the_same(device):
             assert_bitwise_equal(twin_opt.state[b][key], value, key)
 
 
-def test_bad_compressed_state_is_refused_before_anything_changes(device):
-    params, opt = _train(device, 2, [(300,)], 0, moments="8bit", master_weights="remainder")
+@pytest.mark.parametrize("moments", ["8bit", "fp8"])
+def test_bad_compressed_state_is_refused_before_anything_changes(device, moments):
+    params, opt = _train(device, 2, [(300,)], 0, moments=moments, master_weights="remainder")
     good = copy.deepcopy(opt.state_dict())
     before = {k: v.clone() for k, v in opt.state[params[0]].items()}
     bad_cases = []
@@ -374,11 +379,12 @@ def test_compressed_step_on_cuda_agrees_with_the_cpu(mode):
         torch.testing.assert_close(b.detach().cpu().float(), a.detach().float(), rtol=2**-7, atol=1e-6)
         for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
             sa, sb = oc.state[a], og.state[b]
-            if sa[key].dtype == torch.uint8:
-                da = quant.dequantize(sa[key], sa[key + "_absmax"], signed=signed)
-                db = quant.dequantize(sb[key].cpu(), sb[key + "_absmax"].cpu(), signed=signed)
-                gap = 2 * _map_half_gap(signed) * sa[key + "_absmax"].max()
-                assert (da - db).abs().max() <= gap * 1.01, key
+            if sa[key].dtype in quant.BLOCK_SCALED.values():
+                da = quant.decode_moment(sa[key], sa[key + "_absmax"], signed=signed)
+                db = quant.decode_moment(sb[key].cpu(), sb[key + "_absmax"].cpu(), signed=signed)
+                # one step of the map, or of fp8 at the top of a block (16 in [128, 256): 1/8)
+                step = 2 * _map_half_gap(signed) if sa[key].dtype == torch.uint8 else 1 / 8
+                assert (da - db).abs().max() <= step * sa[key + "_absmax"].max() * 1.01, key
             else:
                 torch.testing.assert_close(sb[key].cpu().float(), sa[key].float(), rtol=2**-7, atol=1e-7)
 
@@ -543,3 +549,62 @@ def test_moments_stay_what_the_optimizer_was_built_with_on_load():
     back.load_state_dict(eight.state_dict())
     state = next(iter(back.state.values()))
     assert back.param_groups[0]["moments"] == "fp32" and state["exp_avg"].dtype == torch.float32
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.sampled_from([(1,), (255,), (256,), (7, 37), (1000,)]),
+       scales=st.lists(st.sampled_from([0.0, 1e-30, 1e-19, 1e-8, 1e-3, 1.0, 3e4, 1e15]), min_size=1, max_size=4),
+       seed=st.integers(0, 2**16))
+def test_fp8_moments_are_torchs_fp8_conversion(device, shape, scales, seed):
+    """With betas (0, 0) a step's moments are exactly the grad and its square, so the kernel's
+    codes must be torch's float8_e4m3fn conversion of them scaled by their block's power of two
+    (quant.encode_fp8), and the absmax theirs, bit for bit: blocks of zeros, of values below
+    2^-119 (the clamped scale) and of large ones included."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(shape, generator=gen)
+    flat = g.view(-1)
+    for i, scale in enumerate(scales):  # each scale over its own stretch, crossing block edges
+        part = slice(i * flat.numel() // len(scales), (i + 1) * flat.numel() // len(scales))
+        flat[part] *= scale
+    p = torch.nn.Parameter(torch.zeros(shape, device=device))
+    opt = optim.AdamW([p], lr=1e-3, betas=(0.0, 0.0), weight_decay=0.0, moments="fp8")
+    p.grad = g.to(device)
+    opt.step()
+    state = opt.state[p]
+    for key, value in (("exp_avg", g), ("exp_avg_sq", g * g)):
+        codes, absmax = quant.encode_fp8(value)
+        assert_bitwise_equal(state[key].cpu().view(torch.uint8), codes.view(torch.uint8), key)
+        assert_bitwise_equal(state[key + "_absmax"].cpu(), absmax, key + "_absmax")
+
+
+def test_fp8_decode_error_is_within_half_an_fp8_step():
+    """Decoded fp8 moments are within 1/16 of the value (3 mantissa bits, rounded to nearest) down
+    to fp8's normal range (2^-6 of 128: absmax / 2^13), and within half fp8's smallest step
+    (2^-10 of 128) below it."""
+    x = torch.randn(4096) * torch.logspace(-12, 0, 4096)
+    codes, absmax = quant.encode_fp8(x)
+    back = quant.decode_fp8(codes, absmax)
+    top = absmax.repeat_interleave(quant.QUANT_BLOCK)[: x.numel()]
+    scale = 128 / 2.0 ** torch.floor(torch.log2(top))  # the block's factor, up to which power of two
+    bound = torch.maximum(x.abs() / 16, 2.0**-10 / scale)
+    assert ((back - x).abs() <= bound * 1.0001).all()
+
+
+def test_saved_moments_convert_between_8bit_and_fp8():
+    """A checkpoint of 8-bit moments loads into an fp8 optimizer (decoded, then encoded as fp8)
+    and back; torch.optim's loads into fp8 as encode_fp8 gives it, and exports within fp8's step."""
+    params, opt = _train("cpu", 3, [(300,)], 0, master_weights="remainder", moments="8bit")
+    fp8 = optim.AdamW([torch.nn.Parameter(params[0].detach().clone())], moments="fp8", master_weights="remainder")
+    fp8.load_state_dict(opt.state_dict())
+    state = next(iter(fp8.state.values()))
+    decoded = quant.dequantize(opt.state[params[0]]["exp_avg"], opt.state[params[0]]["exp_avg_absmax"], signed=True)
+    codes, absmax = quant.encode_fp8(decoded)
+    assert state["exp_avg"].dtype == torch.float8_e4m3fn
+    assert_bitwise_equal(state["exp_avg"].view(torch.uint8), codes.view(torch.uint8), "exp_avg")
+    assert_bitwise_equal(state["exp_avg_absmax"], absmax, "exp_avg_absmax")
+    eight = optim.AdamW([torch.nn.Parameter(params[0].detach().clone())], moments="8bit", master_weights="remainder")
+    eight.load_state_dict(fp8.state_dict())
+    assert next(iter(eight.state.values()))["exp_avg"].dtype == torch.uint8
+    exported = optim.to_torch_state_dict(fp8)["state"][0]["exp_avg"]
+    assert exported.dtype == torch.float32
+    assert (exported - decoded).abs().max() <= decoded.abs().max() / 16 * 1.01

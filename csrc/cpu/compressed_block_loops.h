@@ -124,6 +124,15 @@ void step_block(const CompressedRule& r, const CompressedSlice& s, int64_t begin
     const auto* a = static_cast<const c10::BFloat16*>(s.exp_avg) + begin;
     const auto* b = static_cast<const c10::BFloat16*>(s.exp_avg_sq) + begin;
     for (int64_t k = 0; k < count; ++k) m[k] = widen(a[k]), v[k] = widen(b[k]);
+  } else if constexpr (M == MomentStorage::kFp8) {
+    const uint8_t* a = static_cast<const uint8_t*>(s.exp_avg) + begin;
+    const uint8_t* b = static_cast<const uint8_t*>(s.exp_avg_sq) + begin;
+    const float m_inverse = fp8_moment_inverse(s.exp_avg_absmax[block]);
+    const float v_inverse = fp8_moment_inverse(s.exp_avg_sq_absmax[block]);
+    for (int64_t k = 0; k < count; ++k) {
+      m[k] = fp8_moment_value(a[k], m_inverse);
+      v[k] = fp8_moment_value(b[k], v_inverse);
+    }
   } else {
     const uint8_t* a = static_cast<const uint8_t*>(s.exp_avg) + begin;
     const uint8_t* b = static_cast<const uint8_t*>(s.exp_avg_sq) + begin;
@@ -194,6 +203,17 @@ void step_block(const CompressedRule& r, const CompressedSlice& s, int64_t begin
       a[k] = round_moment_m(m[k], word);
       b[k] = round_moment_v(v[k], word);
     }
+  } else if constexpr (M == MomentStorage::kFp8) {
+    const float m_max = block_absmax(m, count), v_max = block_absmax(v, count);
+    s.exp_avg_absmax[block] = m_max;
+    s.exp_avg_sq_absmax[block] = v_max;
+    const float m_factor = fp8_moment_factor(m_max), v_factor = fp8_moment_factor(v_max);
+    auto* a = static_cast<uint8_t*>(s.exp_avg) + begin;
+    auto* b = static_cast<uint8_t*>(s.exp_avg_sq) + begin;
+    for (int64_t k = 0; k < count; ++k) {
+      a[k] = fp8_moment_code(m[k] * m_factor);
+      b[k] = fp8_moment_code(v[k] * v_factor);
+    }
   } else {
     const float m_max = block_absmax(m, count), v_max = block_absmax(v, count);
     s.exp_avg_absmax[block] = m_max;
@@ -242,6 +262,7 @@ inline void dispatch_blocks(const CompressedRule& r, const CompressedSlice& s, i
       case MS::kFp32: return with_weights(t, std::integral_constant<MS, MS::kFp32>{});
       case MS::kBf16: return with_weights(t, std::integral_constant<MS, MS::kBf16>{});
       case MS::kInt8: return with_weights(t, std::integral_constant<MS, MS::kInt8>{});
+      case MS::kFp8: return with_weights(t, std::integral_constant<MS, MS::kFp8>{});
     }
   };
   switch (r.dtype) {

@@ -11,6 +11,8 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -129,6 +131,30 @@ __device__ __forceinline__ void store_run(T* p, int64_t first, int valid, bool v
   }
 }
 
+// fp8 e4m3fn moments (compressed_state.h's fp8_moment_value / fp8_moment_code): two values an
+// instruction on sm_89 and later (cuda_fp8.h emulates the conversions before). fp8 to fp16 to
+// fp32 is exact; fp32 to fp8 rounds to nearest even, NaN to 0x7F, beyond 448 to +-448.
+__device__ __forceinline__ void decode_fp8(const Run<uint8_t>& codes, float inverse, float (&x)[kPerLane]) {
+#pragma unroll
+  for (int k = 0; k < kPerLane / 2; ++k) {
+    const auto pair = static_cast<__nv_fp8x2_storage_t>(codes.w[k / 2] >> (16 * (k % 2)));
+    const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+    x[2 * k] = f.x * inverse;
+    x[2 * k + 1] = f.y * inverse;
+  }
+}
+
+__device__ __forceinline__ void encode_fp8(const float (&x)[kPerLane], float factor, Run<uint8_t>& codes) {
+#pragma unroll
+  for (int w = 0; w < Run<uint8_t>::kWords; ++w) {
+    const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(x[4 * w] * factor, x[4 * w + 1] * factor),
+                                                 __NV_SATFINITE, __NV_E4M3);
+    const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(x[4 * w + 2] * factor, x[4 * w + 3] * factor),
+                                                 __NV_SATFINITE, __NV_E4M3);
+    codes.w[w] = lo | (hi << 16);
+  }
+}
+
 __device__ __forceinline__ bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
@@ -161,6 +187,7 @@ struct CompressedAdamFunctor {
   static constexpr bool kLargeTable = true;
   using MomentT = std::conditional_t<M == MomentStorage::kFp32, float,
                                      std::conditional_t<M == MomentStorage::kBf16, c10::BFloat16, uint8_t>>;
+  static constexpr bool kBlockScaled = M == MomentStorage::kInt8 || M == MomentStorage::kFp8;
   static constexpr bool kLoadsParam = W != WeightStorage::kMaster;
 
   AdamConfig config;
@@ -212,7 +239,7 @@ struct CompressedAdamFunctor {
     Run<float> master;
     Run<int16_t> remainder;
     Run<MomentT> exp_avg, exp_avg_sq;
-    float m_scale, v_scale;  // the block's absmax (8-bit moments)
+    float m_scale, v_scale;  // the block's absmax (8-bit and fp8 moments)
   };
 
   __device__ void init() {
@@ -236,7 +263,7 @@ struct CompressedAdamFunctor {
 
   __device__ __forceinline__ void load(const Lists& l, int64_t first, int valid, bool vec, int64_t qblock,
                                        Loaded& x) const {
-    if constexpr (M == MomentStorage::kInt8) {
+    if constexpr (kBlockScaled) {
       x.m_scale = l.exp_avg_absmax[qblock];
       x.v_scale = l.exp_avg_sq_absmax[qblock];
     }
@@ -317,6 +344,10 @@ struct CompressedAdamFunctor {
     }();
     float m[kPerLane], v[kPerLane];
     float m_max = 0.0f, v_max = 0.0f;
+    if constexpr (M == MomentStorage::kFp8) {
+      decode_fp8(cur.exp_avg, fp8_moment_inverse(cur.m_scale), m);
+      decode_fp8(cur.exp_avg_sq, fp8_moment_inverse(cur.v_scale), v);
+    }
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
       if (j >= valid) {  // past the tensor's end: keeps the block's absmax unchanged
@@ -326,6 +357,8 @@ struct CompressedAdamFunctor {
       if constexpr (M == MomentStorage::kInt8) {
         m[j] = dequantize_value(cur.exp_avg.get(j), cur.m_scale, smap);
         v[j] = dequantize_value(cur.exp_avg_sq.get(j), cur.v_scale, umap);
+      } else if constexpr (M == MomentStorage::kFp8) {
+        // decoded above, two at a time
       } else {
         m[j] = static_cast<float>(cur.exp_avg.get(j));
         v[j] = static_cast<float>(cur.exp_avg_sq.get(j));
@@ -369,15 +402,20 @@ struct CompressedAdamFunctor {
     store_run(l.param, first, valid, vec, cur.param);
     if constexpr (W == WeightStorage::kMaster) store_run(l.master, first, valid, vec, cur.master);
     if constexpr (W == WeightStorage::kRemainder) store_run(l.remainder, first, valid, vec, cur.remainder);
-    if constexpr (M == MomentStorage::kInt8) {
+    if constexpr (kBlockScaled) {
       m_max = warp_max(m_max);
       v_max = warp_max(v_max);
       if (lane == 0) {
         l.exp_avg_absmax[qblock] = m_max;
         l.exp_avg_sq_absmax[qblock] = v_max;
       }
-      encode<kWhole>(m, m_max, *sbook, cur.exp_avg);
-      encode<kWhole>(v, v_max, *ubook, cur.exp_avg_sq);
+      if constexpr (M == MomentStorage::kFp8) {
+        encode_fp8(m, fp8_moment_factor(m_max), cur.exp_avg);
+        encode_fp8(v, fp8_moment_factor(v_max), cur.exp_avg_sq);
+      } else {
+        encode<kWhole>(m, m_max, *sbook, cur.exp_avg);
+        encode<kWhole>(v, v_max, *ubook, cur.exp_avg_sq);
+      }
     }
     store_run(l.exp_avg, first, valid, vec, cur.exp_avg);
     store_run(l.exp_avg_sq, first, valid, vec, cur.exp_avg_sq);
@@ -433,6 +471,7 @@ void with_storage(MomentStorage moments, WeightStorage weights, const Body& body
   switch (moments) {
     case MC::kBf16: return with_weights(std::integral_constant<MC, MC::kBf16>{});
     case MC::kInt8: return with_weights(std::integral_constant<MC, MC::kInt8>{});
+    case MC::kFp8: return with_weights(std::integral_constant<MC, MC::kFp8>{});
     case MC::kFp32:
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         TORCH_CHECK(weights == WC::kRemainder, kOp, ": moments='fp32' is adam_step_'s, except with weights='remainder'");

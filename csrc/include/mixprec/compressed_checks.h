@@ -17,7 +17,8 @@ namespace mixprec {
 
 // The one table of names the schemas take (`str moments`, `str weights`).
 inline constexpr std::pair<const char*, MomentStorage> kMomentNames[] = {
-    {"fp32", MomentStorage::kFp32}, {"bf16", MomentStorage::kBf16}, {"8bit", MomentStorage::kInt8}};
+    {"fp32", MomentStorage::kFp32}, {"bf16", MomentStorage::kBf16}, {"8bit", MomentStorage::kInt8},
+    {"fp8", MomentStorage::kFp8}};
 inline constexpr std::pair<const char*, WeightStorage> kWeightNames[] = {
     {"plain", WeightStorage::kPlain}, {"master", WeightStorage::kMaster},
     {"remainder", WeightStorage::kRemainder}, {"stochastic", WeightStorage::kStochastic}};
@@ -73,8 +74,9 @@ inline void check_compressed_args(const char* op, at::TensorList params, at::Ten
   same_count(exp_avgs, "exp_avgs", true);
   same_count(exp_avg_sqs, "exp_avg_sqs", true);
   same_count(steps, "steps", true);
-  same_count(exp_avg_absmax, "exp_avg_absmax", moments == MomentStorage::kInt8);
-  same_count(exp_avg_sq_absmax, "exp_avg_sq_absmax", moments == MomentStorage::kInt8);
+  const bool block_scaled = moments == MomentStorage::kInt8 || moments == MomentStorage::kFp8;
+  same_count(exp_avg_absmax, "exp_avg_absmax", block_scaled);
+  same_count(exp_avg_sq_absmax, "exp_avg_sq_absmax", block_scaled);
   same_count(masters, "master_params", weights == WeightStorage::kMaster);
   same_count(remainders, "remainders", weights == WeightStorage::kRemainder);
   if (n == 0) return;
@@ -88,7 +90,8 @@ inline void check_compressed_args(const char* op, at::TensorList params, at::Ten
               ": weights='remainder' needs bfloat16 params (bf16 + 16 bits is fp32), got ", dtype);
   const at::ScalarType moment_dtype = moments == MomentStorage::kFp32   ? at::kFloat
                                       : moments == MomentStorage::kBf16 ? at::kBFloat16
-                                                                        : at::kByte;
+                                      : moments == MomentStorage::kInt8 ? at::kByte
+                                                                        : at::kFloat8_e4m3fn;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.scalar_type() == dtype, op, ": params must share one dtype; ", at_index("params", i), " is ",
@@ -98,7 +101,7 @@ inline void check_compressed_args(const char* op, at::TensorList params, at::Ten
     check_like(grads[i], p, dtype, op, at_index("grads", i));
     check_like(exp_avgs[i], p, moment_dtype, op, at_index("exp_avgs", i));
     check_like(exp_avg_sqs[i], p, moment_dtype, op, at_index("exp_avg_sqs", i));
-    if (moments == MomentStorage::kInt8) {
+    if (block_scaled) {
       for (const auto& [list, name] : {std::pair{exp_avg_absmax, "exp_avg_absmax"},
                                        std::pair{exp_avg_sq_absmax, "exp_avg_sq_absmax"}}) {
         const at::Tensor& a = list[i];

@@ -7,6 +7,7 @@
 //   256-entry maps come from mixprec/quant.py, sorted ascending).
 #pragma once
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 
 #include <cmath>
 #include <cstdint>
@@ -23,7 +24,7 @@ namespace mixprec {
 constexpr int64_t kQuantBlock = 256;
 
 // How the optimizer's moments are stored (the op schema's `moments`, by name).
-enum class MomentStorage : int { kFp32, kBf16, kInt8 };
+enum class MomentStorage : int { kFp32, kBf16, kInt8, kFp8 };
 // How the weight is stored (the op schema's `weights`, by name): the param alone (fp32, or
 // fp16/bf16 rounded to nearest), with an fp32 master, as bf16 + remainder, or fp16/bf16 alone
 // rounded stochastically.
@@ -231,6 +232,31 @@ inline void quantize_run(const float* x, int64_t count, float absmax, const Quan
 
 MIXPREC_HOST_DEVICE inline float dequantize_value(uint8_t code, float absmax, const float* map) {
   return map[code] * absmax;
+}
+
+// Moments in fp8 (e4m3fn, as torchao's AdamWFp8 keeps them) with one fp32 absmax per block of
+// kQuantBlock: a value is stored as fp8(x * 2^k), k chosen from the block's absmax alone so that
+// absmax * 2^k lies in [128, 256). A power of two scales exactly, so the fp8 rounding (to nearest
+// even) is the only one, a block's values never reach fp8's largest (448: nothing saturates),
+// and the two devices need no division: the CUDA kernel converts two values an instruction. The
+// 0.8 binade above 256 that scaling to 448 would use is given up. Blocks whose absmax is below
+// 2^-119 (zero included) take k = 127, the largest that fp32 holds.
+MIXPREC_HOST_DEVICE inline float fp8_moment_factor(float absmax) {  // 2^k
+  const uint32_t e = (float_bits(absmax) >> 23) & 0xFFu;  // biased exponent: absmax < 2^(e - 126)
+  return float_from_bits((e <= 7u ? 254u : 261u - e) << 23);
+}
+MIXPREC_HOST_DEVICE inline float fp8_moment_inverse(float absmax) {  // 2^-k, exact (2^-127 subnormal)
+  const uint32_t e = (float_bits(absmax) >> 23) & 0xFFu;
+  return float_from_bits(e <= 7u ? 0x00400000u : (e - 7u) << 23);
+}
+// fp8 e4m3fn bits of y = x * 2^k to nearest even; NaN to 0x7F, beyond 448 (inf) to +-448: what
+// Hopper's cvt.rn.satfinite.e4m3x2.f32 gives, which the CUDA kernel uses.
+MIXPREC_HOST_DEVICE inline uint8_t fp8_moment_code(float y) {
+  if (!(y == y)) return 0x7Fu;
+  return c10::detail::fp8e4m3fn_from_fp32_value(y > 448.0f ? 448.0f : (y < -448.0f ? -448.0f : y));
+}
+MIXPREC_HOST_DEVICE inline float fp8_moment_value(uint8_t code, float inverse) {
+  return c10::detail::fp8e4m3fn_to_fp32_value(code) * inverse;
 }
 
 // Moments in bf16: stochastic rounding keeps them unbiased (rounded to nearest, a second moment
