@@ -11,6 +11,8 @@ Markov-chain tokens under each mode and prints loss curves' end points:
   bf16-remainder-bf16m      ... and bf16 moments (stochastically rounded)
   bf16-remainder-8bit       ... and 8-bit block-wise moments
   bf16-stochastic-8bit      bf16 weights only, stochastic rounding, 8-bit moments
+  bf16-remainder-fp8        bf16 weights + int16 remainder, fp8 (e4m3) block-scaled moments
+  bf16-stochastic-fp8       bf16 weights only, stochastic rounding, fp8 moments
   fp8 linears (issue 16; its reference is bf16-mixed):
   fp8-mixed        bf16-mixed with the "fp8" rule for linear layers (the head stays bf16)
 
@@ -34,7 +36,8 @@ from benchmarks.harness import JSON_HELP, results_path, write_jsonl
 from mixprec.models import GPT, MarkovText
 
 MODES = ["bf16-mixed", "bf16-master", "bf16-stochastic", "bf16-kahan", "bf16-nearest", "bf16-remainder",
-         "bf16-remainder-bf16m", "bf16-remainder-8bit", "bf16-stochastic-8bit", "fp8-mixed"]
+         "bf16-remainder-bf16m", "bf16-remainder-8bit", "bf16-stochastic-8bit", "bf16-remainder-fp8",
+         "bf16-stochastic-fp8", "fp8-mixed"]
 MIXED = ("bf16-mixed", "fp8-mixed")  # fp32 weights under an autocast region
 # mixprec.optim.AdamW's options per mode.
 OPTIONS = {"bf16-mixed": {}, "fp8-mixed": {}, "bf16-master": {},
@@ -44,7 +47,9 @@ OPTIONS = {"bf16-mixed": {}, "fp8-mixed": {}, "bf16-master": {},
            "bf16-remainder": {"master_weights": "remainder"},
            "bf16-remainder-bf16m": {"master_weights": "remainder", "moments": "bf16"},
            "bf16-remainder-8bit": {"master_weights": "remainder", "moments": "8bit"},
-           "bf16-stochastic-8bit": {"master_weights": False, "rounding": "stochastic", "moments": "8bit"}}
+           "bf16-stochastic-8bit": {"master_weights": False, "rounding": "stochastic", "moments": "8bit"},
+           "bf16-remainder-fp8": {"master_weights": "remainder", "moments": "fp8"},
+           "bf16-stochastic-fp8": {"master_weights": False, "rounding": "stochastic", "moments": "fp8"}}
 # layers, d, heads, vocab, ctx, batch, steps, lr (cosine to lr/10: the late small updates are
 # where round-to-nearest loses them). gpt-1b is issue 16's bias-free model with its 16384 tokens
 # a batch (so its linears meet the fp8 filter as in bench_fp8), as 32 x 512: the chain is sampled
