@@ -43,6 +43,9 @@ MODES: dict[str, dict[str, Any]] = {
     "bf16-true-stochastic-8bit-in-backward": {
         "dtype": torch.bfloat16, "options": {"master_weights": False, "rounding": "stochastic", "moments": "8bit"},
         "in_backward": True, "label": "mixprec bf16-true, stochastic + 8-bit moments, step in backward"},
+    "bf16-true-remainder-fp8-in-backward": {
+        "dtype": torch.bfloat16, "options": {"master_weights": "remainder", "moments": "fp8"}, "in_backward": True,
+        "label": "mixprec bf16-true, remainder + fp8 moments, step in backward"},
 }
 ANCHOR = "torch-bf16-mixed"
 

@@ -428,22 +428,23 @@ def test_cuda_whole_block_path_equals_the_general_path_bit_for_bit(mode, path, m
         assert_bitwise_equal(sm[key], sa[key], key)
 
 
-def test_precision_bf16_true_builds_compressed_state_from_the_exact_fp32_weights():
+@pytest.mark.parametrize("moments", ["8bit", "fp8"])
+def test_precision_bf16_true_builds_compressed_state_from_the_exact_fp32_weights(moments):
     """Precision("bf16-true", master_weights="remainder", moments="8bit").setup() turns torch's
     AdamW into ours with that state; the remainder starts from the exact fp32 weights (joined
     back bit for bit). The options refuse SGD and modes without bf16 weights, naming the fix."""
     torch.manual_seed(0)
     model = torch.nn.Linear(300, 4)
     fp32 = [p.detach().clone() for p in model.parameters()]
-    prec = mixprec.Precision("bf16-true", master_weights="remainder", moments="8bit", device="cpu")
+    prec = mixprec.Precision("bf16-true", master_weights="remainder", moments=moments, device="cpu")
     model, opt = prec.setup(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
-    assert isinstance(opt, optim.AdamW) and opt.param_groups[0]["moments"] == "8bit"
+    assert isinstance(opt, optim.AdamW) and opt.param_groups[0]["moments"] == moments
     for p, value in zip(model.parameters(), fp32):
         assert p.dtype == torch.bfloat16
         assert_bitwise_equal(join_master(p.detach(), opt.state[p]["master_remainder"]), value, "seeded master")
     model(torch.randn(2, 300)).float().square().mean().backward()
     opt.step()
-    assert opt.state[model.weight]["exp_avg"].dtype == torch.uint8
+    assert opt.state[model.weight]["exp_avg"].dtype == optim.MOMENT_DTYPES[moments]
     with pytest.raises(ValueError, match="Adam/AdamW"):
         mixprec.Precision("bf16-true", moments="8bit", device="cpu").setup(
             torch.nn.Linear(3, 3), torch.optim.SGD(torch.nn.Linear(3, 3).parameters(), lr=0.1))

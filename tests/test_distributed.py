@@ -156,15 +156,16 @@ def test_every_rank_skips_together_and_matches_one_process(mode, backend, tmp_pa
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("moments", ["8bit", "fp8"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_8bit_moments_under_ddp_and_fsdp2(mode, backend, tmp_path):
-    """8-bit moments across ranks: every rank skips the overflow step together and reloads its
-    checkpoint. Each rank quantizes its own shard in blocks of 256 (a block never straddles two
-    shards: absmax has ceil(shard / 256) entries). Under DDP the result is one process's bit for
-    bit in value; under FSDP2 the blocks differ from one process's, so it agrees within 8-bit
-    rounding."""
-    options = {"moments": "8bit"}
+def test_8bit_moments_under_ddp_and_fsdp2(mode, backend, moments, tmp_path):
+    """8-bit (and fp8) moments across ranks: every rank skips the overflow step together and
+    reloads its checkpoint. Each rank quantizes its own shard in blocks of 256 (a block never
+    straddles two shards: absmax has ceil(shard / 256) entries). Under DDP the result is one
+    process's bit for bit in value; under FSDP2 the blocks differ from one process's, so it agrees
+    within the format's rounding."""
+    options = {"moments": moments}
     mp.spawn(worker, args=(free_port(), mode, backend, str(tmp_path), options), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
     _, ref_params, ref_stats = reference(mode, options)

@@ -38,3 +38,11 @@ def test_bench_fit_cli_prints_the_table(capsys):
     assert code == 0
     assert "bf16-true-stochastic-8bit-in-backward" in out and "largest gpt" in out
     assert main(["bench", "--fit", "--model", "mlp", "--device", "cpu"]) == 2
+
+
+def test_fp8_moments_mode_probes_on_the_cpu():
+    """The fp8-moment mode completes its probe's training steps (tiny model, fresh process) with
+    the parameter count of the 8-bit one."""
+    fp8 = fit._probe_in_process("gpt", "bf16-true-remainder-fp8-in-backward", 2, "cpu", True)
+    eight = fit._probe_in_process("gpt", "bf16-true-remainder-8bit", 2, "cpu", True)
+    assert fp8["params"] == eight["params"] and fp8["peak_bytes"] > 0
