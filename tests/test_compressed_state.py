@@ -609,3 +609,29 @@ def test_saved_moments_convert_between_8bit_and_fp8():
     exported = optim.to_torch_state_dict(fp8)["state"][0]["exp_avg"]
     assert exported.dtype == torch.float32
     assert (exported - decoded).abs().max() <= decoded.abs().max() / 16 * 1.01
+
+
+def test_fp8_codes_at_every_fp8_value_and_tie():
+    """Every fp8 value below 256, every midpoint between two (a tie: nearest even wins) and the
+    fp32 neighbours of both, either sign, in blocks whose absmax (255) makes the scale 1: the
+    step's codes are torch's float8_e4m3fn conversion bit for bit, as are its squares'."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = values[torch.isfinite(values) & (values >= 0) & (values < 256)].sort().values
+    mids = (values[1:] + values[:-1]) / 2
+    points = torch.cat([values, mids])
+    points = torch.cat([points, torch.nextafter(points, torch.tensor(-1.0)), torch.nextafter(points, torch.tensor(300.0))])
+    points = points[(points >= 0) & (points < 255)]
+    points = torch.cat([points, -points])
+    blocks = (points.numel() + 254) // 255
+    rest = torch.zeros(blocks * 255)
+    rest[: points.numel()] = points
+    g = torch.cat([torch.full((blocks, 1), 255.0), rest.view(blocks, 255)], dim=1)  # absmax 255: scale 1
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        p = torch.nn.Parameter(torch.zeros(g.shape, device=device))
+        opt = optim.AdamW([p], lr=1e-3, betas=(0.0, 0.0), weight_decay=0.0, moments="fp8")
+        p.grad = g.to(device)
+        opt.step()
+        for key, value in (("exp_avg", g), ("exp_avg_sq", g * g)):
+            codes, _ = quant.encode_fp8(value)
+            assert_bitwise_equal(opt.state[p][key].cpu().view(torch.uint8), codes.view(torch.uint8), f"{device} {key}")
+        assert torch.equal(quant.fp8_factor(opt.state[p]["exp_avg_absmax"].cpu()), torch.ones(blocks))

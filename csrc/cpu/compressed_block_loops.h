@@ -129,9 +129,10 @@ void step_block(const CompressedRule& r, const CompressedSlice& s, int64_t begin
     const uint8_t* b = static_cast<const uint8_t*>(s.exp_avg_sq) + begin;
     const float m_inverse = fp8_moment_inverse(s.exp_avg_absmax[block]);
     const float v_inverse = fp8_moment_inverse(s.exp_avg_sq_absmax[block]);
+    const float* values = r.fp8_values;  // fp8_moment_value through a table
     for (int64_t k = 0; k < count; ++k) {
-      m[k] = fp8_moment_value(a[k], m_inverse);
-      v[k] = fp8_moment_value(b[k], v_inverse);
+      m[k] = values[a[k]] * m_inverse;
+      v[k] = values[b[k]] * v_inverse;
     }
   } else {
     const uint8_t* a = static_cast<const uint8_t*>(s.exp_avg) + begin;
@@ -208,12 +209,10 @@ void step_block(const CompressedRule& r, const CompressedSlice& s, int64_t begin
     s.exp_avg_absmax[block] = m_max;
     s.exp_avg_sq_absmax[block] = v_max;
     const float m_factor = fp8_moment_factor(m_max), v_factor = fp8_moment_factor(v_max);
-    auto* a = static_cast<uint8_t*>(s.exp_avg) + begin;
-    auto* b = static_cast<uint8_t*>(s.exp_avg_sq) + begin;
-    for (int64_t k = 0; k < count; ++k) {
-      a[k] = fp8_moment_code(m[k] * m_factor);
-      b[k] = fp8_moment_code(v[k] * v_factor);
-    }
+    uint8_t* __restrict a = static_cast<uint8_t*>(s.exp_avg) + begin;
+    uint8_t* __restrict b = static_cast<uint8_t*>(s.exp_avg_sq) + begin;
+    for (int64_t k = 0; k < count; ++k) a[k] = fp8_moment_code(m[k] * m_factor);
+    for (int64_t k = 0; k < count; ++k) b[k] = fp8_moment_code(v[k] * v_factor);
   } else {
     const float m_max = block_absmax(m, count), v_max = block_absmax(v, count);
     s.exp_avg_absmax[block] = m_max;

@@ -73,7 +73,7 @@ void adam_step_compressed_cpu(at::TensorList params, at::TensorList grads, at::T
                     clip_coef.has_value() ? clip_coef->item<float>() : 1.0f, maximize},
       moments, weights, store_grads,
       int8 ? signed_map.data_ptr<float>() : nullptr, int8 ? unsigned_map.data_ptr<float>() : nullptr,
-      &signed_book, &unsigned_book};
+      &signed_book, &unsigned_book, fp8_values()};
   const AdamConfig config{beta1, beta2, eps, weight_decay, decoupled_weight_decay, false};
   std::vector<CompressedSlice> slices;
   std::vector<int64_t> blocks;

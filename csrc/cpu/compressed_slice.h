@@ -50,6 +50,7 @@ struct CompressedRule {
   const float* unsigned_map;
   const CpuCodebook* signed_book;  // their search tables
   const CpuCodebook* unsigned_book;
+  const float* fp8_values;  // compressed_state.h's fp8_values() (fp8 moments)
 };
 
 // Quantization blocks [b0, b1) of one tensor.
