@@ -18,7 +18,7 @@ from benchmarks.bench_optimizer import MODELS, OPTIONS, make_variant
 from benchmarks.harness import emit, gpt2_shapes, summarize, time_interleaved
 
 MODES = ["ours-bf16-remainder-8bit-fast-norm", "ours-bf16-stochastic-8bit-fast-norm", "ours-bf16-8bit-fast-norm",
-         "ours-bf16-remainder-bf16m-fast-norm"]
+         "ours-bf16-remainder-bf16m-fast-norm", "ours-bf16-remainder-fp8-fast-norm"]
 
 
 PATHS = ("0", "1", "2", "3")
