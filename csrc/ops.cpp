@@ -93,8 +93,8 @@ TORCH_LIBRARY(mixprec, lib) {
   // rounded with the moment stream of seed, step, tensor), "8bit" (uint8 codes of the
   // signed_map / unsigned_map entries times one fp32 absmax per 256-element block, requantized in
   // the same pass) or "fp8" (float8_e4m3fn values times a power of two set by that absmax, see
-  // compressed_state.h; the maps are not read). `weights` by name: "plain" (fp32, or fp16/bf16 rounded to nearest), "master"
-  // (fp32 master_params), "remainder" (bf16 params + int16 remainders: together the fp32 master,
+  // compressed_state.h; the maps are not read). `weights` by name: "plain" (fp32, or fp16/bf16
+  // rounded to nearest), "master" (fp32 master_params), "remainder" (bf16 params + int16 remainders: together the fp32 master,
   // bit for bit), "stochastic" (fp16/bf16 rounded stochastically). Otherwise as adam_step_ (no
   // amsgrad): found_inf skips everything, steps are incremented first, store_grads writes the
   // unscaled, clipped grads back.

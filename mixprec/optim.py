@@ -34,8 +34,8 @@ torch.optim. What is different:
   block (state["exp_avg_absmax"], state["exp_avg_sq_absmax"]), decoded and re-encoded inside the
   step kernel; moments="fp8" stores them as float8_e4m3fn with the same absmax per block (scaled
   by a power of two, see mixprec.quant), the same bytes as 8-bit with a conversion the GPU makes
-  in one instruction for two values. Checkpoints of torch.optim load into every mode (quantized on load);
-  to_torch_state_dict() exports ours as torch.optim's (fp32 moments, fp32 master_param).
+  in one instruction for two values. Checkpoints of torch.optim load into every mode (quantized
+  on load); to_torch_state_dict() exports ours as torch.optim's (fp32 moments, fp32 master_param).
 """
 from __future__ import annotations
 
@@ -96,8 +96,8 @@ MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, **quant.BLOCK_SC
 
 
 def quant_blocks(p: Tensor) -> int:
-    """absmax entries of an 8-bit or fp8 moment of p: one per quant.QUANT_BLOCK elements of this rank's
-    part of p (its local shard under FSDP2)."""
+    """absmax entries of an 8-bit or fp8 moment of p: one per quant.QUANT_BLOCK elements of this
+    rank's part of p (its local shard under FSDP2)."""
     return (local(p).numel() + quant.QUANT_BLOCK - 1) // quant.QUANT_BLOCK
 
 

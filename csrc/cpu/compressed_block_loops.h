@@ -129,7 +129,7 @@ void step_block(const CompressedRule& r, const CompressedSlice& s, int64_t begin
     const uint8_t* b = static_cast<const uint8_t*>(s.exp_avg_sq) + begin;
     const float m_inverse = fp8_moment_inverse(s.exp_avg_absmax[block]);
     const float v_inverse = fp8_moment_inverse(s.exp_avg_sq_absmax[block]);
-    const float* values = r.fp8_values;  // fp8_moment_value through a table
+    const float* values = r.fp8_values;  // the 256 fp8 values
     for (int64_t k = 0; k < count; ++k) {
       m[k] = values[a[k]] * m_inverse;
       v[k] = values[b[k]] * v_inverse;

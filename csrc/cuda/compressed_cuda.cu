@@ -131,7 +131,7 @@ __device__ __forceinline__ void store_run(T* p, int64_t first, int valid, bool v
   }
 }
 
-// fp8 e4m3fn moments (compressed_state.h's fp8_moment_value / fp8_moment_code): two values an
+// fp8 e4m3fn moments (compressed_state.h's fp8_values / fp8_moment_code): two values an
 // instruction on sm_89 and later (cuda_fp8.h emulates the conversions before). fp8 to fp16 to
 // fp32 is exact; fp32 to fp8 rounds to nearest even, NaN to 0x7F, beyond 448 to +-448.
 __device__ __forceinline__ void decode_fp8(const Run<uint8_t>& codes, float inverse, float (&x)[kPerLane]) {

@@ -264,10 +264,8 @@ MIXPREC_HOST_DEVICE inline uint8_t fp8_moment_code(float y) {
   const uint32_t code = (a < (121u << 23) ? subnormal : normal) | ((bits >> 24) & 0x80u);
   return static_cast<uint8_t>((bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7Fu : code);
 }
-MIXPREC_HOST_DEVICE inline float fp8_moment_value(uint8_t code, float inverse) {
-  return c10::detail::fp8e4m3fn_to_fp32_value(code) * inverse;
-}
-// The 256 fp8 e4m3fn values as floats (0x7F and 0xFF NaN): the CPU decodes through it.
+// The 256 fp8 e4m3fn values as floats (0x7F and 0xFF NaN): the CPU decodes a code as
+// fp8_values()[code] * fp8_moment_inverse(absmax).
 inline const float* fp8_values() {
   struct Table {
     float value[256];
