@@ -8,11 +8,12 @@ to x / absmax(block). Entries are dense near zero and sparse near one: level i (
 signed map (each with both signs: the first moment) and 2^(i+1) for the unsigned map (the second
 moment, never negative); 0 and 1.0 complete each map to 256 entries.
 
-fp8 moments (moments="fp8", as torchao's AdamWFp8 keeps them) are float8_e4m3fn values of x * 2^k
-with k chosen per block from its absmax alone, so that absmax * 2^k lies in [128, 256): scaling by
-a power of two is exact, so torch's own fp8 conversion (to nearest even) is the only rounding,
-and the optimizer's kernels give exactly the codes of encode_fp8 here
-(csrc/include/mixprec/compressed_state.h's fp8_moment_factor).
+fp8 moments (moments="fp8", as torchao's AdamWFp8 keeps them) are float8_e4m3fn values of
+x * (256 / absmax) per block, read back as fp8 * (absmax / 256): a block's largest value maps to
+256, below fp8's largest (448), so nothing saturates, and a block whose values all decay keeps its
+codes while its absmax decays (a power-of-two scale would leave them stalled). The optimizer's
+kernels give exactly the codes of encode_fp8 here, torch's own fp8 conversion
+(csrc/include/mixprec/compressed_state.h's fp8_moment_ratio).
 """
 from __future__ import annotations
 
@@ -70,20 +71,15 @@ def dequantize(codes: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
     return ops.dequantize_blockwise(codes, absmax, qmap)
 
 
-def _fp8_exponent(absmax: Tensor) -> Tensor:
-    return (absmax.float().view(torch.int32) >> 23) & 0xFF  # absmax >= 0: the biased exponent
+def fp8_ratio(absmax: Tensor) -> Tensor:
+    """256 / absmax per block (what a value is multiplied by before the fp8 conversion), FLT_MAX
+    where that overflows (absmax 0 included)."""
+    return (256.0 / absmax.float()).clamp(max=torch.finfo(torch.float32).max)
 
 
-def fp8_factor(absmax: Tensor) -> Tensor:
-    """2^k per block: absmax * 2^k in [128, 256); 2^127 for absmax < 2^-119 (zero too)."""
-    e = _fp8_exponent(absmax)
-    return (torch.where(e <= 7, 254, 261 - e) << 23).to(torch.int32).view(torch.float32)
-
-
-def fp8_inverse(absmax: Tensor) -> Tensor:
-    """2^-k per block, exact (2^-127 is an fp32 subnormal)."""
-    e = _fp8_exponent(absmax)
-    return torch.where(e <= 7, 0x00400000, (e - 7) << 23).to(torch.int32).view(torch.float32)
+def fp8_scale(absmax: Tensor) -> Tensor:
+    """absmax / 256 per block (what a code's fp8 value is multiplied by)."""
+    return absmax.float() * 2.0**-8
 
 
 def _blocks(x: Tensor) -> Tensor:
@@ -95,21 +91,21 @@ def _blocks(x: Tensor) -> Tensor:
 
 def encode_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     """(float8_e4m3fn codes of x's shape, fp32 absmax per 256-element block of x's flat order):
-    torch's fp8 conversion of x * fp8_factor(absmax). Refuses inf/NaN, as quantize does."""
+    torch's fp8 conversion of x * fp8_ratio(absmax). Refuses inf/NaN, as quantize does."""
     if not torch.isfinite(x).all():
         raise ValueError("cannot store a tensor holding inf/NaN as fp8 moments")
     blocks = _blocks(x)
     absmax = blocks.abs().amax(dim=1)
-    codes = (blocks * fp8_factor(absmax)[:, None]).to(torch.float8_e4m3fn)
+    codes = (blocks * fp8_ratio(absmax)[:, None]).to(torch.float8_e4m3fn)
     return codes.reshape(-1)[: x.numel()].view(x.shape), absmax
 
 
 def decode_fp8(codes: Tensor, absmax: Tensor) -> Tensor:
-    """fp32 values of fp8 codes: code * 2^-k of its block (the inverse of encode_fp8, up to its
-    rounding)."""
+    """fp32 values of fp8 codes: code * fp8_scale(absmax) of its block (the inverse of encode_fp8,
+    up to its rounding)."""
     flat = codes.reshape(-1).float()
-    inverse = fp8_inverse(absmax).repeat_interleave(QUANT_BLOCK)[: flat.numel()]
-    return (flat * inverse).view(codes.shape)
+    scale = fp8_scale(absmax).repeat_interleave(QUANT_BLOCK)[: flat.numel()]
+    return (flat * scale).view(codes.shape)
 
 
 # The block-scaled moment formats: the dtype of their codes, and (encode, decode) by signedness.

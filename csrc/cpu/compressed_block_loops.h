@@ -127,12 +127,12 @@ void step_block(const CompressedRule& r, const CompressedSlice& s, int64_t begin
   } else if constexpr (M == MomentStorage::kFp8) {
     const uint8_t* a = static_cast<const uint8_t*>(s.exp_avg) + begin;
     const uint8_t* b = static_cast<const uint8_t*>(s.exp_avg_sq) + begin;
-    const float m_inverse = fp8_moment_inverse(s.exp_avg_absmax[block]);
-    const float v_inverse = fp8_moment_inverse(s.exp_avg_sq_absmax[block]);
+    const float m_scale = fp8_moment_scale(s.exp_avg_absmax[block]);
+    const float v_scale = fp8_moment_scale(s.exp_avg_sq_absmax[block]);
     const float* values = r.fp8_values;  // the 256 fp8 values
     for (int64_t k = 0; k < count; ++k) {
-      m[k] = values[a[k]] * m_inverse;
-      v[k] = values[b[k]] * v_inverse;
+      m[k] = values[a[k]] * m_scale;
+      v[k] = values[b[k]] * v_scale;
     }
   } else {
     const uint8_t* a = static_cast<const uint8_t*>(s.exp_avg) + begin;
@@ -208,11 +208,11 @@ void step_block(const CompressedRule& r, const CompressedSlice& s, int64_t begin
     const float m_max = block_absmax(m, count), v_max = block_absmax(v, count);
     s.exp_avg_absmax[block] = m_max;
     s.exp_avg_sq_absmax[block] = v_max;
-    const float m_factor = fp8_moment_factor(m_max), v_factor = fp8_moment_factor(v_max);
+    const float m_ratio = fp8_moment_ratio(m_max), v_ratio = fp8_moment_ratio(v_max);
     uint8_t* __restrict a = static_cast<uint8_t*>(s.exp_avg) + begin;
     uint8_t* __restrict b = static_cast<uint8_t*>(s.exp_avg_sq) + begin;
-    for (int64_t k = 0; k < count; ++k) a[k] = fp8_moment_code(m[k] * m_factor);
-    for (int64_t k = 0; k < count; ++k) b[k] = fp8_moment_code(v[k] * v_factor);
+    for (int64_t k = 0; k < count; ++k) a[k] = fp8_moment_code(m[k] * m_ratio);
+    for (int64_t k = 0; k < count; ++k) b[k] = fp8_moment_code(v[k] * v_ratio);
   } else {
     const float m_max = block_absmax(m, count), v_max = block_absmax(v, count);
     s.exp_avg_absmax[block] = m_max;

@@ -134,22 +134,22 @@ __device__ __forceinline__ void store_run(T* p, int64_t first, int valid, bool v
 // fp8 e4m3fn moments (compressed_state.h's fp8_values / fp8_moment_code): two values an
 // instruction on sm_89 and later (cuda_fp8.h emulates the conversions before). fp8 to fp16 to
 // fp32 is exact; fp32 to fp8 rounds to nearest even, NaN to 0x7F, beyond 448 to +-448.
-__device__ __forceinline__ void decode_fp8(const Run<uint8_t>& codes, float inverse, float (&x)[kPerLane]) {
+__device__ __forceinline__ void decode_fp8(const Run<uint8_t>& codes, float scale, float (&x)[kPerLane]) {
 #pragma unroll
   for (int k = 0; k < kPerLane / 2; ++k) {
     const auto pair = static_cast<__nv_fp8x2_storage_t>(codes.w[k / 2] >> (16 * (k % 2)));
     const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
-    x[2 * k] = f.x * inverse;
-    x[2 * k + 1] = f.y * inverse;
+    x[2 * k] = f.x * scale;
+    x[2 * k + 1] = f.y * scale;
   }
 }
 
-__device__ __forceinline__ void encode_fp8(const float (&x)[kPerLane], float factor, Run<uint8_t>& codes) {
+__device__ __forceinline__ void encode_fp8(const float (&x)[kPerLane], float ratio, Run<uint8_t>& codes) {
 #pragma unroll
   for (int w = 0; w < Run<uint8_t>::kWords; ++w) {
-    const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(x[4 * w] * factor, x[4 * w + 1] * factor),
+    const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(x[4 * w] * ratio, x[4 * w + 1] * ratio),
                                                  __NV_SATFINITE, __NV_E4M3);
-    const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(x[4 * w + 2] * factor, x[4 * w + 3] * factor),
+    const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(x[4 * w + 2] * ratio, x[4 * w + 3] * ratio),
                                                  __NV_SATFINITE, __NV_E4M3);
     codes.w[w] = lo | (hi << 16);
   }
@@ -345,8 +345,8 @@ struct CompressedAdamFunctor {
     float m[kPerLane], v[kPerLane];
     float m_max = 0.0f, v_max = 0.0f;
     if constexpr (M == MomentStorage::kFp8) {
-      decode_fp8(cur.exp_avg, fp8_moment_inverse(cur.m_scale), m);
-      decode_fp8(cur.exp_avg_sq, fp8_moment_inverse(cur.v_scale), v);
+      decode_fp8(cur.exp_avg, fp8_moment_scale(cur.m_scale), m);
+      decode_fp8(cur.exp_avg_sq, fp8_moment_scale(cur.v_scale), v);
     }
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
@@ -410,8 +410,8 @@ struct CompressedAdamFunctor {
         l.exp_avg_sq_absmax[qblock] = v_max;
       }
       if constexpr (M == MomentStorage::kFp8) {
-        encode_fp8(m, fp8_moment_factor(m_max), cur.exp_avg);
-        encode_fp8(v, fp8_moment_factor(v_max), cur.exp_avg_sq);
+        encode_fp8(m, fp8_moment_ratio(m_max), cur.exp_avg);
+        encode_fp8(v, fp8_moment_ratio(v_max), cur.exp_avg_sq);
       } else {
         encode<kWhole>(m, m_max, *sbook, cur.exp_avg);
         encode<kWhole>(v, v_max, *ubook, cur.exp_avg_sq);

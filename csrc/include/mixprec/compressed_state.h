@@ -235,21 +235,22 @@ MIXPREC_HOST_DEVICE inline float dequantize_value(uint8_t code, float absmax, co
 }
 
 // Moments in fp8 (e4m3fn, as torchao's AdamWFp8 keeps them) with one fp32 absmax per block of
-// kQuantBlock: a value is stored as fp8(x * 2^k), k chosen from the block's absmax alone so that
-// absmax * 2^k lies in [128, 256). A power of two scales exactly, so the fp8 rounding (to nearest
-// even) is the only one, a block's values never reach fp8's largest (448: nothing saturates),
-// and the two devices need no division: the CUDA kernel converts two values an instruction. The
-// 0.8 binade above 256 that scaling to 448 would use is given up. Blocks whose absmax is below
-// 2^-119 (zero included) take k = 127, the largest that fp32 holds.
-MIXPREC_HOST_DEVICE inline float fp8_moment_factor(float absmax) {  // 2^k
-  const uint32_t e = (float_bits(absmax) >> 23) & 0xFFu;  // biased exponent: absmax < 2^(e - 126)
-  return float_from_bits((e <= 7u ? 254u : 261u - e) << 23);
+// kQuantBlock: a value x is stored as fp8(x * (256 / absmax)) and read as fp8 * (absmax / 256).
+// The scale is the absmax itself, not its power of two: a block whose moments all decay (beta1,
+// beta2 with zero grads) keeps its codes while its absmax decays, so every value decays; with a
+// power-of-two scale the codes of a decaying value round back to themselves and it stalls. The
+// block's largest value maps to 256, so nothing reaches fp8's largest (448) and nothing saturates
+// (the 0.8 binade above 256 is given up). 256 / absmax is one correctly rounded division a
+// block, absmax / 256 exact (but in fp32's subnormals), so both devices get the same bits; an
+// absmax below 256 / FLT_MAX (zero included) takes FLT_MAX, so no value meets inf.
+MIXPREC_HOST_DEVICE inline float fp8_moment_ratio(float absmax) {  // x * this is encoded
+  const float ratio = 256.0f / absmax;
+  return ratio < 3.402823466e38f ? ratio : 3.402823466e38f;
 }
-MIXPREC_HOST_DEVICE inline float fp8_moment_inverse(float absmax) {  // 2^-k, exact (2^-127 subnormal)
-  const uint32_t e = (float_bits(absmax) >> 23) & 0xFFu;
-  return float_from_bits(e <= 7u ? 0x00400000u : (e - 7u) << 23);
+MIXPREC_HOST_DEVICE inline float fp8_moment_scale(float absmax) {  // a code's value times this
+  return absmax * 0x1p-8f;
 }
-// fp8 e4m3fn bits of y = x * 2^k to nearest even; NaN to 0x7F, beyond 448 (inf) to +-448: what
+// fp8 e4m3fn bits of y = x * ratio to nearest even; NaN to 0x7F, beyond 448 (inf) to +-448: what
 // Hopper's cvt.rn.satfinite.e4m3x2.f32 gives, which the CUDA kernel uses, and torch's conversion
 // (c10's) within +-448. Written without branches so that the CPU loops vectorize (c10's
 // conversion branches and did not: the step took twice the 8-bit one's time).
@@ -265,7 +266,7 @@ MIXPREC_HOST_DEVICE inline uint8_t fp8_moment_code(float y) {
   return static_cast<uint8_t>((bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7Fu : code);
 }
 // The 256 fp8 e4m3fn values as floats (0x7F and 0xFF NaN): the CPU decodes a code as
-// fp8_values()[code] * fp8_moment_inverse(absmax).
+// fp8_values()[code] * fp8_moment_scale(absmax).
 inline const float* fp8_values() {
   struct Table {
     float value[256];
