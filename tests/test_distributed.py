@@ -164,7 +164,8 @@ def test_8bit_moments_under_ddp_and_fsdp2(mode, backend, moments, tmp_path):
     reloads its checkpoint. Each rank quantizes its own shard in blocks of 256 (a block never
     straddles two shards: absmax has ceil(shard / 256) entries). Under DDP the result is one
     process's bit for bit in value; under FSDP2 the blocks differ from one process's, so it agrees
-    within the format's rounding."""
+    within the format's rounding: each step's update (lr 1e-2) moves by a few % of lr with 8-bit
+    moments (the dynamic map's step near a block's top is 1/64) and up to ~10 % with fp8's 1/8."""
     options = {"moments": moments}
     mp.spawn(worker, args=(free_port(), mode, backend, str(tmp_path), options), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
@@ -176,7 +177,7 @@ def test_8bit_moments_under_ddp_and_fsdp2(mode, backend, moments, tmp_path):
             if mode == "ddp":
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
             else:
-                torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
+                torch.testing.assert_close(got, want, rtol=0, atol=2e-3 if moments == "8bit" else 5e-3)
 
 
 def _fp8_forward_backward_and_save(rank, out):
