@@ -561,6 +561,11 @@ class Adam(FusedOptimizer):
                 if not isinstance(absmax, Tensor) or absmax.dtype != torch.float32 or absmax.numel() != quant_blocks(p):
                     raise ValueError(f"{where.format(key + '_absmax')} must be a float32 tensor of "
                                      f"{quant_blocks(p)} blocks beside {value.dtype} {key} codes")
+                # A NaN or negative scale, or a NaN fp8 code, would reach the weights at the next step.
+                if not (torch.isfinite(absmax) & (absmax >= 0)).all():
+                    raise ValueError(f"{where.format(key + '_absmax')} holds inf/NaN or negative values")
+                if value.dtype == torch.float8_e4m3fn and torch.isnan(value).any():
+                    raise ValueError(f"{where.format(key)} holds NaN codes")
             elif isinstance(value, Tensor) and group.get("moments") in quant.BLOCK_SCALED:
                 if not torch.isfinite(value).all():
                     raise ValueError(f"{where.format(key)} holds inf/NaN, which {group['moments']} moments "

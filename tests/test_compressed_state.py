@@ -329,6 +329,16 @@ def test_bad_compressed_state_is_refused_before_anything_changes(device, moments
     bad_remainder = copy.deepcopy(good)
     bad_remainder["state"][0]["master_remainder"] = torch.zeros(300, device=device)
     bad_cases.append((bad_remainder, "int16"))
+    nan_absmax = copy.deepcopy(good)
+    nan_absmax["state"][0]["exp_avg_sq_absmax"][1] = float("nan")
+    bad_cases.append((nan_absmax, "exp_avg_sq_absmax.*inf/NaN or negative"))
+    negative_absmax = copy.deepcopy(good)
+    negative_absmax["state"][0]["exp_avg_absmax"][0] = -1.0
+    bad_cases.append((negative_absmax, "exp_avg_absmax.*inf/NaN or negative"))
+    if moments == "fp8":
+        nan_code = copy.deepcopy(good)
+        nan_code["state"][0]["exp_avg"].view(torch.uint8)[5] = 0x7F
+        bad_cases.append((nan_code, "NaN codes"))
     for state_dict, message in bad_cases:
         with pytest.raises(ValueError, match=message):
             opt.load_state_dict(state_dict)
