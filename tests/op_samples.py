@@ -91,6 +91,7 @@ def _adam_step_compressed(device):
     remainders = [torch.randint(-1000, 1000, t.shape, dtype=torch.int16, device=device) for t in p]
     fp32 = lambda: [torch.rand(t.shape, device=device) for t in p]
     bf16 = lambda: [torch.rand(t.shape, device=device).bfloat16() for t in p]
+    fp8 = lambda: [torch.rand(t.shape, device=device).to(torch.float8_e4m3fn) for t in p]
     sm, um = _maps(device)
     tail = (_scalar(0.5, device), _scalar(0.9, device), _scalar(0.0, device), sm, um)
     return [
@@ -103,6 +104,9 @@ def _adam_step_compressed(device):
         # fp32 moments with the remainder
         ((p, g, fp32(), fp32(), [], [], [], remainders, steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, True,
           False, None, None, None, sm, um), {"moments": "fp32", "weights": "remainder"}),
+        # fp8 moments, plain weights
+        ((p, g, fp8(), fp8(), absmax(), absmax(), [], [], steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, True,
+          False, None, None, None, sm, um), {"moments": "fp8", "weights": "plain"}),
     ]
 
 

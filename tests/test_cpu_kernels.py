@@ -164,7 +164,8 @@ def test_threads_split_tensors_mid_batch(monkeypatch, build):
 
 
 COMPRESSED_MODES = [("fp32", "remainder"), ("bf16", "master"), ("bf16", "remainder"), ("8bit", "remainder"),
-                    ("8bit", "stochastic"), ("8bit", "master"), ("bf16", "plain"), ("8bit", "plain")]
+                    ("8bit", "stochastic"), ("8bit", "master"), ("bf16", "plain"), ("8bit", "plain"),
+                    ("fp8", "remainder"), ("fp8", "stochastic")]
 
 
 @pytest.mark.parametrize("build", VECTOR_BUILDS)
@@ -197,6 +198,11 @@ def test_compressed_block_loops_equal_the_portable_build_bit_for_bit(monkeypatch
             state.update(m=[c for c, _ in qm], v=[c for c, _ in qv], m_absmax=[a for _, a in qm],
                          v_absmax=[a for _, a in qv])
             assert all(a.numel() == b for a, b in zip(state["m_absmax"], blocks))
+        elif moments == "fp8":
+            qm = [quant.encode_fp8(sample(gen, n, torch.float32, 1e-3, False)) for n in lengths]
+            qv = [quant.encode_fp8(sample(gen, n, torch.float32, 1e-3, False).abs()) for n in lengths]
+            state.update(m=[c for c, _ in qm], v=[c for c, _ in qv], m_absmax=[a for _, a in qm],
+                         v_absmax=[a for _, a in qv])
         else:
             dtype = torch.float32 if moments == "fp32" else torch.bfloat16
             state.update(m=[sample(gen, n, torch.float32, 1e-3, False).to(dtype) for n in lengths],

@@ -68,4 +68,10 @@ def test_written_arguments_bump_their_versions(name):
 @pytest.mark.parametrize("name", OPS)
 def test_opcheck(name, device):
     for args, kwargs in map(_args_kwargs, SAMPLES[name](device)):
-        torch.library.opcheck(_op(name), args, kwargs)
+        tensors = [t for a in list(args) + list(kwargs.values()) for t in (a if isinstance(a, list) else [a])
+                   if isinstance(t, torch.Tensor)]
+        # opcheck's schema test compares float tensors with arithmetic that torch's CPU float8
+        # kernels lack ("mul_cpu_reduced_float" for Float8_e4m3fn); fp8 samples take the others.
+        utils = [u for u in ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+                 if u != "test_schema" or not any(t.dtype == torch.float8_e4m3fn for t in tensors)]
+        torch.library.opcheck(_op(name), args, kwargs, test_utils=utils)
