@@ -108,7 +108,7 @@ def decode_fp8(codes: Tensor, absmax: Tensor) -> Tensor:
     return (flat * scale).view(codes.shape)
 
 
-# The block-scaled moment formats: the dtype of their codes, and (encode, decode) by signedness.
+# The block-scaled moment formats (one fp32 absmax per QUANT_BLOCK) and the dtype of their codes.
 BLOCK_SCALED = {"8bit": torch.uint8, "fp8": torch.float8_e4m3fn}
 
 
