@@ -51,16 +51,19 @@ def runs_in_fp8(m: int, k: int, n: int, on_cuda: bool) -> bool:
     return k % 16 == 0 and n % 16 == 0 and (not on_cuda or (m % 16 == 0 and m * k * n >= MIN_GEMM))
 
 
-def current_scale(amax: Tensor, fmt: torch.dtype) -> Tensor:
-    """fp8_max / amax in fp32, on amax's device: 1 where amax is 0 (an all-zero tensor) or not
-    finite (then NaN stays NaN and inf saturates at the format's largest value, e4m3 having no
-    inf; autocast(record=True) counts it as saturated). The cast kernel computes the same on the
-    device; this form is the reference the tests hold it to."""
+def current_scale(amax: Tensor, fmt: torch.dtype, shrink: float = 1.0) -> Tensor:
+    """fp8_max / amax * shrink in fp32, on amax's device: 1 * shrink where amax is 0 (an all-zero
+    tensor) or not finite (then NaN stays NaN and inf saturates at the format's largest value,
+    e4m3 having no inf; autocast(record=True) counts it as saturated), and FLT_MAX where the
+    scale overflows (an amax below fp8_max / FLT_MAX: an infinite scale would turn the tensor's
+    zeros into NaN). The cast kernel computes the same on the device; this form is the reference
+    the tests hold it to."""
     amax = amax.float()
     usable = torch.isfinite(amax) & (amax > 0)
     # tensor / tensor: a correctly rounded division (a Python number / tensor is computed as
     # number * reciprocal(tensor), one rounding more)
-    return torch.where(usable, torch.full_like(amax, FP8_MAX[fmt]) / torch.where(usable, amax, 1.0), 1.0)
+    scale = torch.where(usable, torch.full_like(amax, FP8_MAX[fmt]) / torch.where(usable, amax, 1.0), 1.0) * shrink
+    return scale.clamp(max=torch.finfo(torch.float32).max)
 
 
 def cast(x: Tensor, fmt: torch.dtype, history: Tensor | None = None, *,
@@ -184,8 +187,9 @@ def _cast_audit(x: Tensor, x8: Tensor, inv: Tensor, fmt: torch.dtype) -> dict[st
     """amax, scale, and the counts of values that saturated (beyond the format's range once
     scaled, by more than fp32 rounding: the amax itself may land a few ulps above it) or flushed
     to zero (nonzero, cast to 0): device tensors, no host read."""
-    scaled = x.detach().float() * inv.reciprocal()
-    return {"amax": x.detach().abs().amax().float(), "scale": inv.reciprocal(),
+    scale = inv.reciprocal().clamp(max=torch.finfo(torch.float32).max)  # 1 / 2^-128 is inf, the scale FLT_MAX
+    scaled = x.detach().float() * scale
+    return {"amax": x.detach().abs().amax().float(), "scale": scale,
             "saturated": (scaled.abs() > FP8_MAX[fmt] * (1 + 2**-20)).sum(),
             "flushed": ((x != 0) & (x8.float() == 0)).sum()}
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICES
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import mixprec
@@ -31,18 +31,39 @@ def _bits(t):
 
 @given(values=st.lists(st.floats(-(2.0**60), 2.0**60, width=32), min_size=1, max_size=300),
        fmt=st.sampled_from([fp8.E4M3, fp8.E5M2]))
+@example(values=[0.0, 2.0**-126], fmt=fp8.E4M3)  # found by the long profile: 448 / amax overflowed, 0 * inf = NaN
 def test_cast_scales_amax_to_the_format_max_and_rounds_like_torch(values, fmt):
     """cast(x) is torch's own fp8 conversion of x * (fp8_max / amax), bit for bit: the largest
-    magnitude lands on the format's largest value; an all-zero tensor keeps scale 1."""
+    magnitude lands on the format's largest value; an all-zero tensor keeps scale 1, and an amax
+    so small that the scale would overflow takes FLT_MAX (no NaN, zeros stay 0)."""
     x = torch.tensor(values)
     x8, _, inv = fp8.cast(x, fmt)
     amax = x.abs().max()
-    scale = torch.tensor(1.0) if amax == 0 else fp8.FP8_MAX[fmt] / amax
+    scale = torch.tensor(1.0) if amax == 0 else (fp8.FP8_MAX[fmt] / amax).clamp(max=torch.finfo(torch.float32).max)
     ref = (x * scale).clamp(-fp8.FP8_MAX[fmt], fp8.FP8_MAX[fmt]).to(fmt)
     assert torch.equal(x8.view(torch.uint8), ref.view(torch.uint8))
     assert inv.item() == pytest.approx(1 / scale.item(), rel=1e-6)
-    if amax > 0:
+    assert not x8.float().isnan().any()
+    if amax > 0 and torch.isfinite(fp8.FP8_MAX[fmt] / amax):
         assert x8.float().abs().max().item() == fp8.FP8_MAX[fmt]
+
+
+@pytest.mark.parametrize("fmt", [fp8.E4M3, fp8.E5M2])
+@pytest.mark.parametrize("amax", [2.0**-126, 1e-36])
+def test_cast_of_a_tensor_too_small_for_a_finite_scale_keeps_zeros_and_signs(device, fmt, amax):
+    """Where fp8_max / amax overflows fp32 (an amax among the smallest normal floats), the scale is
+    FLT_MAX, under current and delayed scaling: zeros stay 0 (an infinite scale made them NaN),
+    each value keeps its sign, and 1 / scale (2^-128) times the fp8 value gives it back within
+    fp8's rounding."""
+    x = torch.tensor([0.0, amax, -amax, 0.0, amax / 2], device=device)
+    counter = torch.zeros((), dtype=torch.int64, device=device)
+    for x8, _, inv in (fp8.cast(x, fmt), ops.fp8_cast_delayed(x, torch.full((4,), amax, device=device), counter, fmt,
+                                                              shrink=1.0, reduce="max")):
+        values = x8.float().cpu()
+        assert not values.isnan().any() and values[0] == values[3] == 0
+        assert values[1] > 0 and values[2] < 0
+        assert inv.item() == 2.0**-128  # 1 / FLT_MAX rounded to fp32
+        torch.testing.assert_close(values.double() * inv.item(), x.cpu().double(), rtol=2**-3, atol=0)
 
 
 def test_cast_without_a_finite_amax_is_unscaled_nan_stays_and_inf_saturates():
@@ -60,7 +81,7 @@ SPECIALS = ["plain", "all-zero", "inf", "nan", "subnormal", "saturating"]
        exponent=st.integers(-6, 6))
 def test_cast_kernel_is_torchs_rounding_bit_for_bit(device, rows, cols, dtype, fmt, special, seed, exponent):
     """ops.fp8_cast against torch's own ops on the same device: (x * scale).clamp(-max, max).to(fp8)
-    with scale = current_scale(amax) * shrink, bit for bit, for any shape (tile edges at 64), input
+    with scale = current_scale(amax, shrink), bit for bit, for any shape (tile edges at 64), input
     dtype, an amax of 0, inf or NaN, subnormal inputs, and values beyond the range (an amax smaller
     than the tensor's, as delayed scaling meets when values grow). The transposed copy is the copy
     transposed, and 1 / scale is torch's reciprocal."""
@@ -78,7 +99,7 @@ def test_cast_kernel_is_torchs_rounding_bit_for_bit(device, rows, cols, dtype, f
     if special == "saturating":
         amax = amax / 8
     x8, x8_t, inv = ops.fp8_cast(x, amax, fmt, shrink=shrink, transpose=True)
-    scale = fp8.current_scale(amax, fmt) * shrink
+    scale = fp8.current_scale(amax, fmt, shrink)
     ref = (x.float() * scale).clamp(-fp8.FP8_MAX[fmt], fp8.FP8_MAX[fmt]).to(fmt)
     assert x8.dtype == fmt and torch.equal(_bits(x8), _bits(ref))
     assert torch.equal(_bits(x8_t), _bits(x8.t().contiguous()))
@@ -308,6 +329,24 @@ def test_record_reports_each_fp8_linear_with_amax_scale_and_flushes(fp8_device):
     assert (first["scale"] * first["amax"]).item() == pytest.approx(448.0, rel=1e-6)
     assert int(first["flushed"]) >= 1 and int(first["saturated"]) == 0
     assert "fp8 linear" in region.report() and "16 x 64 x 128" in region.report()
+
+
+def test_fp8_linear_of_an_input_too_small_for_a_finite_scale_stays_finite(fp8_device):
+    """An activation whose amax is below fp8_max / FLT_MAX (here 2^-126, with zeros beside it)
+    once made the scale infinite and the zeros NaN, and the whole output NaN: the scale is now
+    FLT_MAX, the record says so, and the output is the bf16 product's, finite."""
+    model = _mlp(fp8_device)
+    x = torch.zeros(16, 64, device=fp8_device)
+    x[:, ::3] = 2.0**-126
+    policy = mixprec.default_policy(fp8_device).override({F.linear: "fp8"})
+    with mixprec.autocast(fp8_device, dtype=torch.bfloat16, policy=policy, record=True) as region:
+        out = model(x)
+    first = region.records["fp8"][0]["input"]
+    assert first["scale"].item() == torch.finfo(torch.float32).max and int(first["saturated"]) == 0
+    assert torch.isfinite(out).all()
+    with torch.autocast(fp8_device, dtype=torch.bfloat16):
+        want = model(x)
+    torch.testing.assert_close(out.float(), want.float(), rtol=0.1, atol=0.1)
 
 
 def test_delayed_scaling_follows_a_python_model_of_the_amax_history(fp8_device):

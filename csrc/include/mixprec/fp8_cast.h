@@ -1,6 +1,6 @@
 // The fp8 cast shared by the CPU and CUDA kernels of mixprec::fp8_amax / fp8_cast (the "fp8"
 // autocast rule): per-tensor scaling to a format's range and torch's own rounding to fp8.
-//   scale = fp8_max / amax * shrink   (1 * shrink where amax is 0 or not finite)
+//   scale = min(fp8_max / amax * shrink, FLT_MAX)   (1 * shrink where amax is 0 or not finite)
 //   fp8   = round_to_nearest_even(clamp(x * scale, -fp8_max, fp8_max))   (NaN stays NaN)
 // which is what `(x.float() * scale).clamp(-m, m).to(float8)` gives in torch, bit for bit: the
 // conversion is c10's own (c10::Float8_e4m3fn / Float8_e5m2 from float), on both devices.
@@ -42,10 +42,15 @@ MIXPREC_HOST_DEVICE inline float from_bits(uint32_t b) {
 }
 
 // fp8_max / amax (fp32 division, as torch's) where amax is finite and positive, else 1; times
-// shrink (delayed scaling's 2^-margin).
+// shrink (delayed scaling's 2^-margin); FLT_MAX where that overflows. An amax below
+// fp8_max / FLT_MAX (1.3e-36 for e4m3, the smallest normal floats) would give an infinite scale,
+// and 0 * inf made every zero of the tensor NaN; with FLT_MAX its largest value lands below
+// fp8_max instead, and 1 / scale is a subnormal float, not 0.
 MIXPREC_HOST_DEVICE inline float scale_of(float amax, Format f, float shrink) {
-  const bool usable = amax > 0.0f && amax <= 3.402823466e38f;  // false for 0, inf and NaN
-  return (usable ? max_of(f) / amax : 1.0f) * shrink;
+  constexpr float kFloatMax = 3.402823466e38f;
+  const bool usable = amax > 0.0f && amax <= kFloatMax;  // false for 0, inf and NaN
+  const float scale = (usable ? max_of(f) / amax : 1.0f) * shrink;
+  return scale < kFloatMax ? scale : kFloatMax;
 }
 
 // The amax a delayed-scaling history gives: its first entry (the most recent cast's) or its max,
