@@ -92,7 +92,7 @@ TORCH_LIBRARY(mixprec, lib) {
   // Adam/AdamW with compressed state (issue 15). `moments` by name: "fp32", "bf16" (stochastically
   // rounded with the moment stream of seed, step, tensor), "8bit" (uint8 codes of the
   // signed_map / unsigned_map entries times one fp32 absmax per 256-element block, requantized in
-  // the same pass) or "fp8" (float8_e4m3fn values times a power of two set by that absmax, see
+  // the same pass) or "fp8" (float8_e4m3fn values times that absmax / 256, see
   // compressed_state.h; the maps are not read). `weights` by name: "plain" (fp32, or fp16/bf16
   // rounded to nearest), "master" (fp32 master_params), "remainder" (bf16 params + int16 remainders: together the fp32 master,
   // bit for bit), "stochastic" (fp16/bf16 rounded stochastically). Otherwise as adam_step_ (no

@@ -32,9 +32,12 @@ torch.optim. What is different:
   rounded (to nearest, a second moment decaying by beta2 = 0.999 never moves); moments="8bit"
   stores them as uint8 codes of mixprec.quant's dynamic maps with one fp32 absmax per 256-element
   block (state["exp_avg_absmax"], state["exp_avg_sq_absmax"]), decoded and re-encoded inside the
-  step kernel; moments="fp8" stores them as float8_e4m3fn with the same absmax per block (scaled
-  by a power of two, see mixprec.quant), the same bytes as 8-bit with a conversion the GPU makes
-  in one instruction for two values. Checkpoints of torch.optim load into every mode (quantized
+  step kernel; moments="fp8" stores them as float8_e4m3fn scaled by 256 / the same absmax per
+  block (see mixprec.quant), the same bytes as 8-bit with a conversion the GPU makes in one
+  instruction for two values. Both block-scaled formats store a value far below its block's
+  absmax as 0 (below about absmax * 2^-18 for fp8, absmax * 3e-7 for 8-bit): a second moment
+  whose gradient is some 500x (fp8) or 3000x (8-bit) smaller than the largest in its block of
+  256 restarts from (1 - beta2) * g^2 each step, and its update grows up to 1 / sqrt(1 - beta2). Checkpoints of torch.optim load into every mode (quantized
   on load); to_torch_state_dict() exports ours as torch.optim's (fp32 moments, fp32 master_param).
 """
 from __future__ import annotations
@@ -564,8 +567,15 @@ class Adam(FusedOptimizer):
                 # A NaN or negative scale, or a NaN fp8 code, would reach the weights at the next step.
                 if not (torch.isfinite(absmax) & (absmax >= 0)).all():
                     raise ValueError(f"{where.format(key + '_absmax')} holds inf/NaN or negative values")
-                if value.dtype == torch.float8_e4m3fn and torch.isnan(value).any():
-                    raise ValueError(f"{where.format(key)} holds NaN codes")
+                if value.dtype == torch.float8_e4m3fn:  # 8-bit codes decode to finite map entries; fp8 may not
+                    if torch.isnan(value).any():
+                        raise ValueError(f"{where.format(key)} holds NaN codes")
+                    codes = local(value)  # this rank's shard under FSDP2, as absmax is
+                    if key == "exp_avg_sq" and (codes.float() < 0).any():
+                        raise ValueError(f"{where.format(key)} has negative codes; a second moment is >= 0")
+                    if not torch.isfinite(quant.decode_moment(codes, absmax, signed=key == "exp_avg")).all():
+                        raise ValueError(f"{where.format(key)} decodes to inf (a code times its block's "
+                                         "absmax / 256 overflows fp32)")
             elif isinstance(value, Tensor) and group.get("moments") in quant.BLOCK_SCALED:
                 if not torch.isfinite(value).all():
                     raise ValueError(f"{where.format(key)} holds inf/NaN, which {group['moments']} moments "

@@ -13,7 +13,7 @@ x * (256 / absmax) per block, read back as fp8 * (absmax / 256): a block's large
 256, below fp8's largest (448), so nothing saturates, and a block whose values all decay keeps its
 codes while its absmax decays (a power-of-two scale would leave them stalled). The optimizer's
 kernels give exactly the codes of encode_fp8 here, torch's own fp8 conversion
-(csrc/include/mixprec/compressed_state.h's fp8_moment_ratio).
+(csrc/include/mixprec/compressed_state.h's fp8_moment_ratio and fp8_moment_scale).
 """
 from __future__ import annotations
 
@@ -72,14 +72,15 @@ def dequantize(codes: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
 
 
 def fp8_ratio(absmax: Tensor) -> Tensor:
-    """256 / absmax per block (what a value is multiplied by before the fp8 conversion), FLT_MAX
-    where that overflows (absmax 0 included)."""
-    return (256.0 / absmax.float()).clamp(max=torch.finfo(torch.float32).max)
+    """256 / absmax per block (what a value is multiplied by before the fp8 conversion), at most
+    2^127 (absmax <= 2^-119, zero included: see fp8_scale)."""
+    return (256.0 / absmax.float()).clamp(max=2.0**127)
 
 
 def fp8_scale(absmax: Tensor) -> Tensor:
-    """absmax / 256 per block (what a code's fp8 value is multiplied by)."""
-    return absmax.float() * 2.0**-8
+    """absmax / 256 per block (what a code's fp8 value is multiplied by), at least 2^-127: the
+    exact inverse of fp8_ratio in every block, the tiniest too."""
+    return (absmax.float() * 2.0**-8).clamp(min=2.0**-127)
 
 
 def _blocks(x: Tensor) -> Tensor:

@@ -339,9 +339,38 @@ def test_bad_compressed_state_is_refused_before_anything_changes(device, moments
         nan_code = copy.deepcopy(good)
         nan_code["state"][0]["exp_avg"].view(torch.uint8)[5] = 0x7F
         bad_cases.append((nan_code, "NaN codes"))
+        bad_cases += fp8_checkpoints_that_would_reach_the_weights(good)
     for state_dict, message in bad_cases:
         with pytest.raises(ValueError, match=message):
             opt.load_state_dict(state_dict)
+        for k, v in opt.state[params[0]].items():
+            assert_bitwise_equal(v, before[k], k)
+
+
+def fp8_checkpoints_that_would_reach_the_weights(good):
+    """fp8 checkpoints with finite codes that pass as codes but not as moments: a negative second
+    moment (NaN from its square root at the next step) and a code whose value overflows fp32 once
+    scaled by its block's absmax / 256 (inf). (A NaN code and a bad absmax are cases of their own.)"""
+    negative_v = copy.deepcopy(good)
+    negative_v["state"][0]["exp_avg_sq"][7] = -1.0
+    overflowing = copy.deepcopy(good)
+    overflowing["state"][0]["exp_avg_absmax"][0] = 3e38
+    overflowing["state"][0]["exp_avg"][0] = 448.0
+    return [(negative_v, "negative codes"), (overflowing, "decodes to inf")]
+
+
+@pytest.mark.parametrize("moments", ["fp32", "8bit", "bf16"])
+def test_a_bad_fp8_checkpoint_leaves_an_optimizer_of_another_format_untouched(device, moments):
+    """Loading converts fp8 moments to the optimizer's own format after the checks: a checkpoint
+    the conversion could not take (8-bit quantization refuses inf and negative second moments) is
+    refused by the checks, before anything changes, whatever the format it would convert to."""
+    _, fp8_opt = _train(device, 2, [(300,)], 0, moments="fp8", master_weights="remainder")
+    params, opt = _train(device, 2, [(300,)], 0, moments=moments, master_weights="remainder")
+    before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    for state_dict, message in fp8_checkpoints_that_would_reach_the_weights(fp8_opt.state_dict()):
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(state_dict)
+        assert opt.state[params[0]].keys() == before.keys()
         for k, v in opt.state[params[0]].items():
             assert_bitwise_equal(v, before[k], k)
 
@@ -644,6 +673,28 @@ def test_fp8_codes_at_every_fp8_value_and_tie():
             codes, _ = quant.encode_fp8(value)
             assert_bitwise_equal(opt.state[p][key].cpu().view(torch.uint8), codes.view(torch.uint8), f"{device} {key}")
         assert torch.equal(quant.fp8_ratio(opt.state[p]["exp_avg_absmax"].cpu()), torch.ones(blocks))
+
+
+@pytest.mark.parametrize("tiny", [1e-36, 1e-38])
+def test_fp8_moments_of_a_block_below_2_pow_minus_119_come_back(device, tiny):
+    """A block whose absmax is at most 2^-119 (where 256 / absmax reaches 2^127) is encoded times
+    2^127 and decoded times 2^-127, the exact inverse: its values come back within fp8's rounding
+    (decoding by absmax / 256 there shrank them to 1.4 % at absmax 1e-38), in quant and in the
+    step, whose first moment then halves each step under zero grads with beta1 = 0.5 (a block's
+    largest value no longer lands on 256 there, so fp8 rounds it)."""
+    x = torch.full((256,), tiny)
+    x[1::2] = -tiny / 2
+    codes, absmax = quant.encode_fp8(x)
+    torch.testing.assert_close(quant.decode_fp8(codes, absmax), x, rtol=2**-4, atol=0)
+    p = torch.nn.Parameter(torch.zeros(256, device=device))
+    opt = optim.AdamW([p], lr=1e-3, betas=(0.5, 0.999), weight_decay=0.0, moments="fp8")
+    p.grad = torch.full((256,), tiny, device=device)
+    for step in range(4):
+        opt.step()
+        p.grad.zero_()
+        m = quant.decode_fp8(opt.state[p]["exp_avg"], opt.state[p]["exp_avg_absmax"]).cpu().double()
+        torch.testing.assert_close(m, torch.full((256,), tiny * 0.5 ** (step + 1), dtype=torch.float64),
+                                   rtol=2**-4, atol=0)  # one fp8 rounding: halving is exact
 
 
 @pytest.mark.parametrize("moments", ["8bit", "fp8"])

@@ -241,14 +241,17 @@ MIXPREC_HOST_DEVICE inline float dequantize_value(uint8_t code, float absmax, co
 // power-of-two scale the codes of a decaying value round back to themselves and it stalls. The
 // block's largest value maps to 256, so nothing reaches fp8's largest (448) and nothing saturates
 // (the 0.8 binade above 256 is given up). 256 / absmax is one correctly rounded division a
-// block, absmax / 256 exact (but in fp32's subnormals), so both devices get the same bits; an
-// absmax below 256 / FLT_MAX (zero included) takes FLT_MAX, so no value meets inf.
+// block, absmax / 256 exact (but in fp32's subnormals), so both devices get the same bits. A
+// block with absmax <= 2^-119 (zero included), whose 256 / absmax would reach 2^127 or inf, is
+// encoded times 2^127 and decoded times 2^-127, the exact inverse: decoding by absmax / 256 there
+// shrank such a block at every step (to 0.014 of its values at absmax 1e-38).
 MIXPREC_HOST_DEVICE inline float fp8_moment_ratio(float absmax) {  // x * this is encoded
   const float ratio = 256.0f / absmax;
-  return ratio < 3.402823466e38f ? ratio : 3.402823466e38f;
+  return ratio < 0x1p127f ? ratio : 0x1p127f;
 }
 MIXPREC_HOST_DEVICE inline float fp8_moment_scale(float absmax) {  // a code's value times this
-  return absmax * 0x1p-8f;
+  const float scale = absmax * 0x1p-8f;
+  return scale > 0x1p-127f ? scale : 0x1p-127f;
 }
 // fp8 e4m3fn bits of y = x * ratio to nearest even; NaN to 0x7F, beyond 448 (inf) to +-448: what
 // Hopper's cvt.rn.satfinite.e4m3x2.f32 gives, which the CUDA kernel uses, and torch's conversion
