@@ -37,8 +37,9 @@ torch.optim. What is different:
   instruction for two values. Both block-scaled formats store a value far below its block's
   absmax as 0 (below about absmax * 2^-18 for fp8, absmax * 3e-7 for 8-bit): a second moment
   whose gradient is some 500x (fp8) or 3000x (8-bit) smaller than the largest in its block of
-  256 restarts from (1 - beta2) * g^2 each step, and its update grows up to 1 / sqrt(1 - beta2). Checkpoints of torch.optim load into every mode (quantized
-  on load); to_torch_state_dict() exports ours as torch.optim's (fp32 moments, fp32 master_param).
+  256 restarts from (1 - beta2) * g^2 each step, and its update grows up to 1 / sqrt(1 - beta2).
+  Checkpoints of torch.optim load into every mode (quantized on load); to_torch_state_dict()
+  exports ours as torch.optim's (fp32 moments, fp32 master_param).
 """
 from __future__ import annotations
 
